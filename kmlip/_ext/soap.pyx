@@ -1,0 +1,130 @@
+"""OpenMP driver of the SOAP kernel: the per-centre maths lives in soap_core.h."""
+from cython.parallel cimport prange, threadid
+from libc.stdint cimport int32_t, int64_t
+
+import numpy as np
+
+cdef extern from "soap_core.h" nogil:
+    ctypedef struct soap_params:
+        int n_max
+        int l_max
+        int n_species
+        int n_features
+        double r_cut
+        double cutoff_width
+        double center_weight
+        const double *A
+        const double *B
+        const int64_t *feat_index
+        const double *feat_scale
+    int64_t soap_work_size(const soap_params *p, int64_t n_neigh)
+    void soap_centre(const soap_params *p, int center_species, int64_t n_neigh,
+                     const double *vec, const int32_t *spec, double *work,
+                     double *out_p, double *out_grad)
+    void soap_normalize(int64_t F, double *pv, int64_t n_entries, double *grad)
+
+
+def compute(const double[:, ::1] A, const double[:, :, ::1] B,
+            const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
+            int n_max, int l_max, int n_species, int n_features,
+            double r_cut, double cutoff_width, double center_weight, bint normalize,
+            const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
+            const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
+            double[:, ::1] out_X, double[:, :, ::1] out_grad, int n_threads):
+    """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
+
+    Entries of centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
+    """
+    cdef soap_params p
+    p.n_max = n_max
+    p.l_max = l_max
+    p.n_species = n_species
+    p.n_features = n_features
+    p.r_cut = r_cut
+    p.cutoff_width = cutoff_width
+    p.center_weight = center_weight
+    p.A = &A[0, 0]
+    p.B = &B[0, 0, 0]
+    p.feat_index = &feat_index[0, 0, 0]
+    p.feat_scale = &feat_scale[0, 0, 0]
+
+    cdef Py_ssize_t n_atoms = out_X.shape[0]
+    cdef Py_ssize_t i, n_neigh, start, max_neigh = 0
+    for i in range(n_atoms):
+        n_neigh = pair_offsets[i + 1] - pair_offsets[i]
+        if n_neigh > max_neigh:
+            max_neigh = n_neigh
+    cdef int64_t wsize = soap_work_size(&p, max_neigh)
+    cdef double[:, ::1] work = np.empty((max(n_threads, 1), wsize))
+    cdef bint grads = out_grad is not None
+    cdef double *gptr
+    cdef const double *vptr
+    cdef const int32_t *sptr
+    cdef double dummy_v[3]
+    cdef int32_t dummy_s[1]
+    cdef int tid
+
+    for i in prange(n_atoms, nogil=True, schedule="dynamic", chunksize=1,
+                    num_threads=n_threads):
+        tid = threadid()
+        start = pair_offsets[i]
+        n_neigh = pair_offsets[i + 1] - start
+        if n_neigh > 0:
+            vptr = &pair_vectors[start, 0]
+            sptr = &pair_species[start]
+        else:
+            vptr = dummy_v
+            sptr = dummy_s
+        if grads:
+            gptr = &out_grad[start + i, 0, 0]
+        else:
+            gptr = NULL
+        soap_centre(&p, center_species[i], n_neigh, vptr, sptr, &work[tid, 0], &out_X[i, 0], gptr)
+        if normalize:
+            soap_normalize(n_features, &out_X[i, 0], (n_neigh + 1) if grads else 0, gptr)
+
+
+cdef extern from "soap_core.h" nogil:
+    void soap_centre_vjp(const soap_params *p, int center_species, int64_t n_neigh,
+                         const double *vec, const int32_t *spec, const double *v,
+                         int normalized, double *work, double *out_f)
+
+
+def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
+        const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
+        int n_max, int l_max, int n_species, int n_features,
+        double r_cut, double cutoff_width, double center_weight, bint normalize,
+        const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
+        const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
+        const double[:, ::1] V, double[:, ::1] out_f, int n_threads):
+    """out_f[k] = dE/dr_ij of pair k, given V[i] = dE/dX_i (n_atoms, F)."""
+    cdef soap_params p
+    p.n_max = n_max
+    p.l_max = l_max
+    p.n_species = n_species
+    p.n_features = n_features
+    p.r_cut = r_cut
+    p.cutoff_width = cutoff_width
+    p.center_weight = center_weight
+    p.A = &A[0, 0]
+    p.B = &B[0, 0, 0]
+    p.feat_index = &feat_index[0, 0, 0]
+    p.feat_scale = &feat_scale[0, 0, 0]
+    cdef Py_ssize_t n_atoms = V.shape[0]
+    cdef Py_ssize_t i, n_neigh, start, max_neigh = 0
+    for i in range(n_atoms):
+        n_neigh = pair_offsets[i + 1] - pair_offsets[i]
+        if n_neigh > max_neigh:
+            max_neigh = n_neigh
+    cdef int64_t wsize = soap_work_size(&p, max_neigh)
+    cdef double[:, ::1] work = np.empty((max(n_threads, 1), wsize))
+    cdef int tid
+    for i in prange(n_atoms, nogil=True, schedule="dynamic", chunksize=1,
+                    num_threads=n_threads):
+        tid = threadid()
+        start = pair_offsets[i]
+        n_neigh = pair_offsets[i + 1] - start
+        if n_neigh > 0:
+            soap_centre_vjp(&p, center_species[i], n_neigh, &pair_vectors[start, 0],
+                            &pair_species[start], &V[i, 0], normalize, &work[tid, 0],
+                            &out_f[start, 0])
