@@ -234,3 +234,29 @@ def test_params_round_trip():
     from kmlip.descriptors.base import Descriptor
     rebuilt = Descriptor.from_dict(soap.to_dict())
     assert rebuilt.get_params() == soap.get_params()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_backprop_equals_contraction_with_pair_gradients(normalize):
+    atoms = _triclinic(6)
+    soap = SOAP(species=["Cu", "Al"], r_cut=4.5, n_max=3, l_max=3, sigma=0.5,
+                normalize=normalize)
+    w = np.random.default_rng(1).standard_normal((len(atoms), soap.n_features))
+
+    def energy(X):
+        return float(np.sum(w * X**2))
+
+    X, V, forces, virial = soap.backprop(atoms, lambda X: 2 * w * X)
+    # forces are -dE/dr by central differences of E(X(r))
+    h = 1e-5
+    fd = np.zeros_like(forces)
+    for j in range(len(atoms)):
+        for a in range(3):
+            p, m = atoms.copy(), atoms.copy()
+            p.positions[j, a] += h
+            m.positions[j, a] -= h
+            fd[j, a] = -(energy(soap.transform(p)) - energy(soap.transform(m))) / (2 * h)
+    np.testing.assert_allclose(forces, fd, atol=1e-6 * np.abs(fd).max())
+    _, G = soap.transform(atoms, gradients=True)
+    fe = np.einsum("kaf,kf->ka", G.values, V[G.centers])
+    np.testing.assert_allclose(virial, fe.T @ G.vectors, atol=1e-10 * np.abs(virial).max())

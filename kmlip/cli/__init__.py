@@ -1,0 +1,1 @@
+"""The ``kmlip`` command line: one module per subcommand."""
