@@ -1,5 +1,6 @@
-import kmlip
 from kmlip._ext.openmp import have_openmp, max_threads
+
+import kmlip
 
 
 def test_extensions_import_and_report_threads():

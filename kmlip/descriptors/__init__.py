@@ -1,4 +1,4 @@
-"""Descriptors: anything that yields per-atom features, per-pair gradients and the strain derivative."""
+"""Descriptors: per-atom features with per-pair gradients and strain derivatives."""
 from kmlip.descriptors.base import Descriptor, PairGradients
 
 __all__ = ["Descriptor", "PairGradients", "SOAP"]

@@ -38,8 +38,8 @@ import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
 from kmlip._threads import resolve_threads
-from kmlip.descriptors.base import Descriptor, PairGradients
 from kmlip._validate import checked_system
+from kmlip.descriptors.base import Descriptor, PairGradients
 from kmlip.neighbors import neighbor_list_arrays
 
 DSCRIBE_DECAY = 1e-3
@@ -207,8 +207,7 @@ class SOAP(Descriptor):
         return list(self._labels)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"species": [chemical_symbols[z] if isinstance(s, str) else int(s)
-                            for s, z in zip(self.species, [self._zof(s) for s in self.species])],
+        return {"species": [s if isinstance(s, str) else int(s) for s in self.species],
                 "r_cut": float(self.r_cut), "n_max": int(self.n_max), "l_max": int(self.l_max),
                 "sigma": float(self.sigma), "convention": self.convention,
                 "cutoff_width": float(self.cutoff_width), "normalize": bool(self.normalize),
