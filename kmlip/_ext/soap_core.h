@@ -28,8 +28,9 @@ typedef struct {
     double cutoff_width;    /* > 0: shifted-cosine cutoff on [r_cut - width, r_cut]; 0: hard */
     double center_weight;   /* weight of the centre atom's own Gaussian (l = 0 only) */
     const double *A;        /* (l_max+1, n_max): exponents, exp(A r^2) */
-    const double *B;        /* (l_max+1, n_max, n_max): B[l][n][k] */
-    const int64_t *feat_index;  /* (l_max+1, R, R): output index of (l, r, r'), r <= r' */
+    const double *B;        /* (l_max+1, n_max, n_max): B[l][k][n] (k: primitive, n: basis) */
+    const int64_t *feat_index;  /* (l_max+1, R, R): output index of (l, r, r'), r <= r';
+                                 * for fixed (l, r) and a species block of r', consecutive */
     const double *feat_scale;   /* (l_max+1, R, R): prefactor of that output */
 } soap_params;
 
@@ -63,7 +64,7 @@ static inline soap_ws soap_workspace(const soap_params *p, double *work)
     w.C = work;                      /* C[l^2 R + (m+l) R + r] */
     w.ex = w.C + R * LM;             /* exponentials */
     w.Q = w.ex + 2 * L1 * N;         /* (3, N, R) for one l */
-    w.dC = w.Q + 3 * N * R;          /* (3, N, LM) of one pair */
+    w.dC = w.Q + 3 * N * R;          /* (3, LM, N) of one pair */
     w.hscr = w.dC + 3 * N * LM;
     w.selfg = w.hscr + 4 * LM + 2 * L1 * L1 + 4 * L1;
     w.adj = w.selfg + 3 * (int64_t)p->n_features;
@@ -157,15 +158,18 @@ static inline void soap_radial(const soap_params *p, double r2, double fc, doubl
         E[q] = e; AE[q] = p->A[q] * e;
     }
     for (int l = 0; l < L1; l++) {
-        const double *Bl = p->B + (int64_t)l * N * N;
+        const double *Bl = p->B + (int64_t)l * N * N;   /* B[l][k][n] */
+        double *al_ = a + l * N, *bl_ = b + l * N;
+        for (int n = 0; n < N; n++) { al_[n] = 0.0; bl_[n] = 0.0; }
+        for (int k = 0; k < N; k++) {
+            const double e = E[l * N + k], ae = AE[l * N + k];
+            const double *Bk = Bl + (int64_t)k * N;
+            for (int n = 0; n < N; n++) { al_[n] += Bk[n] * e; bl_[n] += Bk[n] * ae; }
+        }
         for (int n = 0; n < N; n++) {
-            double R = 0.0, G = 0.0;
-            for (int k = 0; k < N; k++) {
-                R += Bl[n * N + k] * E[l * N + k];
-                G += Bl[n * N + k] * AE[l * N + k];
-            }
-            a[l * N + n] = fc * R;
-            b[l * N + n] = dfc_over_r * R + 2.0 * fc * G;
+            const double R = al_[n], G = bl_[n];
+            al_[n] = fc * R;
+            bl_[n] = dfc_over_r * R + 2.0 * fc * G;
         }
     }
 }
@@ -188,7 +192,7 @@ static inline void soap_expand(const soap_params *p, int center_species, int64_t
         const double Y00 = 0.28209479177387814;
         for (int n = 0; n < N; n++) {
             double Rn = 0.0;
-            for (int k = 0; k < N; k++) Rn += p->B[n * N + k];
+            for (int k = 0; k < N; k++) Rn += p->B[k * N + n];
             C[center_species * N + n] += p->center_weight * Rn * Y00;  /* l = m = 0 row */
         }
     }
@@ -267,73 +271,95 @@ static inline void soap_centre(const soap_params *p, int center_species, int64_t
         const double v[3] = {vec[3 * j], vec[3 * j + 1], vec[3 * j + 2]};
         const int s = spec[j];
         double *g = out_grad + (1 + j) * 3 * (int64_t)F;
-        /* dC[al][n][lm] = b_nl S_lm v_al + a_nl dS_al,lm: the only coefficients moved by r_j */
+        /* dC[al][lm][n] = b_nl S_lm v_al + a_nl dS_al,lm: the only coefficients moved by r_j */
         for (int al = 0; al < 3; al++) {
-            for (int n = 0; n < N; n++) {
-                double *d = dC + ((int64_t)al * N + n) * LM;
-                for (int l = 0; l < L1; l++) {
-                    double bv = b[l * N + n] * v[al], av = a[l * N + n];
-                    for (int q = l * l; q < (l + 1) * (l + 1); q++)
-                        d[q] = bv * S[q] + av * dS[al * LM + q];
+            for (int l = 0; l < L1; l++) {
+                const double *al_ = a + l * N, *bl_ = b + l * N;
+                for (int q = l * l; q < (l + 1) * (l + 1); q++) {
+                    const double sv = S[q] * v[al], ds = dS[al * LM + q];
+                    double *d = dC + ((int64_t)al * LM + q) * N;
+                    for (int n = 0; n < N; n++) d[n] = bl_[n] * sv + al_[n] * ds;
                 }
             }
         }
         for (int l = 0; l < L1; l++) {
             const int w = 2 * l + 1;
             const double *Cl = C + (int64_t)l * l * R;
-            /* Q[al][n][r'] = sum_m dC[al][n][l,m] C_l[r'][m] */
-            /* rows (al, n) of dC; register-blocked 2 rows x 4 columns so the partial sums stay
-             * in registers across m */
-            const int rows = 3 * N;
-            int q = 0;
-            for (; q + 2 <= rows; q += 2) {
-                const double *d0 = dC + (int64_t)q * LM + l * l, *d1 = d0 + LM;
-                double *Q0 = Q + (int64_t)q * R, *Q1 = Q0 + R;
-                int rp = 0;
-                for (; rp + 4 <= R; rp += 4) {
-                    double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-                    for (int m = 0; m < w; m++) {
-                        const double *Cm = Cl + (int64_t)m * R + rp;
-                        const double x0 = d0[m], x1 = d1[m];
-                        a0 += x0 * Cm[0]; a1 += x0 * Cm[1]; a2 += x0 * Cm[2]; a3 += x0 * Cm[3];
-                        b0 += x1 * Cm[0]; b1 += x1 * Cm[1]; b2 += x1 * Cm[2]; b3 += x1 * Cm[3];
+            /* Q[al][n][r'] = sum_m dC[al][l,m][n] C_l[m][r'], register-blocked 2 n x 4 r' */
+            for (int al = 0; al < 3; al++) {
+                const double *D = dC + ((int64_t)al * LM + l * l) * N;   /* (w, N) */
+                double *Qa = Q + (int64_t)al * N * R;
+                int n = 0;
+                for (; n + 2 <= N; n += 2) {
+                    double *Q0 = Qa + (int64_t)n * R, *Q1 = Q0 + R;
+                    int rp = 0;
+                    for (; rp + 4 <= R; rp += 4) {
+                        double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+                        for (int m = 0; m < w; m++) {
+                            const double *Cm = Cl + (int64_t)m * R + rp;
+                            const double x0 = D[m * N + n], x1 = D[m * N + n + 1];
+                            a0 += x0 * Cm[0]; a1 += x0 * Cm[1]; a2 += x0 * Cm[2]; a3 += x0 * Cm[3];
+                            b0 += x1 * Cm[0]; b1 += x1 * Cm[1]; b2 += x1 * Cm[2]; b3 += x1 * Cm[3];
+                        }
+                        Q0[rp] = a0; Q0[rp + 1] = a1; Q0[rp + 2] = a2; Q0[rp + 3] = a3;
+                        Q1[rp] = b0; Q1[rp + 1] = b1; Q1[rp + 2] = b2; Q1[rp + 3] = b3;
                     }
-                    Q0[rp] = a0; Q0[rp + 1] = a1; Q0[rp + 2] = a2; Q0[rp + 3] = a3;
-                    Q1[rp] = b0; Q1[rp + 1] = b1; Q1[rp + 2] = b2; Q1[rp + 3] = b3;
+                    for (; rp < R; rp++) {
+                        double a0 = 0, b0 = 0;
+                        for (int m = 0; m < w; m++) {
+                            const double c = Cl[(int64_t)m * R + rp];
+                            a0 += D[m * N + n] * c; b0 += D[m * N + n + 1] * c;
+                        }
+                        Q0[rp] = a0; Q1[rp] = b0;
+                    }
                 }
-                for (; rp < R; rp++) {
-                    double a0 = 0, b0 = 0;
-                    for (int m = 0; m < w; m++) {
-                        const double c = Cl[(int64_t)m * R + rp];
-                        a0 += d0[m] * c; b0 += d1[m] * c;
+                for (; n < N; n++) {
+                    double *Q0 = Qa + (int64_t)n * R;
+                    for (int rp = 0; rp < R; rp++) {
+                        double a0 = 0;
+                        for (int m = 0; m < w; m++) a0 += D[m * N + n] * Cl[(int64_t)m * R + rp];
+                        Q0[rp] = a0;
                     }
-                    Q0[rp] = a0; Q1[rp] = b0;
                 }
             }
-            for (; q < rows; q++) {
-                const double *d0 = dC + (int64_t)q * LM + l * l;
-                double *Q0 = Q + (int64_t)q * R;
-                for (int rp = 0; rp < R; rp++) {
-                    double a0 = 0;
-                    for (int m = 0; m < w; m++) a0 += d0[m] * Cl[(int64_t)m * R + rp];
-                    Q0[rp] = a0;
-                }
-            }
+            /* d p_(a n)(b n') = [a == s] Q[n][b n'] + [b == s] Q[n'][a n], written block by
+             * block (species pair, n) so the inner loops run over consecutive features */
             const int64_t *fi = p->feat_index + (int64_t)l * R * R;
             const double *fs = p->feat_scale + (int64_t)l * R * R;
-            for (int r1 = 0; r1 < R; r1++) {
-                const int s1 = r1 / N, n1 = r1 - s1 * N;
-                for (int r2i = r1; r2i < R; r2i++) {
-                    const int s2 = r2i / N, n2 = r2i - s2 * N;
-                    const int64_t f = fi[r1 * R + r2i];
-                    const double sc = fs[r1 * R + r2i];
-                    for (int al = 0; al < 3; al++) {
-                        double val = 0.0;
-                        if (s1 == s) val += Q[((int64_t)al * N + n1) * R + r2i];
-                        if (s2 == s) val += Q[((int64_t)al * N + n2) * R + r1];
-                        val *= sc;
-                        g[al * (int64_t)F + f] = val;
-                        selfg[al * (int64_t)F + f] -= val;
+            for (int sa = 0; sa < p->n_species; sa++) {
+                for (int sb = sa; sb < p->n_species; sb++) {
+                    for (int n1 = 0; n1 < N; n1++) {
+                        const int r1 = sa * N + n1, n2s = (sa == sb) ? n1 : 0;
+                        const int64_t f0 = fi[r1 * R + sb * N + n2s];
+                        const double *sc = fs + r1 * R + sb * N + n2s;
+                        const int cnt = N - n2s;
+                        for (int al = 0; al < 3; al++) {
+                            double *ga = g + al * (int64_t)F + f0;
+                            double *sg = selfg + al * (int64_t)F + f0;
+                            const double *Qa = Q + (int64_t)al * N * R;
+                            if (sa != s && sb != s) {
+                                for (int t = 0; t < cnt; t++) ga[t] = 0.0;
+                            } else if (sa == s && sb != s) {
+                                const double *q1 = Qa + (int64_t)n1 * R + sb * N + n2s;
+                                for (int t = 0; t < cnt; t++) {
+                                    const double val = sc[t] * q1[t];
+                                    ga[t] = val; sg[t] -= val;
+                                }
+                            } else if (sa != s) {   /* sb == s */
+                                const double *q2 = Qa + (int64_t)n2s * R + r1;
+                                for (int t = 0; t < cnt; t++) {
+                                    const double val = sc[t] * q2[(int64_t)t * R];
+                                    ga[t] = val; sg[t] -= val;
+                                }
+                            } else {                /* sa == sb == s */
+                                const double *q1 = Qa + (int64_t)n1 * R + sb * N + n2s;
+                                const double *q2 = Qa + (int64_t)n2s * R + r1;
+                                for (int t = 0; t < cnt; t++) {
+                                    const double val = sc[t] * (q1[t] + q2[(int64_t)t * R]);
+                                    ga[t] = val; sg[t] -= val;
+                                }
+                            }
+                        }
                     }
                 }
             }

@@ -173,7 +173,8 @@ class SOAP(Descriptor):
         # integral, pi^1.5 eta^-1.5 (1 + alpha/eta)^-(l + 3/2), folded into the orthonormaliser.
         self._A = np.ascontiguousarray(-alphas / (1.0 + alphas / eta))
         pref = np.pi**1.5 * eta**-1.5 * (1.0 + alphas / eta) ** (-(ls + 1.5))
-        self._B = np.ascontiguousarray(betas * pref[:, None, :])
+        # stored as B[l, k, n] (primitive k, basis function n) for the kernel's loops
+        self._B = np.ascontiguousarray((betas * pref[:, None, :]).transpose(0, 2, 1))
 
         if self.convention == "dscribe":
             self.cutoff = float(self.r_cut + self.sigma * math.sqrt(-2.0 * math.log(DSCRIBE_DECAY)))
