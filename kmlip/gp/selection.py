@@ -1,0 +1,115 @@
+"""Choice of sparse environments, per species of the centre atom.
+
+Methods (on row-normalised features, the space the kernel sees):
+
+``"cur"``
+    Leverage-score sampling as in CUR decompositions (and GAP's ``sparse_method=cur_points``):
+    the top-k left singular vectors U of the (n, F) environment matrix, k = min(M, F, n), by
+    randomised SVD (:func:`sklearn.utils.extmath.randomized_svd`); leverage ``l_i = |U_i|^2``;
+    then M environments sampled without replacement with probability proportional to ``l_i``
+    (Efraimidis–Spirakis keys ``u^(1/l)``, so the sample is deterministic for a fixed
+    ``random_state`` and costs O(n log n)). Seconds for 10^5 environments.
+``"fps"``
+    Farthest-point sampling (Euclidean distance of normalised features), starting from a random
+    environment. O(n M F).
+``"random"``
+    Uniform sampling without replacement.
+
+User-supplied choices are handled by the model (indices or explicit feature arrays).
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.utils.extmath import randomized_svd
+
+from kmlip.kernels import normalize
+
+METHODS = ("cur", "fps", "random")
+
+
+def _rng(random_state) -> np.random.Generator:
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    return np.random.default_rng(random_state)
+
+
+def cur_select(X: np.ndarray, n_select: int, random_state=None) -> np.ndarray:
+    """Indices of ``n_select`` rows of X sampled by leverage score (see module docstring).
+
+    Parameters
+    ----------
+    X : ndarray, shape (n, F)
+    n_select : int
+    random_state : int, Generator or None
+
+    Returns
+    -------
+    ndarray of int64, shape (min(n_select, n),), sorted
+    """
+    rng = _rng(random_state)
+    Xh, _ = normalize(X)
+    n, F = Xh.shape
+    m = min(int(n_select), n)
+    if m <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if m == n:
+        return np.arange(n, dtype=np.int64)
+    k = max(1, min(m, F, n))
+    seed = int(rng.integers(2**31 - 1))
+    if k >= min(n, F):
+        # Full rank requested: an exact thin SVD is as cheap and exact.
+        U, s, _ = np.linalg.svd(Xh, full_matrices=False)
+    else:
+        U, s, _ = randomized_svd(Xh, n_components=k, n_iter=4, random_state=seed)
+    # Drop numerically null directions: their singular vectors are arbitrary.
+    keep = s > s[0] * 1e-10 if s.size and s[0] > 0 else np.zeros(0, bool)
+    lev = np.sum(U[:, keep] ** 2, axis=1)
+    lev = lev / lev.sum() if lev.sum() > 0 else np.full(n, 1.0 / n)
+    # A floor keeps every environment selectable when M exceeds the numerical rank.
+    lev = lev + 1e-12 / n
+    keys = np.log(rng.random(n)) / lev
+    sel = np.argpartition(-keys, m - 1)[:m]
+    return np.sort(sel).astype(np.int64)
+
+
+def fps_select(X: np.ndarray, n_select: int, random_state=None) -> np.ndarray:
+    """Farthest-point sampling on normalised features.
+
+    Returns
+    -------
+    ndarray of int64, shape (min(n_select, n),), in selection order
+    """
+    rng = _rng(random_state)
+    Xh, _ = normalize(X)
+    n = Xh.shape[0]
+    m = min(int(n_select), n)
+    if m <= 0:
+        return np.zeros(0, dtype=np.int64)
+    sq = np.einsum("ij,ij->i", Xh, Xh)
+    sel = np.empty(m, dtype=np.int64)
+    sel[0] = int(rng.integers(n))
+    d = sq + sq[sel[0]] - 2.0 * (Xh @ Xh[sel[0]])
+    for t in range(1, m):
+        nxt = int(np.argmax(d))
+        sel[t] = nxt
+        d = np.minimum(d, sq + sq[nxt] - 2.0 * (Xh @ Xh[nxt]))
+    return sel
+
+
+def random_select(X: np.ndarray, n_select: int, random_state=None) -> np.ndarray:
+    """Uniform random rows without replacement, sorted."""
+    rng = _rng(random_state)
+    n = X.shape[0]
+    m = min(int(n_select), n)
+    return np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
+
+
+def select(X: np.ndarray, n_select: int, method: str = "cur", random_state=None) -> np.ndarray:
+    """Dispatches to :func:`cur_select`, :func:`fps_select` or :func:`random_select`."""
+    if method == "cur":
+        return cur_select(X, n_select, random_state)
+    if method == "fps":
+        return fps_select(X, n_select, random_state)
+    if method == "random":
+        return random_select(X, n_select, random_state)
+    raise ValueError(f"unknown sparse_method {method!r}; use one of {METHODS}, indices or arrays")

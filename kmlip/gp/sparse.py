@@ -1,0 +1,394 @@
+"""Projected-process (DTC) sparse GP solve, as in GAP, by streaming QR.
+
+Notation (all kernels *unit*: ``k = delta^2 k_hat``)::
+
+    labels y_c of class c (energy, forces, virial), noise sigma_row = sigma_c * s_row
+    K_hat_c   unit kernel rows of the labels of class c against the M sparse points
+    L_hat L_hat^T = K_hat_MM + jitter I
+
+Data pass: for each class c keep only ``T_c``, the (<= M+1) x (M+1) triangular factor of the
+streaming QR of ``[K_hat_c / s | y_c / s]`` (rows divided by their relative noise ``s_row``),
+updated block by block: ``T_c <- R([T_c; new block])``. Memory is O(M^2 + block) for any number
+of labels and numerics are those of QR (never normal equations, never an inverse).
+With ``R_c = T_c[:, :M]`` and ``z_c = T_c[:, M]``: ``R_c^T R_c = K_hat_c^T S^-2 K_hat_c``,
+``R_c^T z_c = K_hat_c^T S^-2 y_c`` and ``|z_c|^2 = y_c^T S^-2 y_c``.
+
+Solve for any (delta, sigma_E, sigma_F, sigma_V), O(M^3), no data pass: QR of the small stack ::
+
+    [ delta^2 R_c / sigma_c | z_c / sigma_c ]   for every class c
+    [ delta   L_hat^T       | 0             ]   =  Q [[R, q], [0, rho]]
+
+gives ``alpha = R^-1 q`` (weights of the full kernel, ``eps_i = sum_m alpha_m k(p_i, s_m)``),
+``R^T R = K_MM + K_MN Lambda^-1 K_NM`` (the posterior precision in the sparse basis) and
+``rho^2 = y^T Lambda^-1 y - b^T Sigma b`` (Woodbury), so the log marginal likelihood is ::
+
+    log p(y) = -1/2 [rho^2 + log|Lambda| + 2 sum log|R_ii| - 2 M log delta - 2 sum log L_hat_ii
+                     + N log 2 pi]
+
+(determinant lemma). Its gradient with respect to log delta and log sigma_c is analytic (see
+:func:`solve_stack`), which makes hyperparameter optimisation cheap.
+
+Classes whose noise was given per structure (``atoms.info['energy_sigma']`` etc., absolute as in
+GAP) are kept apart with a fixed sigma of 1 (their rows are divided by the absolute sigma), so
+optimising sigma_E never rescales them.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg as sla
+
+#: Label classes whose noise scale is a hyperparameter, and their fixed-noise counterparts.
+FREE_CLASSES = ("energy", "forces", "virial")
+FIXED_CLASSES = ("energy_fixed", "forces_fixed", "virial_fixed")
+
+
+def _qr_r(A: np.ndarray) -> np.ndarray:
+    """Upper-triangular factor of a QR, shape (min(m, n), n); A is overwritten."""
+    m, n = A.shape
+    if m == 0:
+        return np.zeros((0, n))
+    R = sla.qr(A, mode="r", overwrite_a=True, check_finite=False)[0]
+    return np.triu(R[: min(m, n)])
+
+
+@dataclass
+class ClassFactor:
+    """Streaming QR factor of one label class.
+
+    Attributes
+    ----------
+    T : ndarray, shape (k, M + 1), k <= M + 1
+        Triangular factor of ``[K_hat / s | y / s]``.
+    n_rows : int
+        Number of labels accumulated.
+    log_scale_sum : float
+        ``sum log s_row`` (for log|Lambda|).
+    """
+
+    T: np.ndarray
+    n_rows: int = 0
+    log_scale_sum: float = 0.0
+
+
+@dataclass
+class StreamingQR:
+    """Accumulates label rows per class and folds them into triangular factors by blocks.
+
+    Parameters
+    ----------
+    n_sparse : int
+        Number of columns M.
+    block_rows : int
+        Rows buffered per class before a QR update (memory ~ 8 (block_rows + M) (M + 1) bytes).
+    """
+
+    n_sparse: int
+    block_rows: int = 8192
+    factors: dict = field(default_factory=dict)
+    _buf: dict = field(default_factory=dict)
+    _buf_n: dict = field(default_factory=dict)
+
+    def add(self, cls: str, K_rows: np.ndarray, y: np.ndarray, scale: np.ndarray) -> None:
+        """Adds labels of class ``cls``.
+
+        Parameters
+        ----------
+        cls : str
+            One of :data:`FREE_CLASSES` or :data:`FIXED_CLASSES`.
+        K_rows : ndarray, shape (n, M)
+            Unit kernel rows of the labels.
+        y : ndarray, shape (n,)
+            Label values (minus e0 and baseline).
+        scale : ndarray, shape (n,)
+            Noise of each row relative to its class sigma (absolute sigma for fixed classes).
+        """
+        if cls not in FREE_CLASSES + FIXED_CLASSES:
+            raise ValueError(f"unknown label class {cls!r}")
+        K_rows = np.asarray(K_rows, dtype=np.float64)
+        n = K_rows.shape[0]
+        if n == 0:
+            return
+        scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (n,))
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise ValueError(f"noise levels of class {cls!r} must be finite and > 0")
+        if cls not in self.factors:
+            self.factors[cls] = ClassFactor(np.zeros((0, self.n_sparse + 1)))
+        f = self.factors[cls]
+        f.n_rows += n
+        f.log_scale_sum += float(np.sum(np.log(scale)))
+        y = np.asarray(y, dtype=np.float64)
+        done = 0
+        while done < n:
+            buf = self._buf.get(cls)
+            r = self._buf_n.get(cls, 0)
+            need = min(self.block_rows, r + n - done)
+            if buf is None or buf.shape[0] < need:
+                # One Fortran-order buffer per class, written straight into the array LAPACK
+                # factorises (no list of blocks, no stacked copy); it grows by doubling up to
+                # block_rows, so a class with few rows (energies) stays small.
+                cap = need if buf is None else min(self.block_rows,
+                                                  max(need, 2 * buf.shape[0]))
+                new = np.empty((cap, self.n_sparse + 1), order="F")
+                if buf is not None and r:
+                    new[:r] = buf[:r]
+                buf = self._buf[cls] = new
+                self._buf_n[cls] = r
+            take = min(n - done, self.block_rows - r)
+            sl = slice(done, done + take)
+            buf[r:r + take, :-1] = K_rows[sl] / scale[sl, None]
+            buf[r:r + take, -1] = y[sl] / scale[sl]
+            self._buf_n[cls] = r + take
+            done += take
+            if self._buf_n[cls] == self.block_rows:
+                self._flush(cls)
+
+    def _flush(self, cls: str) -> None:
+        buf = self._buf.get(cls)
+        r = self._buf_n.get(cls, 0)
+        if buf is None or r == 0:
+            return
+        f = self.factors[cls]
+        n1 = self.n_sparse + 1
+        B = buf if r == buf.shape[0] else np.asfortranarray(buf[:r])
+        if f.T.shape[0] == n1:
+            # [T; B] with T upper triangular: LAPACK's triangular-pentagonal QR (dtpqrt)
+            # updates T in place and skips the zeros below its diagonal.
+            A = np.asfortranarray(f.T)
+            A, _, _, info = sla.lapack.dtpqrt(0, min(64, n1), A, B, overwrite_a=1,
+                                              overwrite_b=1)
+            if info != 0:
+                raise np.linalg.LinAlgError(f"dtpqrt failed (info={info})")
+            f.T = np.ascontiguousarray(np.triu(A))
+        else:
+            S = np.empty((f.T.shape[0] + r, n1), order="F")
+            S[: f.T.shape[0]] = f.T
+            S[f.T.shape[0]:] = B
+            f.T = np.ascontiguousarray(_qr_r(S))
+        self._buf_n[cls] = 0  # the buffer (overwritten by dtpqrt) is reused for the next rows
+
+    def finalize(self) -> dict:
+        """Flushes all buffers, frees them and returns ``{class: ClassFactor}``."""
+        for cls in list(self._buf):
+            self._flush(cls)
+        self._buf.clear()
+        self._buf_n.clear()
+        return self.factors
+
+
+def cholesky_jitter(K: np.ndarray, jitter: float) -> tuple[np.ndarray, float]:
+    """Lower Cholesky factor of ``K + jitter I``, raising jitter (×10, with a warning) if needed.
+
+    Returns
+    -------
+    L : ndarray, shape (M, M)
+    jitter : float
+        The jitter actually used.
+    """
+    M = K.shape[0]
+    jit = float(jitter)
+    for _ in range(8):
+        try:
+            return np.linalg.cholesky(K + jit * np.eye(M)), jit
+        except np.linalg.LinAlgError:
+            new = max(jit * 10.0, 1e-10)
+            warnings.warn(f"K_MM + {jit:g} I is not positive definite; raising jitter to {new:g}",
+                          RuntimeWarning, stacklevel=2)
+            jit = new
+    raise np.linalg.LinAlgError("K_MM is not positive definite even with large jitter")
+
+
+@dataclass
+class Solution:
+    """Result of :func:`solve_stack`.
+
+    Attributes
+    ----------
+    alpha : ndarray, shape (M,)
+        Weights of the full kernel ``k = delta^2 k_hat``.
+    R : ndarray, shape (M, M)
+        Upper triangular, ``R^T R = K_MM + K_MN Lambda^-1 K_NM``.
+    log_marginal_likelihood : float
+    gradient : dict or None
+        ``d log p / d log(hyperparameter)`` for "delta" and each free class present.
+    n_labels : int
+    """
+
+    alpha: np.ndarray
+    R: np.ndarray
+    log_marginal_likelihood: float
+    gradient: dict | None
+    n_labels: int
+
+
+def solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
+                gradient: bool = False) -> Solution:
+    """Weights, posterior factor and log marginal likelihood for given hyperparameters.
+
+    Parameters
+    ----------
+    factors : dict
+        ``{class: ClassFactor}`` from :meth:`StreamingQR.finalize`.
+    L_hat : ndarray, shape (M, M)
+        Cholesky factor of the unit ``K_hat_MM + jitter I``.
+    delta : float
+        Kernel scale (eV).
+    sigmas : dict
+        Noise scale of each free class present (``"energy"``, ``"forces"``, ``"virial"``).
+    gradient : bool
+        Also compute the analytic gradient of the log marginal likelihood.
+
+    Returns
+    -------
+    Solution
+    """
+    M = L_hat.shape[0]
+    d2 = delta * delta
+    scales, n_labels, log_lambda = {}, 0, 0.0
+    used = [(cls, f) for cls, f in factors.items() if f.n_rows > 0]
+    n_rows = sum(f.T.shape[0] for _, f in used) + M
+    # The small stack, built in Fortran order in place (LAPACK factorises it without a copy).
+    S = np.zeros((n_rows, M + 1), order="F")
+    r = 0
+    for cls, f in used:
+        s = 1.0 if cls in FIXED_CLASSES else float(sigmas[cls])
+        scales[cls] = s
+        k = f.T.shape[0]
+        S[r:r + k, :M] = f.T[:, :M] * (d2 / s)
+        S[r:r + k, M] = f.T[:, M] / s
+        r += k
+        n_labels += f.n_rows
+        log_lambda += 2.0 * f.n_rows * math.log(s) + 2.0 * f.log_scale_sum
+    S[r:, :M] = delta * L_hat.T
+    T = _qr_r(S)
+    R = np.ascontiguousarray(T[:M, :M])
+    q = T[:M, M]
+    rho2 = float(T[M, M] ** 2) if T.shape[0] > M else 0.0
+    diag = np.abs(np.diag(R))
+    if np.any(diag == 0):
+        raise np.linalg.LinAlgError("singular posterior factor R")
+    alpha = sla.solve_triangular(R, q, lower=False, check_finite=False)
+    logdet_P = 2.0 * float(np.sum(np.log(diag)))
+    logdet_K = 2.0 * M * math.log(delta) + 2.0 * float(np.sum(np.log(np.diag(L_hat))))
+    lml = -0.5 * (rho2 + log_lambda + logdet_P - logdet_K + n_labels * math.log(2 * math.pi))
+    grad = None
+    if gradient:
+        Rinv = sla.solve_triangular(R, np.eye(M), lower=False, check_finite=False)
+        grad = {}
+        for cls, f in factors.items():
+            if f.n_rows == 0 or cls in FIXED_CLASSES:
+                continue
+            s = scales[cls]
+            Rc, zc = f.T[:, :M], f.T[:, M]
+            res = zc - d2 * (Rc @ alpha)
+            tr = float(np.sum((Rc @ Rinv) ** 2))
+            # d(-2 log p)/d log sigma_c
+            g = -2.0 / s**2 * float(res @ res) + 2.0 * f.n_rows - 2.0 * d2 * d2 / s**2 * tr
+            grad[cls] = -0.5 * g
+        Ka = L_hat.T @ alpha
+        tr_k = float(np.sum((L_hat.T @ Rinv) ** 2))
+        grad["delta"] = -0.5 * (2.0 * M - 2.0 * d2 * (float(Ka @ Ka) + tr_k))
+    return Solution(alpha=alpha, R=R, log_marginal_likelihood=lml, gradient=grad,
+                    n_labels=n_labels)
+
+
+def optimize_hyperparameters(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
+                             optimize_delta: bool = True, bounds: dict | None = None,
+                             maxiter: int = 200):
+    """Maximises the log marginal likelihood over log delta and log sigma_c (L-BFGS-B).
+
+    Parameters
+    ----------
+    factors, L_hat : as in :func:`solve_stack`
+    delta : float
+        Starting kernel scale.
+    sigmas : dict
+        Starting noise scales of the free classes to optimise.
+    optimize_delta : bool
+        Optimise delta as well.
+    bounds : dict, optional
+        ``{name: (low, high)}`` in natural units; defaults delta in [1e-4, 1e3] eV,
+        sigmas in [1e-7, 1e2].
+    maxiter : int
+
+    Returns
+    -------
+    delta : float
+    sigmas : dict
+    result : scipy.optimize.OptimizeResult
+    """
+    from scipy.optimize import minimize
+
+    names = (["delta"] if optimize_delta else []) + [c for c in sigmas if c in factors
+                                                     and factors[c].n_rows > 0]
+    defaults = {"delta": (1e-4, 1e3)}
+    bounds = dict(bounds or {})
+    x0 = np.log([delta if n == "delta" else sigmas[n] for n in names])
+    bnds = [tuple(np.log(bounds.get(n, defaults.get(n, (1e-7, 1e2))))) for n in names]
+    x0 = np.clip(x0, [b[0] for b in bnds], [b[1] for b in bnds])
+
+    def unpack(x):
+        d = delta
+        s = dict(sigmas)
+        for n, v in zip(names, np.exp(x), strict=True):
+            if n == "delta":
+                d = float(v)
+            else:
+                s[n] = float(v)
+        return d, s
+
+    def fun(x):
+        d, s = unpack(x)
+        try:
+            sol = solve_stack(factors, L_hat, d, s, gradient=True)
+        except np.linalg.LinAlgError:
+            return 1e300, np.zeros_like(x)
+        return -sol.log_marginal_likelihood, -np.array([sol.gradient[n] for n in names])
+
+    if not names:
+        raise ValueError("nothing to optimise")
+    res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bnds,
+                   options={"maxiter": maxiter})
+    d, s = unpack(res.x)
+    return d, s, res
+
+
+def predictive_variance(K_star: np.ndarray, k_ss: np.ndarray, L_hat: np.ndarray, R: np.ndarray,
+                        delta: float, what: str = "prediction") -> np.ndarray:
+    """Epistemic posterior variance ``k** - |L^-1 k*|^2 + |R^-T k*|^2`` (clipped at 0).
+
+    Parameters
+    ----------
+    K_star : ndarray, shape (n, M)
+        *Unit* kernel rows of the predicted quantities.
+    k_ss : ndarray, shape (n,)
+        *Unit* prior variances of the predicted quantities.
+    L_hat, R : as in :class:`Solution`
+    delta : float
+    what : str
+        Name used in the warning when a clearly negative value is clipped.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        Variances in (eV)^2 (or the squared unit of the quantity).
+    """
+    K_star = np.atleast_2d(np.asarray(K_star, dtype=np.float64))
+    d2 = delta * delta
+    if K_star.shape[1] == 0:
+        return d2 * np.asarray(k_ss, dtype=np.float64)
+    A = sla.solve_triangular(L_hat, K_star.T, lower=True, check_finite=False)
+    B = sla.solve_triangular(R, d2 * K_star.T, trans="T", lower=False, check_finite=False)
+    var = d2 * np.asarray(k_ss, dtype=np.float64) - d2 * np.sum(A * A, axis=0) \
+        + np.sum(B * B, axis=0)
+    scale = d2 * np.maximum(np.abs(k_ss), 1e-300)
+    bad = var < -1e-8 * scale
+    if np.any(bad):
+        worst = float(np.min(var / scale))
+        warnings.warn(f"clipped {int(bad.sum())} negative {what} variance(s) to 0 (worst "
+                      f"{worst:.2e} of the prior variance): round-off beyond the usual; "
+                      "consider a larger jitter", RuntimeWarning, stacklevel=2)
+    return np.maximum(var, 0.0)
