@@ -122,7 +122,7 @@ def vacancy_pairs(seed: int = 1) -> list[Atoms]:
     return frames
 
 
-def energy_volume(scales=np.linspace(0.94, 1.06, 7)) -> list[Atoms]:
+def energy_volume(scales=(0.94, 0.96, 0.98, 1.0, 1.02, 1.04, 1.06)) -> list[Atoms]:
     return [labelled(crystal(A0 * s)) for s in scales]
 
 
