@@ -787,23 +787,40 @@ class KernelPotential(BaseEstimator):
         stress = stress and _is_periodic(atoms)
         need_grad = forces or stress or forces_var
         nt = self.n_threads
-        if need_grad:
-            X, G = self.descriptor_.transform(atoms, gradients=True, n_threads=nt)
-        else:
-            X = self.descriptor_.transform(atoms, gradients=False, n_threads=nt)
         d2 = self.delta_ ** 2
         basis = self.basis_
+        rows = local_var or energy_var
+        # Fast path: a descriptor that can back-propagate dE/dX to forces and virial inside its
+        # kernel never forms the pair gradients (cost per pair independent of n_features).
+        fast = need_grad and not forces_var and hasattr(self.descriptor_, "backprop")
+        G = None
+        if fast:
+            held = {}
+
+            def grad_fn(X):
+                held["eval"] = basis.evaluate(X, Z, self.alpha_, grad=True, rows=rows)
+                return d2 * held["eval"][1]
+
+            X, _, f_fast, W_fast = self.descriptor_.backprop(atoms, grad_fn, n_threads=nt)
+            eps, v, K_loc = held["eval"]
+        else:
+            if need_grad:
+                X, G = self.descriptor_.transform(atoms, gradients=True, n_threads=nt)
+            else:
+                X = self.descriptor_.transform(atoms, gradients=False, n_threads=nt)
+            eps, v, K_loc = basis.evaluate(X, Z, self.alpha_, grad=need_grad, rows=rows)
         out: dict[str, Any] = {}
         e0 = np.array([self.e0_.get(chemical_symbols[z], 0.0) for z in Z])
-        eps, v, K_loc = basis.evaluate(X, Z, self.alpha_, grad=need_grad,
-                                       rows=local_var or energy_var)
         eps = d2 * eps
         out["local_energies"] = eps + e0
         E_b, F_b, S_b = self._baseline(atoms) if self.baseline_ is not None else (0.0, None, None)
         out["energy"] = float(np.sum(out["local_energies"])) + E_b
         out["baseline_energy"] = E_b
         if need_grad:
-            f, W = kernels.contract_forces(G, d2 * v, n, n_threads=nt)
+            if fast:
+                f, W = f_fast, W_fast
+            else:
+                f, W = kernels.contract_forces(G, d2 * v, n, n_threads=nt)
             if F_b is not None:
                 f = f + F_b
             out["forces"] = f

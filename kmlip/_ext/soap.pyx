@@ -17,6 +17,7 @@ cdef extern from "soap_core.h" nogil:
         const double *B
         const int64_t *feat_index
         const double *feat_scale
+        const double *ylm_norm
     int64_t soap_work_size(const soap_params *p, int64_t n_neigh)
     void soap_centre(const soap_params *p, int center_species, int64_t n_neigh,
                      const double *vec, const int32_t *spec, double *work,
@@ -26,7 +27,7 @@ cdef extern from "soap_core.h" nogil:
 
 def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
-            int n_max, int l_max, int n_species, int n_features,
+            const double[::1] ylm_norm, int n_max, int l_max, int n_species, int n_features,
             double r_cut, double cutoff_width, double center_weight, bint normalize,
             const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
             const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
@@ -47,6 +48,7 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
     p.B = &B[0, 0, 0]
     p.feat_index = &feat_index[0, 0, 0]
     p.feat_scale = &feat_scale[0, 0, 0]
+    p.ylm_norm = &ylm_norm[0]
 
     cdef Py_ssize_t n_atoms = out_X.shape[0]
     cdef Py_ssize_t i, n_neigh, start, max_neigh = 0
@@ -92,7 +94,7 @@ cdef extern from "soap_core.h" nogil:
 
 def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
         const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
-        int n_max, int l_max, int n_species, int n_features,
+        const double[::1] ylm_norm, int n_max, int l_max, int n_species, int n_features,
         double r_cut, double cutoff_width, double center_weight, bint normalize,
         const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
         const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
@@ -110,6 +112,7 @@ def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
     p.B = &B[0, 0, 0]
     p.feat_index = &feat_index[0, 0, 0]
     p.feat_scale = &feat_scale[0, 0, 0]
+    p.ylm_norm = &ylm_norm[0]
     cdef Py_ssize_t n_atoms = V.shape[0]
     cdef Py_ssize_t i, n_neigh, start, max_neigh = 0
     for i in range(n_atoms):

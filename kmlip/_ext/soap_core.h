@@ -32,6 +32,7 @@ typedef struct {
     const int64_t *feat_index;  /* (l_max+1, R, R): output index of (l, r, r'), r <= r';
                                  * for fixed (l, r) and a species block of r', consecutive */
     const double *feat_scale;   /* (l_max+1, R, R): prefactor of that output */
+    const double *ylm_norm;     /* ((l_max+1)^2): normalisation of S_lm at l*l + l + |m| */
 } soap_params;
 
 static inline int soap_lm_size(const soap_params *p) { return (p->l_max + 1) * (p->l_max + 1); }
@@ -77,7 +78,8 @@ static inline soap_ws soap_workspace(const soap_params *p, double *work)
  * gradients, index l*l + (m + l) with m < 0 the sine type. Recurrences in (x, y, z) only.
  * scratch: at least 4*(l_max+1)^2 + 2*(l_max+1)^2 + 4*(l_max+1) doubles. */
 static inline void soap_solid_harmonics(int l_max, double x, double y, double z,
-                                        double *S, double *dS /* (3, LM) */, double *scratch)
+                                        double *S, double *dS /* (3, LM) */, double *scratch,
+                                        const double *norm)
 {
     const int L1 = l_max + 1, LM = L1 * L1;
     double r2 = x * x + y * y + z * z;
@@ -108,18 +110,15 @@ static inline void soap_solid_harmonics(int l_max, double x, double y, double z,
             E[l * L1 + m] = (a * (p1 + z * E[(l - 1) * L1 + m]) - b * (2.0 * z * p2 + r2 * E[(l - 2) * L1 + m])) * inv;
         }
     }
-    const double inv4pi = 0.07957747154594767; /* 1/(4 pi) */
     for (int l = 0; l <= l_max; l++) {
         /* m = 0 */
-        double N0 = sqrt((2 * l + 1) * inv4pi);
         int i0 = l * l + l;
+        double N0 = norm[i0];
         double P = Pi[l * L1], Dl = D[l * L1], El = E[l * L1];
         S[i0] = N0 * P;
         dS[i0] = N0 * x * Dl; dS[LM + i0] = N0 * y * Dl; dS[2 * LM + i0] = N0 * El;
-        double fac = 1.0; /* (l-m)!/(l+m)! built incrementally */
         for (int m = 1; m <= l; m++) {
-            fac /= (double)((l + m) * (l - m + 1));
-            double Nm = sqrt(2.0 * (2 * l + 1) * inv4pi * fac);
+            double Nm = norm[i0 + m];
             P = Pi[l * L1 + m]; Dl = D[l * L1 + m]; El = E[l * L1 + m];
             int ic = i0 + m, is = i0 - m;
             double A = Am[m], Bv = Bm[m], A1 = Am[m - 1], B1 = Bm[m - 1];
@@ -203,7 +202,7 @@ static inline void soap_expand(const soap_params *p, int center_species, int64_t
         double r2 = x * x + y * y + z * z, r = sqrt(r2);
         double fc, dfc;
         soap_cutoff(p, r, &fc, &dfc);
-        soap_solid_harmonics(p->l_max, x, y, z, S, dS, hscr);
+        soap_solid_harmonics(p->l_max, x, y, z, S, dS, hscr, p->ylm_norm);
         soap_radial(p, r2, fc, r > 0.0 ? dfc / r : 0.0, a, b, ex);
         const int s = spec[j];
         for (int l = 0; l < L1; l++) {
@@ -443,6 +442,9 @@ static inline void soap_centre_vjp(const soap_params *p, int center_species, int
                 const double *H = Chat + (int64_t)q * R + (int64_t)s * N;
                 double tb;
                 double hb = 0.0, ha = 0.0;
+#ifdef _OPENMP
+#pragma omp simd reduction(+ : hb, ha)
+#endif
                 for (int n = 0; n < N; n++) {
                     hb += H[n] * b[l * N + n];
                     ha += H[n] * a[l * N + n];

@@ -202,6 +202,13 @@ class SOAP(Descriptor):
                             f += 1
         assert f == self.n_features
         self._feat_index, self._feat_scale, self._labels = index, scale, labels
+        # orthonormal real Y_lm = norm * Pi_l^|m| * {cos, sin}(m phi) r^-l, at l*l + l + |m|
+        norm = np.zeros(L1 * L1)
+        for l in range(L1):
+            for m in range(l + 1):
+                fac = math.factorial(l - m) / math.factorial(l + m)
+                norm[l * l + l + m] = math.sqrt((2 - (m == 0)) * (2 * l + 1) / (4 * np.pi) * fac)
+        self._ylm_norm = norm
 
     def feature_labels(self) -> list[tuple[int, int, int, int, int]]:
         """``(Z_a, Z_b, l, n, n')`` of every feature, in output order."""
@@ -244,7 +251,8 @@ class SOAP(Descriptor):
             zmap[z] = k
         center_species = zmap[numbers]
         pair_species = np.ascontiguousarray(center_species[nl.neighbors])
-        args = (self._A, self._B, self._feat_index, self._feat_scale, self.n_max, self.l_max,
+        args = (self._A, self._B, self._feat_index, self._feat_scale, self._ylm_norm,
+                self.n_max, self.l_max,
                 len(self.species_z), self.n_features, self.cutoff, self._width,
                 float(self.center_weight), bool(self.normalize), center_species, nl.offsets,
                 np.ascontiguousarray(nl.vectors), pair_species)
