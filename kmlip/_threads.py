@@ -1,5 +1,8 @@
-"""Resolves the thread count a kernel should use."""
+"""Resolves the thread count a kernel should use, and limits BLAS to it."""
 from __future__ import annotations
+
+import contextlib
+import threading
 
 from kmlip._ext.openmp import max_threads
 
@@ -19,3 +22,26 @@ def resolve_threads(n_threads: int | None) -> int:
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
     return n_threads
+
+
+_controller = None
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def blas_limited(n_threads: int | None):
+    """Context in which BLAS uses at most ``resolve_threads(n_threads)`` threads.
+
+    The threadpoolctl controller is built once (inspecting the loaded libraries is slow) and
+    reused, so entering the context costs microseconds.
+    """
+    global _controller
+    n = resolve_threads(n_threads)
+    if _controller is None:
+        with _lock:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
+
+                _controller = ThreadpoolController()
+    with _controller.limit(limits=n, user_api="blas"):
+        yield

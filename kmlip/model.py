@@ -777,7 +777,21 @@ class KernelPotential(BaseEstimator):
     def _evaluate(self, atoms: Atoms, forces: bool = False, stress: bool = False,
                   local_var: bool = False, energy_var: bool = False,
                   forces_var: bool = False) -> dict[str, Any]:
-        """Everything about one structure from one descriptor pass (units eV, Å)."""
+        """Everything about one structure from one descriptor pass (units eV, Å).
+
+        BLAS is limited to the model's thread count meanwhile: idle BLAS threads spin and would
+        otherwise burn a core per call.
+        """
+        from kmlip._threads import blas_limited
+
+        with blas_limited(self.n_threads):
+            return self._evaluate_unlimited(atoms, forces=forces, stress=stress,
+                                            local_var=local_var, energy_var=energy_var,
+                                            forces_var=forces_var)
+
+    def _evaluate_unlimited(self, atoms: Atoms, forces: bool = False, stress: bool = False,
+                            local_var: bool = False, energy_var: bool = False,
+                            forces_var: bool = False) -> dict[str, Any]:
         self._check_fitted()
         if not isinstance(atoms, Atoms):
             raise TypeError(f"expected an ase.Atoms, got {type(atoms).__name__}")
