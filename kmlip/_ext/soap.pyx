@@ -23,19 +23,17 @@ cdef extern from "soap_core.h" nogil:
                      const double *vec, const int32_t *spec, double *work,
                      double *out_p, double *out_grad)
     void soap_normalize(int64_t F, double *pv, int64_t n_entries, double *grad)
+    void soap_centre_vjp(const soap_params *p, int center_species, int64_t n_neigh,
+                         const double *vec, const int32_t *spec, const double *v,
+                         int normalized, double *work, double *out_f)
 
 
-def compute(const double[:, ::1] A, const double[:, :, ::1] B,
-            const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
-            const double[::1] ylm_norm, int n_max, int l_max, int n_species, int n_features,
-            double r_cut, double cutoff_width, double center_weight, bint normalize,
-            const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
-            const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
-            double[:, ::1] out_X, double[:, :, ::1] out_grad, int n_threads):
-    """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
-
-    Entries of centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
-    """
+cdef soap_params _params(const double[:, ::1] A, const double[:, :, ::1] B,
+                         const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
+                         const double[::1] ylm_norm, int n_max, int l_max, int n_species,
+                         int n_features, double r_cut, double cutoff_width,
+                         double center_weight):
+    """Plain-C view of the descriptor's tables (the arrays must outlive the call)."""
     cdef soap_params p
     p.n_max = n_max
     p.l_max = l_max
@@ -49,15 +47,35 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
     p.feat_index = &feat_index[0, 0, 0]
     p.feat_scale = &feat_scale[0, 0, 0]
     p.ylm_norm = &ylm_norm[0]
+    return p
 
+
+cdef double[:, ::1] _work(const soap_params *p, const int64_t[::1] pair_offsets, int n_threads):
+    """Per-thread scratch rows sized for the centre with the most neighbours."""
+    cdef Py_ssize_t i, n, max_neigh = 0
+    for i in range(pair_offsets.shape[0] - 1):
+        n = pair_offsets[i + 1] - pair_offsets[i]
+        if n > max_neigh:
+            max_neigh = n
+    return np.empty((max(n_threads, 1), soap_work_size(p, max_neigh)))
+
+
+def compute(const double[:, ::1] A, const double[:, :, ::1] B,
+            const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
+            const double[::1] ylm_norm, int n_max, int l_max, int n_species, int n_features,
+            double r_cut, double cutoff_width, double center_weight, bint normalize,
+            const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
+            const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
+            double[:, ::1] out_X, double[:, :, ::1] out_grad, int n_threads):
+    """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
+
+    Entries of centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
+    """
+    cdef soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
+                                 n_species, n_features, r_cut, cutoff_width, center_weight)
     cdef Py_ssize_t n_atoms = out_X.shape[0]
-    cdef Py_ssize_t i, n_neigh, start, max_neigh = 0
-    for i in range(n_atoms):
-        n_neigh = pair_offsets[i + 1] - pair_offsets[i]
-        if n_neigh > max_neigh:
-            max_neigh = n_neigh
-    cdef int64_t wsize = soap_work_size(&p, max_neigh)
-    cdef double[:, ::1] work = np.empty((max(n_threads, 1), wsize))
+    cdef Py_ssize_t i, n_neigh, start
+    cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads)
     cdef bint grads = out_grad is not None
     cdef double *gptr
     cdef const double *vptr
@@ -86,12 +104,6 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             soap_normalize(n_features, &out_X[i, 0], (n_neigh + 1) if grads else 0, gptr)
 
 
-cdef extern from "soap_core.h" nogil:
-    void soap_centre_vjp(const soap_params *p, int center_species, int64_t n_neigh,
-                         const double *vec, const int32_t *spec, const double *v,
-                         int normalized, double *work, double *out_f)
-
-
 def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
         const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
         const double[::1] ylm_norm, int n_max, int l_max, int n_species, int n_features,
@@ -100,27 +112,11 @@ def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
         const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
         const double[:, ::1] V, double[:, ::1] out_f, int n_threads):
     """out_f[k] = dE/dr_ij of pair k, given V[i] = dE/dX_i (n_atoms, F)."""
-    cdef soap_params p
-    p.n_max = n_max
-    p.l_max = l_max
-    p.n_species = n_species
-    p.n_features = n_features
-    p.r_cut = r_cut
-    p.cutoff_width = cutoff_width
-    p.center_weight = center_weight
-    p.A = &A[0, 0]
-    p.B = &B[0, 0, 0]
-    p.feat_index = &feat_index[0, 0, 0]
-    p.feat_scale = &feat_scale[0, 0, 0]
-    p.ylm_norm = &ylm_norm[0]
+    cdef soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
+                                 n_species, n_features, r_cut, cutoff_width, center_weight)
     cdef Py_ssize_t n_atoms = V.shape[0]
-    cdef Py_ssize_t i, n_neigh, start, max_neigh = 0
-    for i in range(n_atoms):
-        n_neigh = pair_offsets[i + 1] - pair_offsets[i]
-        if n_neigh > max_neigh:
-            max_neigh = n_neigh
-    cdef int64_t wsize = soap_work_size(&p, max_neigh)
-    cdef double[:, ::1] work = np.empty((max(n_threads, 1), wsize))
+    cdef Py_ssize_t i, n_neigh, start
+    cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads)
     cdef int tid
     for i in prange(n_atoms, nogil=True, schedule="dynamic", chunksize=1,
                     num_threads=n_threads):
