@@ -277,22 +277,6 @@ def test_protocol_round_trip():
         Ewald.from_dict({**d, "type": "SOAP"})
 
 
-def test_matches_pymatgen():
-    pytest.importorskip("pymatgen")
-    from pymatgen.core.ewald import EwaldSummation
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 1))
-    atoms.rattle(0.1, seed=11)
-    structure = AseAtomsAdaptor.get_structure(atoms)
-    structure.add_oxidation_state_by_element(NACL)
-    pmg = EwaldSummation(structure, acc_factor=12, compute_forces=True)
-    e, f, _ = Ewald(charges=NACL, accuracy=1e-12).compute(atoms)
-    # pymatgen's eV conversion uses CODATA constants; k_e = 14.399645 differs by ~1e-8
-    assert e == pytest.approx(pmg.total_energy, rel=1e-7)
-    np.testing.assert_allclose(f, pmg.forces, rtol=0, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------- errors
 def test_errors_name_the_cause():
     atoms = bulk("NaCl", "rocksalt", a=5.64)
