@@ -46,6 +46,23 @@ cdef enum:
     MIN_PARALLEL_WORK = 200000
 
 
+def _check_scatter(name, Py_ssize_t h_rows, Py_ssize_t Mz, const double[:, ::1] A,
+                   const double[:, ::1] AC, const double[:, ::1] pv, const int64_t[::1] cl,
+                   const int64_t[::1] nb, const double[:, ::1] vec, Py_ssize_t col0,
+                   double[:, ::1] outF, double[:, ::1] outW):
+    """Shape and index checks shared by the scatter kernels (they run without bounds checks)."""
+    cdef Py_ssize_t n_e = pv.shape[0], k
+    if h_rows != 3 * n_e or A.shape[1] != Mz or AC.shape[1] != Mz:
+        raise ValueError(f"{name}: inconsistent H / A / AC / pv shapes")
+    if cl.shape[0] != n_e or nb.shape[0] != n_e or vec.shape[0] != n_e or vec.shape[1] != 3:
+        raise ValueError(f"{name}: inconsistent entry arrays")
+    if col0 < 0 or col0 + Mz > outF.shape[1] or outW.shape[0] != 9 or outW.shape[1] != outF.shape[1]:
+        raise ValueError(f"{name}: output shapes do not fit")
+    for k in range(n_e):
+        if cl[k] < 0 or cl[k] >= A.shape[0] or nb[k] < 0 or 3 * nb[k] + 2 >= outF.shape[0]:
+            raise ValueError(f"{name}: centre or neighbour index out of range")
+
+
 def scatter_force_rows(const double[:, ::1] H, const double[:, ::1] A, const double[:, ::1] AC,
                        const double[:, ::1] pv, const int64_t[::1] cl, const int64_t[::1] nb,
                        const double[:, ::1] vec, Py_ssize_t col0, double[:, ::1] outF,
@@ -71,18 +88,9 @@ def scatter_force_rows(const double[:, ::1] H, const double[:, ::1] A, const dou
     """
     cdef Py_ssize_t n_e = pv.shape[0]
     cdef Py_ssize_t Mz = H.shape[1]
-    if H.shape[0] != 3 * n_e or A.shape[1] != Mz or AC.shape[1] != Mz:
-        raise ValueError("scatter_force_rows: inconsistent H / A / AC / pv shapes")
-    if cl.shape[0] != n_e or nb.shape[0] != n_e or vec.shape[0] != n_e or vec.shape[1] != 3:
-        raise ValueError("scatter_force_rows: inconsistent entry arrays")
-    if col0 < 0 or col0 + Mz > outF.shape[1] or outW.shape[0] != 9 or outW.shape[1] != outF.shape[1]:
-        raise ValueError("scatter_force_rows: output shapes do not fit")
+    _check_scatter("scatter_force_rows", H.shape[0], Mz, A, AC, pv, cl, nb, vec, col0, outF, outW)
     if n_e == 0 or Mz == 0:
         return
-    cdef Py_ssize_t k
-    for k in range(n_e):
-        if cl[k] < 0 or cl[k] >= A.shape[0] or nb[k] < 0 or 3 * nb[k] + 2 >= outF.shape[0]:
-            raise ValueError("scatter_force_rows: centre or neighbour index out of range")
     cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
     cdef Py_ssize_t b, m0, m1
     cdef int nt = _threads(n_threads)
@@ -106,20 +114,12 @@ def scatter_force_rows_f32(const float[:, ::1] H, const double[:, ::1] hu,
     ``values . s_hat = H + hu`` with ``hu`` (n_e, 3) in double (see contract_core.h)."""
     cdef Py_ssize_t n_e = pv.shape[0]
     cdef Py_ssize_t Mz = H.shape[1]
-    if H.shape[0] != 3 * n_e or A.shape[1] != Mz or AC.shape[1] != Mz:
-        raise ValueError("scatter_force_rows_f32: inconsistent H / A / AC / pv shapes")
-    if cl.shape[0] != n_e or nb.shape[0] != n_e or vec.shape[0] != n_e or vec.shape[1] != 3:
-        raise ValueError("scatter_force_rows_f32: inconsistent entry arrays")
+    _check_scatter("scatter_force_rows_f32", H.shape[0], Mz, A, AC, pv, cl, nb, vec, col0,
+                   outF, outW)
     if hu.shape[0] != n_e or hu.shape[1] != 3:
         raise ValueError("scatter_force_rows_f32: hu must be (n_e, 3)")
-    if col0 < 0 or col0 + Mz > outF.shape[1] or outW.shape[0] != 9 or outW.shape[1] != outF.shape[1]:
-        raise ValueError("scatter_force_rows_f32: output shapes do not fit")
     if n_e == 0 or Mz == 0:
         return
-    cdef Py_ssize_t k
-    for k in range(n_e):
-        if cl[k] < 0 or cl[k] >= A.shape[0] or nb[k] < 0 or 3 * nb[k] + 2 >= outF.shape[0]:
-            raise ValueError("scatter_force_rows_f32: centre or neighbour index out of range")
     cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
     cdef Py_ssize_t b, m0, m1
     cdef int nt = _threads(n_threads)
