@@ -134,6 +134,40 @@ static inline void soap_solid_harmonics(int l_max, double x, double y, double z,
     }
 }
 
+/* Values only of the solid harmonics (no gradients): the features-only path. */
+static inline void soap_solid_harmonics_values(int l_max, double x, double y, double z,
+                                               double *S, double *scratch, const double *norm)
+{
+    const int L1 = l_max + 1;
+    double r2 = x * x + y * y + z * z;
+    double *Pi = scratch, *Am = Pi + L1 * L1, *Bm = Am + L1;
+    Am[0] = 1.0; Bm[0] = 0.0;
+    for (int m = 1; m <= l_max; m++) {
+        Am[m] = x * Am[m - 1] - y * Bm[m - 1];
+        Bm[m] = x * Bm[m - 1] + y * Am[m - 1];
+    }
+    double pmm = 1.0;
+    for (int m = 0; m <= l_max; m++) {
+        if (m > 0) pmm *= (double)(2 * m - 1);
+        Pi[m * L1 + m] = pmm;
+        if (m + 1 <= l_max) Pi[(m + 1) * L1 + m] = (2 * m + 1) * z * pmm;
+        for (int l = m + 2; l <= l_max; l++) {
+            /* the same operations as soap_solid_harmonics, so both paths agree to the bit */
+            double a = (double)(2 * l - 1), b = (double)(l + m - 1), inv = 1.0 / (double)(l - m);
+            Pi[l * L1 + m] = (a * z * Pi[(l - 1) * L1 + m] - b * r2 * Pi[(l - 2) * L1 + m]) * inv;
+        }
+    }
+    for (int l = 0; l <= l_max; l++) {
+        int i0 = l * l + l;
+        S[i0] = norm[i0] * Pi[l * L1];
+        for (int m = 1; m <= l; m++) {
+                const double Nm = norm[i0 + m], P = Pi[l * L1 + m];
+            S[i0 + m] = Nm * P * Am[m];
+            S[i0 - m] = Nm * P * Bm[m];
+        }
+    }
+}
+
 /* Smooth cutoff value and derivative d fc / d r. */
 static inline void soap_cutoff(const soap_params *p, double r, double *fc, double *dfc)
 {
@@ -152,6 +186,21 @@ static inline void soap_radial(const soap_params *p, double r2, double fc, doubl
 {
     const int N = p->n_max, L1 = p->l_max + 1;
     double *E = ex, *AE = ex + L1 * N;
+    if (b == NULL) {  /* values only */
+        for (int q = 0; q < L1 * N; q++) E[q] = exp(p->A[q] * r2);
+        for (int l = 0; l < L1; l++) {
+            const double *Bl = p->B + (int64_t)l * N * N;
+            double *al_ = a + l * N;
+            for (int n = 0; n < N; n++) al_[n] = 0.0;
+            for (int k = 0; k < N; k++) {
+                const double e = E[l * N + k];
+                const double *Bk = Bl + (int64_t)k * N;
+                for (int n = 0; n < N; n++) al_[n] += Bk[n] * e;
+            }
+            for (int n = 0; n < N; n++) al_[n] *= fc;
+        }
+        return;
+    }
     for (int q = 0; q < L1 * N; q++) {
         double e = exp(p->A[q] * r2);
         E[q] = e; AE[q] = p->A[q] * e;
@@ -176,7 +225,7 @@ static inline void soap_radial(const soap_params *p, double r2, double fc, doubl
 /* Expansion coefficients C (layout C[l^2 R + (m+l) R + r]) and, per pair, S_lm, dS_lm and the
  * radial values a, b, stored in work (see soap_centre for the arguments). */
 static inline void soap_expand(const soap_params *p, int center_species, int64_t n_neigh,
-                               const double *vec, const int32_t *spec, double *work)
+                               const double *vec, const int32_t *spec, double *work, int grad)
 {
     const int N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1;
     const int R = p->n_species * N;
@@ -202,8 +251,13 @@ static inline void soap_expand(const soap_params *p, int center_species, int64_t
         double r2 = x * x + y * y + z * z, r = sqrt(r2);
         double fc, dfc;
         soap_cutoff(p, r, &fc, &dfc);
-        soap_solid_harmonics(p->l_max, x, y, z, S, dS, hscr, p->ylm_norm);
-        soap_radial(p, r2, fc, r > 0.0 ? dfc / r : 0.0, a, b, ex);
+        if (grad) {
+            soap_solid_harmonics(p->l_max, x, y, z, S, dS, hscr, p->ylm_norm);
+            soap_radial(p, r2, fc, r > 0.0 ? dfc / r : 0.0, a, b, ex);
+        } else {
+            soap_solid_harmonics_values(p->l_max, x, y, z, S, hscr, p->ylm_norm);
+            soap_radial(p, r2, fc, 0.0, a, NULL, ex);
+        }
         const int s = spec[j];
         for (int l = 0; l < L1; l++) {
             const int w = 2 * l + 1;
@@ -240,7 +294,7 @@ static inline void soap_centre(const soap_params *p, int center_species, int64_t
     double *C = ws.C, *Q = ws.Q, *dC = ws.dC, *selfg = ws.selfg, *Sall = ws.Sall;
     const int64_t stride = ws.stride;
 
-    soap_expand(p, center_species, n_neigh, vec, spec, work);
+    soap_expand(p, center_species, n_neigh, vec, spec, work, out_grad != NULL);
 
     /* Power spectrum: P_l = C_l C_l^T, upper triangle. */
     for (int l = 0; l < L1; l++) {
@@ -383,7 +437,7 @@ static inline void soap_centre_vjp(const soap_params *p, int center_species, int
     double *Chat = ws.adj, *U = Chat + (int64_t)R * LM, *vv = U + (int64_t)R * R;
     const int64_t stride = ws.stride;
 
-    soap_expand(p, center_species, n_neigh, vec, spec, work);
+    soap_expand(p, center_species, n_neigh, vec, spec, work, 1);
     memcpy(vv, v, sizeof(double) * (size_t)F);
     if (normalized) {
         /* cotangent of p from that of p^ = p/|p|: (v - p^ (p^.v)) / |p| */
