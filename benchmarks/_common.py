@@ -702,3 +702,11 @@ def cached_frames(path: Path, make: Callable[[], list]) -> list:
     write(str(tmp), frames, format="extxyz")
     os.replace(tmp, path)
     return read(str(path), index=":")
+
+
+def print_target_rows(lines: list[tuple[str, Any, str, str]]) -> None:
+    """Prints (what, measured, wanted, verdict) rows of an issue's targets as a table."""
+    print(format_table([{"what": a, "measured": b, "target": c, "verdict": d}
+                        for a, b, c, d in lines],
+                       [("what", "target"), ("measured", "measured"), ("target", "wanted"),
+                        ("verdict", "")]))

@@ -45,6 +45,7 @@ from _common import (
     machine_info,
     package_version,
     peak_rss_mb,
+    print_target_rows,
     ratio,
     reset_peak_rss,
     rss_mb,
@@ -438,10 +439,7 @@ def print_report(gap: dict[str, Any], km: dict[str, Any], sizes: list[int],
         v = k.get(f"pred{big}_cpu")
         lines.append((f"kmlip prediction E+F atoms/CPU-s, {big} atoms", v, ">= 2,000",
                       verdict(v, 2000.0)))
-    print(format_table([{"what": a, "measured": b, "target": c, "verdict": d}
-                        for a, b, c, d in lines],
-                       [("what", "target"), ("measured", "measured"), ("target", "wanted"),
-                        ("verdict", "")]))
+    print_target_rows(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

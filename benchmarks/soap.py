@@ -63,6 +63,7 @@ from _common import (
     output_nbytes,
     package_version,
     peak_rss_mb,
+    print_target_rows,
     ratio,
     rattled_diamond_si,
     rattled_fcc_alloy,
@@ -518,10 +519,7 @@ def print_targets(rows: list[dict[str, Any]], base_threads: int, scaling_threads
         lines.append((f"kmlip speed-up {base_threads} -> {scaling_threads} threads (wall), "
                       f"{system}",
                       f"{fmt(k2['speedup_wall'])}x", ">= 1.8x", verdict(k2["speedup_wall"], 1.8)))
-    print(format_table([{"what": a, "measured": b, "target": c, "verdict": d}
-                        for a, b, c, d in lines],
-                       [("what", "target"), ("measured", "measured"), ("target", "wanted"),
-                        ("verdict", "")]))
+    print_target_rows(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
