@@ -50,6 +50,7 @@ predicts bit-identically.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -181,15 +182,25 @@ def _model_arrays(model, include_factors: bool) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def _atomic_write(path: str, write) -> None:
-    """Calls ``write(fh)`` on a temporary file next to ``path``, then renames it over ``path``."""
+def atomic_write(path: str, write, text: bool = False) -> None:
+    """Calls ``write(fh)`` on a temporary file next to ``path``, then renames it over ``path``.
+
+    A failed ``write`` leaves an existing ``path`` untouched and no temporary file behind.
+    ``text=True`` hands ``write`` a UTF-8 text handle instead of a binary one.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            if text:
+                wrapper = io.TextIOWrapper(fh, encoding="utf-8")
+                write(wrapper)
+                wrapper.flush()
+                wrapper.detach()
+            else:
+                write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         umask = os.umask(0)
@@ -221,7 +232,7 @@ def save_model(model, path, include_factors: bool = True) -> None:
     def write(fh):
         np.savez(fh, metadata=blob, **arrays)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _read(path) -> tuple[dict, dict]:
@@ -350,10 +361,10 @@ def export_raw(model, directory) -> None:
     for name, a in arrays.items():
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
         fname = f"{name}.bin"
-        _atomic_write(os.path.join(directory, fname), lambda fh, a=a: fh.write(a.tobytes()))
+        atomic_write(os.path.join(directory, fname), lambda fh, a=a: fh.write(a.tobytes()))
         meta["arrays"][name].update(file=fname, dtype=a.dtype.str, order="C")
     text = json.dumps(meta, indent=1, allow_nan=True).encode("utf-8")
-    _atomic_write(os.path.join(directory, "model.json"), lambda fh: fh.write(text))
+    atomic_write(os.path.join(directory, "model.json"), lambda fh: fh.write(text))
 
 
 def loads_metadata(path) -> dict:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import numpy as np
 
@@ -54,14 +53,8 @@ def run(args: argparse.Namespace) -> int:
                                             if k2 in r})
         out.append(b)
     if args.output:
-        d = os.path.dirname(os.path.abspath(args.output))
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".xyz.tmp")
-        os.close(fd)
-        try:
-            write(tmp, out, format="extxyz")
-            os.replace(tmp, args.output)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from kmlip.io import atomic_write
+
+        atomic_write(args.output, lambda fh: write(fh, out, format="extxyz"), text=True)
         print(f"wrote {args.output}")
     return 0
