@@ -281,7 +281,7 @@ static inline void soap_expand(const soap_params *p, int center_species, int64_t
  *   spec           : (n_neigh,) species index of each neighbour
  *   work           : soap_work_size(p, n_neigh) doubles
  *   out_p          : (n_features,) power spectrum
- *   out_grad       : NULL, or (1 + n_neigh, 3, n_features): entry 0 the self term
+ *   out_grad       : NULL, or (1 + n_neigh, 3, n_features), zero on entry: entry 0 the self term
  *                    d p / d r_i, entry 1 + k the derivative w.r.t. the position of neighbour k.
  */
 static inline void soap_centre(const soap_params *p, int center_species, int64_t n_neigh,
@@ -391,7 +391,9 @@ static inline void soap_centre(const soap_params *p, int center_species, int64_t
                             double *sg = selfg + al * (int64_t)F + f0;
                             const double *Qa = Q + (int64_t)al * N * R;
                             if (sa != s && sb != s) {
-                                for (int t = 0; t < cnt; t++) ga[t] = 0.0;
+                                /* zero block: out_grad arrives zero-filled (calloc'd pages a
+                                 * block never touches are never faulted in) */
+                                continue;
                             } else if (sa == s && sb != s) {
                                 const double *q1 = Qa + (int64_t)n1 * R + sb * N + n2s;
                                 for (int t = 0; t < cnt; t++) {

@@ -327,7 +327,8 @@ class SOAP(Descriptor):
         grad = None
         if gradients:
             n_entries = n_atoms + len(nl.centers)
-            grad = np.empty((n_entries, 3, self.n_features))
+            # zeros, not empty: the kernel skips the species blocks a pair cannot move
+            grad = np.zeros((n_entries, 3, self.n_features))
         if n_atoms:
             _soap.compute(*args, X, grad, nt)
         if not gradients:
