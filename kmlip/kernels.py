@@ -152,6 +152,24 @@ class SparseBasis:
         u = self._centred32(z)[0]
         return float(np.max(np.linalg.norm(self.points_hat[z] - u, axis=1)))
 
+    def _scratch(self, name: str, shape: tuple[int, int], dtype) -> np.ndarray:
+        """A C-contiguous array view of a buffer kept between calls (grown when too small).
+
+        Training calls :meth:`derivative_rows` once per structure; reusing its GEMM buffers
+        saves faulting in fresh pages every time, which costs as much as the GEMM itself on
+        some machines. :meth:`release_scratch` frees them.
+        """
+        cache = self.__dict__.setdefault("_scratch_bufs", {})
+        n = int(shape[0]) * int(shape[1])
+        buf = cache.get(name)
+        if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
+            buf = cache[name] = np.empty(max(n, 1), dtype=dtype)
+        return buf[:n].reshape(shape)
+
+    def release_scratch(self) -> None:
+        """Frees the buffers kept by :meth:`_scratch`."""
+        self.__dict__.pop("_scratch_bufs", None)
+
     def _centred32(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         """(u, float32 S_hat - u) of species z, u the mean sparse direction (mixed precision:
         the float32 GEMM then only carries the spread of the sparse points around u)."""
@@ -275,13 +293,18 @@ class SparseBasis:
                 pv = np.ascontiguousarray(np.matmul(vals, Xh[ce][:, :, None])[:, :, 0])
                 args = (A, AC, pv, np.ascontiguousarray(cl_map[ce]), np.ascontiguousarray(nb),
                         np.ascontiguousarray(vec), self.offsets[z], outF, outW, n_threads)
+                V2 = vals.reshape(-1, F)
                 if mixed:
                     u, D32 = self._centred32(z)
-                    H = vals.reshape(-1, F).astype(np.float32) @ D32.T
+                    V32 = self._scratch("v32", V2.shape, np.float32)
+                    np.copyto(V32, V2, casting="same_kind")
+                    H = self._scratch("h32", (V2.shape[0], Sh.shape[0]), np.float32)
+                    np.matmul(V32, D32.T, out=H)
                     hu = np.ascontiguousarray((vals @ u).reshape(-1, 3))
                     _contract.scatter_force_rows_f32(H, hu, *args)
                 else:
-                    H = vals.reshape(-1, F) @ Sh.T
+                    H = self._scratch("h64", (V2.shape[0], Sh.shape[0]), np.float64)
+                    np.matmul(V2, Sh.T, out=H)
                     _contract.scatter_force_rows(H, *args)
                 del H
         return outF, outW

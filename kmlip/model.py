@@ -463,6 +463,7 @@ class KernelPotential(BaseEstimator):
             if bar is not None:
                 bar.update(1)
         self.factors_ = qr.finalize()
+        self.basis_.release_scratch()
         if bar is not None:
             bar.close()
         timings["kernel_rows"] = t_rows
@@ -769,6 +770,7 @@ class KernelPotential(BaseEstimator):
             for cls, K_rows, yv, sc in self._frame_rows(a, labels[k], self._baseline(a), p, nt):
                 qr.add(cls, K_rows, yv, sc)
         self.factors_ = qr.finalize()
+        self.basis_.release_scratch()
         self.n_labels_ = {c: f.n_rows for c, f in self.factors_.items()}
         self._solve()
         return self
