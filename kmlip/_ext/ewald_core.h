@@ -177,6 +177,33 @@ static void kmlip_ewald_real_gather(long m, const double *restrict xs, const dou
  * vectorise; the lanes are independent sums in a fixed order, so nothing is reassociated and
  * the result does not depend on how the caller shares the work among threads. Compile with
  * -fno-math-errno so that sqrt vectorises. */
+/* Per-lane sums of energy, forces and virial for lanes [0, nl) of the group at k0. */
+static inline void kmlip_ewald_lanes(int nl, long k0, const double *restrict be,
+                                     const double *restrict bg, const double *restrict bx,
+                                     const double *restrict by, const double *restrict bz,
+                                     double *restrict acc)
+{
+    int l;
+    for (l = 0; l < nl; ++l) {
+        const long kk = k0 + l;
+        const double g = bg[kk], dx = bx[kk], dy = by[kk], dz = bz[kk];
+        double gd;
+        acc[0 * KMLIP_LANES + l] += be[kk];
+        gd = g * dx;
+        acc[1 * KMLIP_LANES + l] += gd;
+        acc[4 * KMLIP_LANES + l] += gd * dx;
+        acc[8 * KMLIP_LANES + l] += gd * dz;
+        acc[9 * KMLIP_LANES + l] += gd * dy;
+        gd = g * dy;
+        acc[2 * KMLIP_LANES + l] += gd;
+        acc[5 * KMLIP_LANES + l] += gd * dy;
+        acc[7 * KMLIP_LANES + l] += gd * dz;
+        gd = g * dz;
+        acc[3 * KMLIP_LANES + l] += gd;
+        acc[6 * KMLIP_LANES + l] += gd * dz;
+    }
+}
+
 KMLIP_CLONES
 static long kmlip_ewald_real_flush(long m, double *restrict bx, double *restrict by,
                                    double *restrict bz, double *restrict bq, double alpha,
@@ -185,7 +212,6 @@ static long kmlip_ewald_real_flush(long m, double *restrict bx, double *restrict
 {
     const double c = KMLIP_TWO_OVER_SQRT_PI * alpha;
     long k, k0, w = 0, near = 0;
-    int l;
     for (k = 0; k < m; ++k) { /* vectorised: r^2, the keep flag, coincident count */
         const double r2 = bx[k] * bx[k] + by[k] * by[k] + bz[k] * bz[k];
         be[k] = r2;
@@ -212,45 +238,10 @@ static long kmlip_ewald_real_flush(long m, double *restrict bx, double *restrict
     }
     for (k0 = 0; k0 < m; k0 += KMLIP_LANES) {
         const int nl = (m - k0 < KMLIP_LANES) ? (int)(m - k0) : KMLIP_LANES;
-        if (nl == KMLIP_LANES) {
-            for (l = 0; l < KMLIP_LANES; ++l) {
-                const long kk = k0 + l;
-                const double g = bg[kk], dx = bx[kk], dy = by[kk], dz = bz[kk];
-                double gd;
-                acc[0 * KMLIP_LANES + l] += be[kk];
-                gd = g * dx;
-                acc[1 * KMLIP_LANES + l] += gd;
-                acc[4 * KMLIP_LANES + l] += gd * dx;
-                acc[8 * KMLIP_LANES + l] += gd * dz;
-                acc[9 * KMLIP_LANES + l] += gd * dy;
-                gd = g * dy;
-                acc[2 * KMLIP_LANES + l] += gd;
-                acc[5 * KMLIP_LANES + l] += gd * dy;
-                acc[7 * KMLIP_LANES + l] += gd * dz;
-                gd = g * dz;
-                acc[3 * KMLIP_LANES + l] += gd;
-                acc[6 * KMLIP_LANES + l] += gd * dz;
-            }
-        } else {
-            for (l = 0; l < nl; ++l) { /* the same sums for the last, partial group */
-                const long kk = k0 + l;
-                const double g = bg[kk], dx = bx[kk], dy = by[kk], dz = bz[kk];
-                double gd;
-                acc[0 * KMLIP_LANES + l] += be[kk];
-                gd = g * dx;
-                acc[1 * KMLIP_LANES + l] += gd;
-                acc[4 * KMLIP_LANES + l] += gd * dx;
-                acc[8 * KMLIP_LANES + l] += gd * dz;
-                acc[9 * KMLIP_LANES + l] += gd * dy;
-                gd = g * dy;
-                acc[2 * KMLIP_LANES + l] += gd;
-                acc[5 * KMLIP_LANES + l] += gd * dy;
-                acc[7 * KMLIP_LANES + l] += gd * dz;
-                gd = g * dz;
-                acc[3 * KMLIP_LANES + l] += gd;
-                acc[6 * KMLIP_LANES + l] += gd * dz;
-            }
-        }
+        if (nl == KMLIP_LANES) /* constant trip count after inlining: vectorised */
+            kmlip_ewald_lanes(KMLIP_LANES, k0, be, bg, bx, by, bz, acc);
+        else                   /* the same sums for the last, partial group */
+            kmlip_ewald_lanes(nl, k0, be, bg, bx, by, bz, acc);
     }
     return near;
 }
