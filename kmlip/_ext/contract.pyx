@@ -46,6 +46,11 @@ cdef enum:
     MIN_PARALLEL_WORK = 200000
 
 
+cdef int _scatter_threads(n_threads, Py_ssize_t work):
+    # a parallel region costs more than it saves on tiny blocks
+    return 1 if work < MIN_PARALLEL_WORK else _threads(n_threads)
+
+
 def _check_scatter(name, Py_ssize_t h_rows, Py_ssize_t Mz, const double[:, ::1] A,
                    const double[:, ::1] AC, const double[:, ::1] pv, const int64_t[::1] cl,
                    const int64_t[::1] nb, const double[:, ::1] vec, Py_ssize_t col0,
@@ -93,9 +98,7 @@ def scatter_force_rows(const double[:, ::1] H, const double[:, ::1] A, const dou
         return
     cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
     cdef Py_ssize_t b, m0, m1
-    cdef int nt = _threads(n_threads)
-    if n_e * Mz < MIN_PARALLEL_WORK:
-        nt = 1  # a parallel region costs more than it saves on tiny blocks
+    cdef int nt = _scatter_threads(n_threads, n_e * Mz)
     for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
         m0 = b * COL_BLOCK
         m1 = min(m0 + COL_BLOCK, Mz)
@@ -122,9 +125,7 @@ def scatter_force_rows_f32(const float[:, ::1] H, const double[:, ::1] hu,
         return
     cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
     cdef Py_ssize_t b, m0, m1
-    cdef int nt = _threads(n_threads)
-    if n_e * Mz < MIN_PARALLEL_WORK:
-        nt = 1  # a parallel region costs more than it saves on tiny blocks
+    cdef int nt = _scatter_threads(n_threads, n_e * Mz)
     for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
         m0 = b * COL_BLOCK
         m1 = min(m0 + COL_BLOCK, Mz)
