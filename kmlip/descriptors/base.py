@@ -4,10 +4,16 @@ The GP never names a descriptor: it only needs features ``X`` and :class:`PairGr
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+#: Largest per-atom feature vector a descriptor may be configured for (10^6 floats: 8 MB per
+#: atom, 24 MB per neighbour pair for gradients). Far above useful sizes (SOAP with 4 species,
+#: n_max 12, l_max 12 has 15,288); it turns a typo into a ValueError instead of a MemoryError.
+MAX_FEATURES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -69,29 +75,100 @@ class PairGradients:
 class Descriptor:
     """Base class of descriptors (the protocol the GP relies on).
 
-    Subclasses set ``species`` (symbols), ``species_z`` (atomic numbers, same order),
-    ``n_features`` and ``cutoff`` (Å), and implement :meth:`transform`, :meth:`get_params`
-    and :meth:`to_dict` / :meth:`from_dict` for model files.
+    Subclasses set ``species_z`` (atomic numbers), ``n_features`` and ``cutoff`` (Å) in
+    ``_setup``, and implement :meth:`transform`.
+
+    Parameters follow scikit-learn's conventions: ``__init__`` stores each argument unchanged
+    under its own name and calls ``_setup``, which validates them (``TypeError`` for a wrong
+    type, ``ValueError`` for a bad value, naming the parameter) and derives the private state.
+    :meth:`get_params` returns the stored objects themselves, so ``sklearn.base.clone`` works;
+    :meth:`to_dict` converts them to plain JSON types for model files. Changing a parameter
+    means :meth:`set_params` (which validates); mutating a stored list in place does not
+    rebuild the descriptor.
     """
 
-    species: list[str]
     species_z: tuple[int, ...]
     n_features: int
     cutoff: float
+
+    def _setup(self) -> None:
+        """Validates the stored parameters and derives the private state."""
+        raise NotImplementedError
 
     def transform(self, atoms, gradients: bool = False, n_threads: int | None = None):
         """Features (n_atoms, n_features), or ``(X, PairGradients)`` when ``gradients``."""
         raise NotImplementedError
 
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        raise NotImplementedError
+        """The constructor arguments, exactly the objects passed (``deep`` has no effect)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params) -> Descriptor:
+        """Changes parameters and rebuilds the descriptor; returns ``self``.
+
+        Raises
+        ------
+        ValueError
+            Unknown parameter name, or a bad value; TypeError for a wrong type. On any error
+            the descriptor is left exactly as it was.
+        """
+        valid = self._get_param_names()
+        for k in params:
+            if k not in valid:
+                raise ValueError(f"invalid parameter {k!r} for {type(self).__name__}; "
+                                 f"valid: {valid}")
+        saved = dict(self.__dict__)
+        try:
+            for k, v in params.items():
+                setattr(self, k, v)
+            self._setup()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable description: ``{"type": ClassName, "params": {...}}``."""
-        return {"type": type(self).__name__, "params": self.get_params()}
+        """JSON-serialisable description: ``{"type": ClassName, "params": {...}}``.
+
+        Parameters in plain Python types (NumPy scalars become int/float/bool, tuples and
+        arrays become lists); :meth:`from_dict` rebuilds an equivalent descriptor.
+        """
+        from kmlip._validate import plain
+
+        params = {k: plain(v) for k, v in self.get_params().items()}
+        species = getattr(self, "species", None)
+        if isinstance(species, (set, frozenset)):
+            # the order check_species gave the set (by atomic number), not repr order
+            params["species"] = [plain(s) for s in
+                                 sorted(species, key=lambda s: self._species_key(s))]
+        return {"type": type(self).__name__, "params": params}
+
+    @staticmethod
+    def _species_key(s) -> int:
+        from ase.data import atomic_numbers
+
+        return atomic_numbers[s] if isinstance(s, str) else int(s)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Descriptor:
+        """Rebuilds a descriptor from :meth:`to_dict` output (e.g. read from a model file).
+
+        Raises
+        ------
+        ValueError
+            For any malformed description or invalid parameter.
+        """
         from kmlip.descriptors import registry
 
         return registry.build(d)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"

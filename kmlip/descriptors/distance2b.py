@@ -16,12 +16,14 @@ neighbour-list pair with ``values = phi'(r) r_hat_ij`` in the block of the neigh
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from ase.data import atomic_numbers, chemical_symbols
+from ase.data import chemical_symbols
 
-from kmlip.descriptors.base import Descriptor, PairGradients
+from kmlip._validate import check_int, check_real, check_species
+from kmlip.descriptors.base import MAX_FEATURES, Descriptor, PairGradients
+
+#: Upper bound of n_max (see :class:`Distance2B`).
+MAX_N_MAX = 1000
 
 
 def _pairs(atoms, cutoff: float):
@@ -51,16 +53,22 @@ class Distance2B(Descriptor):
 
     Parameters
     ----------
-    species : list of str
-        Chemical symbols the descriptor accepts (centres and neighbours).
+    species : list of str or int
+        Chemical symbols (or atomic numbers) the descriptor accepts, centres and neighbours;
+        a list, tuple, set or 1-D array. ASE's dummy atom ``"X"`` (Z = 0) is refused.
     r_cut : float
-        Cutoff radius in Å.
-    n_max : int
-        Number of Gaussians per neighbour species.
-    width : float or None
-        Gaussian width ``w`` in Å; ``None`` uses the spacing of the centres ``mu_n``.
-    cutoff_width : float
-        Width in Å of the cosine transition ending at ``r_cut``.
+        Cutoff radius in Å, > 0.5 (the Gaussians' centres lie on [0.5, r_cut]).
+    n_max : int, default 8
+        Number of Gaussians per neighbour species, 2..1000 (at 1000 their spacing is already
+        below 0.01 Å for r_cut < 10 Å; more only costs memory).
+    width : float or None, default None
+        Gaussian width ``w`` in Å (> 0); ``None`` uses the spacing of the centres ``mu_n``.
+    cutoff_width : float, default 0.5
+        Width in Å of the cosine transition ending at ``r_cut``, in (0, r_cut].
+
+    The arguments are stored unchanged (``get_params`` returns the objects passed) and validated
+    on construction and by ``set_params``: ``TypeError`` for a wrong type (bools are not
+    numbers), ``ValueError`` for a bad value, naming the parameter.
 
     Attributes
     ----------
@@ -72,52 +80,34 @@ class Distance2B(Descriptor):
 
     def __init__(self, species, r_cut: float, n_max: int = 8, width: float | None = None,
                  cutoff_width: float = 0.5):
-        if isinstance(species, str):
-            species = [species]
-        species = list(species)
-        if not species:
-            raise ValueError("species must not be empty")
-        for s in species:
-            if s not in atomic_numbers:
-                raise ValueError(f"unknown chemical symbol {s!r}")
-        if len(set(species)) != len(species):
-            raise ValueError(f"duplicate species in {species}")
-        if not r_cut > 0.5:
-            raise ValueError(f"r_cut must exceed 0.5 Å, got {r_cut}")
-        if int(n_max) < 2:
-            raise ValueError(f"n_max must be >= 2, got {n_max}")
-        if not 0 < cutoff_width <= r_cut:
-            raise ValueError(f"cutoff_width must be in (0, r_cut], got {cutoff_width}")
         self.species = species
-        self.species_z = tuple(atomic_numbers[s] for s in species)
-        self.r_cut = float(r_cut)
-        self.n_max = int(n_max)
-        self.width = None if width is None else float(width)
-        self.cutoff_width = float(cutoff_width)
-        self.n_features = len(species) * self.n_max
-        self.cutoff = self.r_cut
-        self._mu = np.linspace(0.5, self.r_cut, self.n_max)
-        self._w = self.width if self.width is not None else float(self._mu[1] - self._mu[0])
-        if not self._w > 0:
-            raise ValueError(f"width must be > 0, got {self._w}")
+        self.r_cut = r_cut
+        self.n_max = n_max
+        self.width = width
+        self.cutoff_width = cutoff_width
+        self._setup()
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"species": list(self.species), "r_cut": self.r_cut, "n_max": self.n_max,
-                "width": self.width, "cutoff_width": self.cutoff_width}
-
-    def set_params(self, **params) -> Distance2B:
-        """Changes parameters (scikit-learn style) and rebuilds the descriptor; returns self."""
-        merged = self.get_params()
-        for k in params:
-            if k not in merged:
-                raise ValueError(f"invalid parameter {k!r} for Distance2B")
-        merged.update(params)
-        self.__init__(**merged)
-        return self
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"Distance2B({args})"
+    def _setup(self) -> None:
+        zs = check_species(self.species)
+        r_cut = check_real("r_cut", self.r_cut, low=0.5, low_open=True, unit="Å")
+        n_max = check_int("n_max", self.n_max, low=2, high=MAX_N_MAX)
+        width = None if self.width is None else check_real(
+            "width", self.width, low=0.0, low_open=True, unit="Å")
+        cw = check_real("cutoff_width", self.cutoff_width, low=0.0, low_open=True, unit="Å")
+        if cw > r_cut:
+            raise ValueError(f"cutoff_width must be in (0, r_cut={r_cut:g}] Å, got "
+                             f"{self.cutoff_width!r}")
+        n_features = len(zs) * n_max
+        if n_features > MAX_FEATURES:
+            raise ValueError(f"Distance2B with {len(zs)} species and n_max={n_max} has "
+                             f"{n_features:,} features per atom, more than the limit of "
+                             f"{MAX_FEATURES:,}; lower n_max or use fewer species")
+        self.species_z = zs
+        self._r_cut, self._n_max, self._cw = r_cut, n_max, cw
+        self.n_features = n_features
+        self.cutoff = r_cut
+        self._mu = np.linspace(0.5, r_cut, n_max)
+        self._w = width if width is not None else float(self._mu[1] - self._mu[0])
 
     def _species_index(self, atoms) -> np.ndarray:
         lookup = {z: k for k, z in enumerate(self.species_z)}
@@ -126,16 +116,16 @@ class Distance2B(Descriptor):
         if bad:
             names = [chemical_symbols[z] for z in bad]
             raise ValueError(f"species {names} not declared in the descriptor's species "
-                             f"{self.species}")
+                             f"{list(self.species)}")
         return np.array([lookup[int(z)] for z in Z], dtype=np.int64)
 
     def _radial(self, d: np.ndarray):
         """phi_n(d) and d phi_n / d r for each distance, shapes (n_pairs, n_max)."""
-        r0 = self.r_cut - self.cutoff_width
-        x = np.clip((d - r0) / self.cutoff_width, 0.0, 1.0)
+        r0 = self._r_cut - self._cw
+        x = np.clip((d - r0) / self._cw, 0.0, 1.0)
         fc = 0.5 * (1.0 + np.cos(np.pi * x))
-        dfc = np.where((d > r0) & (d < self.r_cut),
-                       -0.5 * np.pi / self.cutoff_width * np.sin(np.pi * x), 0.0)
+        dfc = np.where((d > r0) & (d < self._r_cut),
+                       -0.5 * np.pi / self._cw * np.sin(np.pi * x), 0.0)
         u = d[:, None] - self._mu[None, :]
         g = np.exp(-0.5 * u * u / self._w**2)
         phi = fc[:, None] * g
@@ -160,11 +150,11 @@ class Distance2B(Descriptor):
         """
         spec = self._species_index(atoms)
         n = len(atoms)
-        i, j, D, d = _pairs(atoms, self.r_cut)
-        keep = d < self.r_cut
+        i, j, D, d = _pairs(atoms, self._r_cut)
+        keep = d < self._r_cut
         i, j, D, d = i[keep], j[keep], D[keep], d[keep]
         phi, dphi = self._radial(d)
-        nm = self.n_max
+        nm = self._n_max
         X = np.zeros((n, self.n_features))
         cols = spec[j][:, None] * nm + np.arange(nm)[None, :]
         np.add.at(X, (np.repeat(i, nm).reshape(-1, nm), cols), phi)

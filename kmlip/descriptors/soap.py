@@ -33,17 +33,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
 from kmlip._threads import resolve_threads
-from kmlip._validate import checked_system
-from kmlip.descriptors.base import Descriptor, PairGradients
+from kmlip._validate import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_n_threads,
+    check_real,
+    check_species,
+    checked_system,
+)
+from kmlip.descriptors.base import MAX_FEATURES, Descriptor, PairGradients
 from kmlip.neighbors import neighbor_list_arrays
 
 DSCRIBE_DECAY = 1e-3
+#: Upper bounds of n_max and l_max (see SOAP's docstring for why).
+MAX_N_MAX = 20
+MAX_L_MAX = 20
 
 
 def gto_basis(r_cut: float, n_max: int, l_max: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,25 +95,38 @@ class SOAP(Descriptor):
     Parameters
     ----------
     species : list of str or int
-        Every species that may appear (symbols or atomic numbers).
-    r_cut : float
-        Cutoff radius in Å (> 0).
-    n_max : int
-        Number of radial basis functions (>= 1).
-    l_max : int
-        Maximum angular momentum (>= 0).
-    sigma : float
+        Every species that may appear (symbols or atomic numbers; a list, tuple, set or 1-D
+        array). ASE's dummy atom ``"X"`` (Z = 0) is refused.
+    r_cut : float, default 5.0
+        Cutoff radius in Å, >= 1 (the GTOs decay at points spread over [1 Å, r_cut]).
+    n_max : int, default 8
+        Number of radial basis functions, 1..20: DScribe's GTO basis is numerically linearly
+        dependent beyond about 16 functions at any r_cut, so larger values cannot help.
+    l_max : int, default 6
+        Maximum angular momentum, 0..20.
+    sigma : float, default 0.5
         Gaussian atom width in Å (> 0).
-    convention : {"smooth", "dscribe"}
+    convention : {"smooth", "dscribe"}, default "smooth"
         See the module docstring.
-    cutoff_width : float
-        Width of the cosine cutoff in Å ("smooth" only); 0 gives a hard cutoff at r_cut.
-    normalize : bool
-        Return ``p / |p|`` (gradients transformed accordingly).
-    center_weight : float
-        Weight of the centre atom's own Gaussian.
-    n_threads : int or None
-        OpenMP threads; None follows OMP_NUM_THREADS.
+    cutoff_width : float, default 0.5
+        Width of the cosine cutoff in Å, in [0, r_cut] ("smooth" only); 0 gives a hard cutoff
+        at r_cut.
+    normalize : bool, default False
+        Return ``p / |p|`` (gradients transformed accordingly). Must be a bool (NumPy bool
+        accepted); strings such as ``"no"`` raise TypeError.
+    center_weight : float, default 1.0
+        Weight of the centre atom's own Gaussian (any finite number).
+    n_threads : int or None, default None
+        OpenMP threads, 1..4096; None follows OMP_NUM_THREADS.
+
+    Notes
+    -----
+    The arguments are stored unchanged (``get_params`` returns the very objects passed, as
+    scikit-learn expects) and validated on construction and by ``set_params``: ``TypeError``
+    for a wrong type (bools are not numbers here), ``ValueError`` for a bad value, each naming
+    the parameter. The feature count ``(S n_max)(S n_max + 1)/2 (l_max + 1)`` may not exceed
+    :data:`kmlip.descriptors.base.MAX_FEATURES` (10^6: 8 MB of features per atom, 24 MB of
+    gradients per neighbour pair).
     """
 
     def __init__(self, species, r_cut: float = 5.0, n_max: int = 8, l_max: int = 6,
@@ -124,57 +147,39 @@ class SOAP(Descriptor):
 
     # -- construction -------------------------------------------------------------------------
     def _setup(self) -> None:
-        if isinstance(self.species, (str, int)) or not hasattr(self.species, "__iter__"):
-            raise TypeError("species must be a list of chemical symbols or atomic numbers")
-        zs = []
-        for s in self.species:
-            if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
-                z = int(s)
-                if not 0 < z < len(chemical_symbols):
-                    raise ValueError(f"invalid atomic number {z} in species")
-            elif isinstance(s, str) and s in atomic_numbers:
-                z = atomic_numbers[s]
-            else:
-                raise ValueError(f"unknown species {s!r}")
-            zs.append(z)
-        if not zs:
-            raise ValueError("species must not be empty")
-        if len(set(zs)) != len(zs):
-            raise ValueError(f"species contains duplicates: {list(self.species)}")
-        for name in ("r_cut", "sigma", "cutoff_width", "center_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-                raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-            if not math.isfinite(v):
-                raise ValueError(f"{name} must be finite, got {v}")
-        for name in ("n_max", "l_max"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if self.r_cut <= 0:
-            raise ValueError(f"r_cut must be > 0, got {self.r_cut}")
-        if self.n_max < 1:
-            raise ValueError(f"n_max must be >= 1, got {self.n_max}")
-        if self.l_max < 0:
-            raise ValueError(f"l_max must be >= 0, got {self.l_max}")
-        if self.l_max > 20:
-            raise ValueError(f"l_max must be <= 20, got {self.l_max}")
-        if self.sigma <= 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
-        if self.convention not in ("smooth", "dscribe"):
-            raise ValueError(f"convention must be 'smooth' or 'dscribe', got {self.convention!r}")
-        if self.cutoff_width < 0 or self.cutoff_width > self.r_cut:
-            raise ValueError(f"cutoff_width must be in [0, r_cut], got {self.cutoff_width}")
-        resolve_threads(self.n_threads)
+        # Validate everything, in plain Python types, before allocating anything: the sizes
+        # below are bounded so that no parameter set can exhaust memory in the basis or tables.
+        zs = check_species(self.species)
+        r_cut = check_real("r_cut", self.r_cut, low=1.0, unit="Å")
+        N = check_int("n_max", self.n_max, low=1, high=MAX_N_MAX, why_high=(
+            "DScribe's GTO radial basis is numerically linearly dependent beyond ~16 functions "
+            "for any r_cut (overlap condition number > 1e15), so more cannot add information"))
+        l_max = check_int("l_max", self.l_max, low=0, high=MAX_L_MAX)
+        sigma = check_real("sigma", self.sigma, low=0.0, low_open=True, unit="Å")
+        check_choice("convention", self.convention, ("smooth", "dscribe"))
+        width = check_real("cutoff_width", self.cutoff_width, low=0.0, unit="Å")
+        if width > r_cut:
+            raise ValueError(f"cutoff_width must be in [0, r_cut={r_cut:g}] Å, got "
+                             f"{self.cutoff_width!r}")
+        check_real("center_weight", self.center_weight)
+        check_bool("normalize", self.normalize)
+        check_n_threads(self.n_threads)
+        S, L1 = len(zs), l_max + 1
+        R = S * N
+        n_features = R * (R + 1) // 2 * L1
+        if n_features > MAX_FEATURES:
+            raise ValueError(
+                f"SOAP with {S} species, n_max={N}, l_max={l_max} has {n_features:,} features "
+                f"per atom, more than the limit of {MAX_FEATURES:,} ({8 * MAX_FEATURES // 10**6} "
+                "MB per atom, 3x that per neighbour pair for gradients); lower n_max or l_max, "
+                "or use fewer species")
 
         self.species_z = tuple(sorted(zs))
         self._z_index = {z: k for k, z in enumerate(self.species_z)}
-        S, N, L1 = len(self.species_z), self.n_max, self.l_max + 1
-        R = S * N
-        self.n_features = R * (R + 1) // 2 * L1
+        self.n_features = n_features
 
-        alphas, betas = gto_basis(float(self.r_cut), N, self.l_max)
-        eta = 1.0 / (2.0 * self.sigma**2)
+        alphas, betas = gto_basis(r_cut, N, l_max)
+        eta = 1.0 / (2.0 * sigma**2)
         ls = np.arange(L1)[:, None]
         # exp(-alpha eta r^2 / (alpha + eta)) and the closed-form prefactor of the radial
         # integral, pi^1.5 eta^-1.5 (1 + alpha/eta)^-(l + 3/2), folded into the orthonormaliser.
@@ -184,11 +189,11 @@ class SOAP(Descriptor):
         self._B = np.ascontiguousarray((betas * pref[:, None, :]).transpose(0, 2, 1))
 
         if self.convention == "dscribe":
-            self.cutoff = float(self.r_cut + self.sigma * math.sqrt(-2.0 * math.log(DSCRIBE_DECAY)))
+            self.cutoff = r_cut + sigma * math.sqrt(-2.0 * math.log(DSCRIBE_DECAY))
             self._width = 0.0
         else:
-            self.cutoff = float(self.r_cut)
-            self._width = float(self.cutoff_width)
+            self.cutoff = r_cut
+            self._width = width
 
         index = np.full((L1, R, R), -1, dtype=np.int64)
         scale = np.zeros((L1, R, R))
@@ -221,28 +226,9 @@ class SOAP(Descriptor):
         """``(Z_a, Z_b, l, n, n')`` of every feature, in output order."""
         return list(self._labels)
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"species": [s if isinstance(s, str) else int(s) for s in self.species],
-                "r_cut": float(self.r_cut), "n_max": int(self.n_max), "l_max": int(self.l_max),
-                "sigma": float(self.sigma), "convention": self.convention,
-                "cutoff_width": float(self.cutoff_width), "normalize": bool(self.normalize),
-                "center_weight": float(self.center_weight), "n_threads": self.n_threads}
-
-    def set_params(self, **params) -> SOAP:
-        for k, v in params.items():
-            if k not in self.get_params():
-                raise ValueError(f"invalid parameter {k!r} for SOAP")
-            setattr(self, k, v)
-        self._setup()
-        return self
-
     @staticmethod
     def _zof(s) -> int:
         return atomic_numbers[s] if isinstance(s, str) else int(s)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"SOAP({args})"
 
     # -- evaluation ---------------------------------------------------------------------------
     def _prepare(self, atoms, n_threads):
