@@ -13,7 +13,7 @@ _LAZY = {
     "SOAP": "kmlip.descriptors.soap",
     "neighbor_list": "kmlip.neighbors",
     "KernelPotential": "kmlip.model",
-    "load": "kmlip.io",
+    "load": "kmlip.model",
     "KMLIPCalculator": "kmlip.calculator",
     "Ewald": "kmlip.ewald",
 }

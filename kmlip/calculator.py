@@ -1,6 +1,7 @@
 """ASE calculator around a fitted :class:`~kmlip.model.KernelPotential`.
 
-Results (eV, Å):
+It computes what ASE asks for, through the model's one prediction path
+(:meth:`KernelPotential.compute`). Results (eV, Å):
 
 ``energy``, ``free_energy``
     Total energy (local GP energies + e0 + baseline).
@@ -8,13 +9,11 @@ Results (eV, Å):
     Per-atom energies: local GP energy + e0 of the atom (a baseline's energy is not split per
     atom, so with a baseline ``sum(energies) = energy - baseline_energy``).
 ``forces`` (n_atoms, 3), ``stress`` (6,) Voigt, eV/Å³, ASE sign (periodic systems only).
-``energy_var``
-    Epistemic variance of the total energy (eV²), posterior of the sparse GP.
-``energies_var`` (n_atoms,)
-    Epistemic variance of every local energy (eV²), always computed.
-``forces_var`` (n_atoms, 3)
-    Epistemic variance of every force component (eV²/Å²), only with ``forces_var=True``
-    (it needs the exact prior variance of each force component, O(sum_j n_j² F)).
+``energy_var``, ``energies_var`` (n_atoms,), ``forces_var`` (n_atoms, 3)
+    Epistemic variances (eV², eV²/Å²) from the sparse-GP posterior. Computed when requested
+    (``calc.get_property("energies_var", atoms)``), or on every call for those named in
+    ``variances``. A variance requested after the forces at the same positions reuses that
+    call's features and kernel rows (no new descriptor pass).
 ``energy_noise_var``, ``forces_noise_var``, ``stress_noise_var``
     The aleatoric noise variances the model was trained with (sigma_energy² n_atoms,
     sigma_force², sigma_stress² n_atoms / V²), reported apart from the epistemic part; None
@@ -22,8 +21,12 @@ Results (eV, Å):
 """
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterable
+
 from ase.calculators.calculator import Calculator, all_changes
+
+#: names accepted in ``variances`` and the result each one adds
+VARIANCES = {"energy": "energy_var", "energies": "energies_var", "forces": "forces_var"}
 
 
 class KMLIPCalculator(Calculator):
@@ -33,8 +36,12 @@ class KMLIPCalculator(Calculator):
     ----------
     model : KernelPotential
         A fitted model.
+    variances : iterable of str
+        Variances computed on every call: any of ``"energy"`` (``energy_var``),
+        ``"energies"`` (``energies_var``), ``"forces"`` (``forces_var``; costs an exact
+        per-component prior variance, O(sum_j n_j² F)). Others are computed on request only.
     forces_var : bool
-        Also compute ``forces_var`` (epistemic variance of each force component).
+        Shorthand for adding ``"forces"`` to ``variances`` (earlier versions' name).
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator`.
     """
@@ -42,31 +49,51 @@ class KMLIPCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
                               "energy_var", "energies_var", "forces_var"]
 
-    def __init__(self, model, forces_var: bool = False, **kwargs):
+    def __init__(self, model, variances: Iterable[str] = (), forces_var: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
-        if not hasattr(model, "alpha_"):
+        if not hasattr(model, "compute") or not hasattr(model, "alpha_"):
             raise ValueError("KMLIPCalculator needs a fitted KernelPotential")
+        if isinstance(variances, str):
+            variances = (variances,)
+        variances = tuple(variances)
+        bad = [v for v in variances if v not in VARIANCES]
+        if bad:
+            raise ValueError(f"unknown variances {bad}; choose from {sorted(VARIANCES)}")
         self.model = model
-        self.forces_var = bool(forces_var)
+        self.variances = variances + (("forces",) if forces_var and "forces" not in variances
+                                      else ())
+        self._last = None
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         if properties is None:
             properties = ["energy"]
         super().calculate(atoms, properties, system_changes)
         a = self.atoms
-        periodic = bool(np.all(a.pbc))
-        r = self.model._evaluate(a, forces=True, stress=periodic, local_var=True,
-                                 energy_var=True,
-                                 forces_var=self.forces_var or "forces_var" in properties)
-        res = {"energy": r["energy"], "free_energy": r["energy"],
-               "energies": r["local_energies"], "forces": r["forces"],
-               "energy_var": r["energy_var"], "energies_var": r["local_energies_var"]}
-        if periodic:
-            res["stress"] = r["stress"]
-        if "forces_var" in r:
-            res["forces_var"] = r["forces_var"]
+        want = {p for p in properties if p in self.implemented_properties}
+        want |= {VARIANCES[v] for v in self.variances}
+        if system_changes or self._last is None:
+            # Energies cost one descriptor pass; forces (and then the stress, from the same
+            # pair terms) a backward pass on top: an energy-only call stays energy-only, and
+            # what comes free with the requested pass is kept.
+            want |= {"energy", "energies"}
+            if want & {"forces", "stress", "forces_var"}:
+                want.add("forces")
+                if bool(a.pbc.all()):
+                    want.add("stress")
+            r = self.model.compute(a, want)
+            self.results = {}
+        else:
+            # same positions: only what is missing, reusing the last features and rows
+            want -= set(self.results)
+            r = self.model.compute(a, want, reuse=self._last)
+        self._last = r
+        self.results.update(r.as_results())
         noise = self.model.noise_levels(a)
-        res["energy_noise_var"] = noise["energy"]
-        res["forces_noise_var"] = noise["forces"]
-        res["stress_noise_var"] = noise["stress"]
-        self.results = res
+        self.results["energy_noise_var"] = noise["energy"]
+        self.results["forces_noise_var"] = noise["forces"]
+        self.results["stress_noise_var"] = noise["stress"]
+
+    def reset(self):
+        super().reset()
+        self._last = None

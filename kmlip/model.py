@@ -8,139 +8,100 @@ kernel ``k = delta^2 (p_hat . s_hat)^zeta`` (:mod:`kmlip.kernels`). Trained on t
 force components and virials (force matching) by the projected-process / DTC solve of
 :mod:`kmlip.gp.sparse`.
 
-Labels
-------
-Read from each ``ase.Atoms`` (``info``/``arrays`` first, then the cached results of
-``atoms.calc``, e.g. a ``SinglePointCalculator`` or what ``ase.io.read`` of an extxyz attaches;
-no calculation is ever triggered):
+The estimator is a table of contents over small modules: labels (:mod:`kmlip.labels`), e0
+(:mod:`kmlip.gp.e0`), sparse points (:mod:`kmlip.gp.sparse_points`), training rows into the
+streaming QR (:mod:`kmlip.gp.training`), hyperparameters (:mod:`kmlip.gp.hyperparameters`), the
+fitted state (:mod:`kmlip.gp.state`), prediction (:mod:`kmlip.prediction`), error metrics
+(:mod:`kmlip.metrics`) and the file format (:mod:`kmlip.io`).
 
-* energy: ``atoms.info[energy_key]`` or ``atoms.calc.results[energy_key]`` (eV); required when
-  ``sigma_energy`` is not None.
-* forces: ``atoms.arrays[forces_key]`` or ``calc.results[forces_key]``, shape (n_atoms, 3)
-  (eV/Å); required when ``sigma_force`` is not None.
-* stress: ``atoms.info[stress_key]`` (3x3, 9 or Voigt 6) or ``calc.results[stress_key]``
-  (eV/Å³, ASE sign); used when ``sigma_stress`` is not None, required then for frames periodic in
-  all three directions (others contribute no virial). The virial label is ``V * stress``
-  (= dE/d strain), 6 Voigt components.
+Every parameter is checked before any work; a fit builds one immutable
+:class:`~kmlip.gp.state.FittedState` and assigns it in one statement at the end, so a fit (or
+``partial_fit``, or a hyperparameter update) that raises leaves the previous model exactly as it
+was. Fitted attributes (``alpha_``, ``e0_``, ``delta_``, ...) read from that state.
 
-Noise (GAP's convention, sigma per atom for extensive labels): a total energy has
-``sigma_energy * sqrt(n_atoms)``, a force component ``sigma_force``, a virial component
-``sigma_stress * sqrt(n_atoms)``. Per-structure overrides, as GAP, are *absolute*:
-``atoms.info['energy_sigma']`` (eV, total energy), ``atoms.info['force_sigma']`` (eV/Å),
-``atoms.arrays['force_atom_sigma']`` (eV/Å per atom), ``atoms.info['virial_sigma']`` (eV per
-virial component). Overridden labels are kept in separate classes whose noise is not rescaled by
-hyperparameter optimisation.
+Labels and noise
+----------------
+See :mod:`kmlip.labels` for where labels are read. Noise (GAP's convention, sigma per atom for
+extensive labels): a total energy has ``sigma_energy * sqrt(n_atoms)``, a force component
+``sigma_force``, a virial component ``sigma_stress * sqrt(n_atoms)``; per-structure overrides
+``atoms.info['energy_sigma']``, ``['force_sigma']``, ``['virial_sigma']``,
+``atoms.arrays['force_atom_sigma']`` are absolute and not rescaled by hyperparameter
+optimisation.
 
 Memory
 ------
-Training streams structures one at a time through the descriptor (features and pair gradients of
-one structure live at once), the kernel-row contraction and a per-class streaming QR of
-``block_size`` rows; peak memory is about
+Training streams structures one at a time through the descriptor, the kernel-row contraction
+and a per-class streaming QR of ``block_size`` rows; peak memory is about
 ``8 * [(n_classes + 2) (M+1)^2 + (block_size + M) (M+1) + n_env F]`` bytes plus one structure's
 pair gradients (n_entries × 3 × F doubles). ``n_env F`` (all environments' features, for the
-choice of sparse points) is the only part that grows with the data set. Measured: 250 cells of
-64 fcc Cu atoms with forces and virials, SOAP (n_max 8, l_max 6, F = 252), M = 2,000: peak RSS
-1.06 GB (0.9 GB above the process's baseline); 1,000 such cells add only their features
-(~100 MB).
+choice of sparse points) is the only part that grows with the data set.
 
 Online updates
 --------------
 :meth:`KernelPotential.partial_fit` adds labelled frames as new rows of the stored per-class QR
-factors (``factors_``) and re-solves, with sparse points, e0 and hyperparameters unchanged —
-identical to a fit on all frames with the same sparse points. Adding sparse points (columns)
-needs the kernel rows of the old labels against the new points, i.e. another pass over the
-training descriptors; it is not implemented yet (refit with ``sparse_method={symbol: points}``).
+factors and re-solves, with sparse points, e0 and hyperparameters unchanged — identical to a fit
+on all frames with the same sparse points.
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.data import atomic_numbers, chemical_symbols
+from ase.data import chemical_symbols
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
-from kmlip import kernels
-from kmlip.gp import selection
-from kmlip.gp.sparse import (
-    FREE_CLASSES,
-    StreamingQR,
-    cholesky_jitter,
-    optimize_hyperparameters,
-    predictive_variance,
-    solve_stack,
+from kmlip import io as model_io
+from kmlip import kernels, metrics, prediction
+from kmlip import labels as lab
+from kmlip._threads import resolve_threads
+from kmlip.gp import e0 as e0_mod
+from kmlip.gp import hyperparameters as hp
+from kmlip.gp import sparse_points, training
+from kmlip.gp.sparse import cholesky_jitter
+from kmlip.gp.state import (
+    FittedState,
+    baseline_from_dict,
+    baseline_to_dict,
+    copy_component,
+    descriptor_from_dict,
+    descriptor_to_dict,
+    jsonable,
+    unjson,
 )
 
-_SIGMA_OF_CLASS = {"energy": "sigma_energy", "forces": "sigma_force", "virial": "sigma_stress"}
+PRECISIONS = ("auto", "double", "mixed")
 
 
-def _copy_component(obj):
-    """Independent copy of a descriptor or baseline: via its dict form when it has one."""
-    if obj is None:
-        return None
-    if hasattr(obj, "to_dict") and hasattr(type(obj), "from_dict"):
-        try:
-            return type(obj).from_dict(obj.to_dict())
-        except Exception:  # noqa: BLE001 - fall back to a plain deep copy
-            pass
-    return copy.deepcopy(obj)
+@dataclass(frozen=True)
+class _Config:
+    """The estimator's parameters, validated (built before any work)."""
 
-
-def _as_frames(X, what: str = "frames") -> list[Atoms]:
-    if isinstance(X, Atoms):
-        return [X]
-    if isinstance(X, (str, bytes)) or not isinstance(X, (Sequence, np.ndarray)) \
-            and not hasattr(X, "__iter__"):
-        raise TypeError(f"{what} must be an ase.Atoms or a list of ase.Atoms, "
-                        f"got {type(X).__name__}")
-    frames = list(X)
-    if not frames:
-        raise ValueError(f"{what} is empty")
-    for k, a in enumerate(frames):
-        if not isinstance(a, Atoms):
-            raise TypeError(f"{what}[{k}] is a {type(a).__name__}, not an ase.Atoms")
-    return frames
-
-
-def _is_periodic(atoms: Atoms) -> bool:
-    return bool(np.all(atoms.pbc))
-
-
-def _voigt(stress, where: str) -> np.ndarray:
-    s = np.asarray(stress, dtype=np.float64)
-    if s.shape == (6,):
-        return s.copy()
-    if s.shape in ((3, 3), (9,)):
-        s = s.reshape(3, 3)
-        return np.array([s[0, 0], s[1, 1], s[2, 2], 0.5 * (s[1, 2] + s[2, 1]),
-                         0.5 * (s[0, 2] + s[2, 0]), 0.5 * (s[0, 1] + s[1, 0])])
-    raise ValueError(f"{where}: stress must have shape (6,), (3, 3) or (9,), got {s.shape}")
-
-
-def _positive(value, where: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where} must be a positive number, got {value!r}") from exc
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{where} must be a positive finite number, got {value!r}")
-    return v
+    hyper: hp.Hyperparameters
+    keys: lab.LabelKeys
+    zeta: int
+    e0: dict | None
+    jitter: float
+    block_size: int | None
+    n_threads: int
+    precision: str
 
 
 class KernelPotential(BaseEstimator):
-    """Sparse GP potential: SOAP-like descriptor + normalised dot-product kernel, as GAP.
+    """Sparse GP potential: a descriptor + normalised dot-product kernel, as GAP.
 
     Parameters
     ----------
     descriptor : Descriptor
         Anything following :class:`kmlip.descriptors.base.Descriptor` (e.g. ``SOAP(...)``).
     zeta : int
-        Kernel exponent ζ (>= 1).
+        Kernel exponent ζ (>= 1). All parameters after ``descriptor`` are keyword-only.
     delta : float
         Kernel scale δ in eV (prior std of a local energy).
     n_sparse : int or dict
@@ -159,11 +120,12 @@ class KernelPotential(BaseEstimator):
         Virial noise in eV per atom (per Voigt component ``sigma_stress * sqrt(n_atoms)``);
         None: stresses are not used.
     energy_key, forces_key, stress_key : str
-        Where labels are read (see the module docstring).
+        Where labels are read (see :mod:`kmlip.labels`).
     e0 : dict or None
         Isolated-atom energies ``{symbol: eV}``; None fits them by least squares on the training
         energies (minus baseline) against species counts, weighted by the energy noise of each
-        structure (0 when energies are not used).
+        structure (0 when energies are not used). A warning says when the compositions cannot
+        determine them (e.g. only stoichiometric NaCl).
     baseline : object or None
         ``compute(atoms) -> (E, F (n, 3), stress (6,) or None)`` with ``to_dict`` / ``from_dict``
         (e.g. :class:`kmlip.ewald.Ewald`); the GP learns the difference and predictions add it.
@@ -181,23 +143,19 @@ class KernelPotential(BaseEstimator):
         tqdm progress bar over the training structures; None shows it when stderr is a terminal
         and there are at least 50 structures.
     precision : {"auto", "double", "mixed"}
-        Arithmetic of the training GEMM (pair gradients × sparse points, the dominant cost).
-        "mixed" runs it in float32 on sparse points centred on their mean direction, with all
-        accumulations, the QR and the solve in double (about 1.3-1.6× faster fits; on 200 fcc
-        Cu cells test errors agreed with "double" to 3 digits). "auto" takes "mixed" for a
-        species whose sparse points are tightly clustered (within
-        :data:`kmlip.kernels.MIXED_MAX_SPREAD` of their mean direction, e.g. a crystal and
-        its MD) and "double" otherwise (e.g. random alloys, molecules). Predictions are always
-        double.
+        Arithmetic of the training GEMM (pair gradients × sparse points, the dominant cost);
+        see :meth:`kmlip.kernels.SparseBasis.derivative_rows`. Predictions are always double.
 
     Attributes
     ----------
+    fitted_state_ : FittedState
+        Everything learned (the attributes below read from it).
     species_ : list of str
         Species the model can predict (with sparse points or an e0).
     e0_ : dict
         ``{symbol: eV}`` used.
     alpha_ : ndarray, shape (M,)
-        Weights (eV per unit kernel, i.e. ``eps_i = sum_m alpha_m delta^2 k_hat(p_i, s_m)``).
+        Weights (``eps_i = sum_m alpha_m delta^2 k_hat(p_i, s_m)``).
     sparse_points_ : dict
         ``{symbol: (M_z, F) raw descriptor vectors}``.
     sparse_indices_ : dict or None
@@ -212,7 +170,7 @@ class KernelPotential(BaseEstimator):
         Wall seconds per fit phase.
     """
 
-    def __init__(self, descriptor=None, zeta: int = 4, delta: float = 0.2,
+    def __init__(self, descriptor=None, *, zeta: int = 4, delta: float = 0.2,
                  n_sparse: int | Mapping[str, int] = 1000, sparse_method="cur",
                  sigma_energy: float | None = 0.002, sigma_force: float | None = 0.02,
                  sigma_stress: float | None = None, energy_key: str = "energy",
@@ -242,128 +200,95 @@ class KernelPotential(BaseEstimator):
         self.progress = progress
         self.precision = precision
 
-    # -- scikit-learn plumbing -------------------------------------------------------------------
-    def __sklearn_clone__(self):
-        # Descriptors normalise their arguments (lists, floats), which breaks sklearn's identity
-        # check of cloned parameters; copy them through their dict form instead.
-        params = {}
-        for k, v in self.get_params(deep=False).items():
-            params[k] = _copy_component(v) if k in ("descriptor", "baseline") \
-                else copy.deepcopy(v)
-        return type(self)(**params)
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return hasattr(self, "alpha_")
-
-    def _check_fitted(self):
-        if not hasattr(self, "alpha_"):
-            raise RuntimeError("this KernelPotential is not fitted yet; call fit(frames) first")
-
-    # -- validation ------------------------------------------------------------------------------
-    def _validated_params(self) -> dict[str, Any]:
+    # -- parameters ------------------------------------------------------------------------------
+    def _config(self) -> _Config:
+        """All parameters checked (TypeError/ValueError naming the parameter), before any work."""
         d = self.descriptor
-        if d is None or not hasattr(d, "transform") or not hasattr(d, "species_z"):
+        if d is None or not all(hasattr(d, a) for a in ("transform", "species_z", "n_features")):
             raise TypeError("descriptor must be a kmlip descriptor (e.g. SOAP(...)), got "
                             f"{type(d).__name__}")
         if isinstance(self.zeta, bool) or not isinstance(self.zeta, (int, np.integer)) \
-                or self.zeta < 1:
-            raise ValueError(f"zeta must be an integer >= 1, got {self.zeta!r}")
-        p = {"delta": _positive(self.delta, "delta"),
-             "jitter": float(self.jitter)}
-        if not (math.isfinite(p["jitter"]) and p["jitter"] >= 0):
-            raise ValueError(f"jitter must be >= 0, got {self.jitter!r}")
+                or not 1 <= self.zeta <= 64:
+            raise ValueError(f"zeta must be an integer in [1, 64], got {self.zeta!r}")
+        sig = {}
         for name in ("sigma_energy", "sigma_force", "sigma_stress"):
             v = getattr(self, name)
-            p[name] = None if v is None else _positive(v, name)
-        if p["sigma_energy"] is None and p["sigma_force"] is None:
+            sig[name] = None if v is None else lab.positive(v, name)
+        if sig["sigma_energy"] is None and sig["sigma_force"] is None:
             raise ValueError("at least one of sigma_energy and sigma_force must be set")
         for name in ("energy_key", "forces_key", "stress_key"):
             if not isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} must be a str")
-        if self.block_size is not None and (isinstance(self.block_size, bool)
-                                            or int(self.block_size) < 1):
-            raise ValueError(f"block_size must be a positive int or None, got {self.block_size}")
-        if self.precision not in ("auto", "double", "mixed"):
-            raise ValueError("precision must be 'auto', 'double' or 'mixed', got "
-                             f"{self.precision!r}")
-        if self.baseline is not None and not hasattr(self.baseline, "compute"):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, (int, float)) \
+                or not (math.isfinite(self.jitter) and self.jitter >= 0):
+            raise ValueError(f"jitter must be a finite number >= 0, got {self.jitter!r}")
+        bs = self.block_size
+        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, (int, np.integer))
+                               or bs < 1):
+            raise ValueError(f"block_size must be a positive int or None, got {bs!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.baseline is not None and not callable(getattr(self.baseline, "compute", None)):
             raise TypeError("baseline must have compute(atoms) -> (energy, forces, stress)")
-        return p
+        if not (self.random_state is None or isinstance(self.random_state, np.random.Generator)
+                or (isinstance(self.random_state, (int, np.integer))
+                    and not isinstance(self.random_state, bool))):
+            raise TypeError("random_state must be an int, a numpy Generator or None, got "
+                            f"{type(self.random_state).__name__}")
+        if self.progress is not None and not isinstance(self.progress, (bool, np.bool_)):
+            raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
+        if isinstance(self.verbose, bool) or not isinstance(self.verbose, (int, np.integer)):
+            raise TypeError(f"verbose must be an int, got {self.verbose!r}")
+        keys = lab.LabelKeys(self.energy_key, self.forces_key, self.stress_key,
+                             sig["sigma_energy"] is not None, sig["sigma_force"] is not None,
+                             sig["sigma_stress"] is not None)
+        return _Config(hyper=hp.Hyperparameters(lab.positive(self.delta, "delta"), **sig),
+                       keys=keys, zeta=int(self.zeta), e0=e0_mod.validate_e0(self.e0),
+                       jitter=float(self.jitter), block_size=None if bs is None else int(bs),
+                       n_threads=resolve_threads(self.n_threads), precision=self.precision)
 
-    def _species_symbols(self) -> list[str]:
-        return [chemical_symbols[z] for z in self.descriptor.species_z]
+    # -- fitted state ----------------------------------------------------------------------------
+    def __sklearn_is_fitted__(self) -> bool:
+        return "fitted_state_" in self.__dict__
 
-    # -- labels ------------------------------------------------------------------------------------
-    def _labels(self, atoms: Atoms, k: int, p: dict) -> dict[str, Any]:
-        """Labels and noise overrides of frame k; raises ValueError naming frame and key."""
-        # Cached calculator results only: reading labels must never trigger a calculation.
-        results = (getattr(atoms.calc, "results", None) or {}) if atoms.calc is not None else {}
-        n = len(atoms)
-        out: dict[str, Any] = {"energy": None, "forces": None, "stress": None}
+    def _fitted(self) -> FittedState:
+        check_is_fitted(self)
+        return self.fitted_state_
 
-        def fetch(container, key):
-            return container[key] if key in container else results.get(key)
+    alpha_ = property(lambda self: self._fitted().alpha, doc="Weights, shape (M,).")
+    R_ = property(lambda self: self._fitted().R, doc="Posterior factor, (M, M) upper.")
+    L_hat_ = property(lambda self: self._fitted().L_hat, doc="Cholesky factor of unit K_MM.")
+    jitter_ = property(lambda self: self._fitted().jitter, doc="Jitter used.")
+    basis_ = property(lambda self: self._fitted().basis, doc="SparseBasis.")
+    descriptor_ = property(lambda self: self._fitted().descriptor, doc="Fitted descriptor copy.")
+    baseline_ = property(lambda self: self._fitted().baseline, doc="Fitted baseline copy.")
+    factors_ = property(lambda self: dict(self._fitted().factors), doc="Per-class QR factors.")
+    e0_ = property(lambda self: dict(self._fitted().e0), doc="{symbol: eV}.")
+    species_ = property(lambda self: list(self._fitted().species), doc="Predictable species.")
+    delta_ = property(lambda self: self._fitted().hyper.delta, doc="δ (eV).")
+    sigma_energy_ = property(lambda self: self._fitted().hyper.sigma_energy)
+    sigma_force_ = property(lambda self: self._fitted().hyper.sigma_force)
+    sigma_stress_ = property(lambda self: self._fitted().hyper.sigma_stress)
+    n_labels_ = property(lambda self: dict(self._fitted().n_labels), doc="Labels per class.")
+    fit_timings_ = property(lambda self: dict(self._fitted().fit_timings))
+    optimization_ = property(lambda self: self._fitted().optimization)
+    log_marginal_likelihood_ = property(lambda self: self._fitted().log_marginal_likelihood)
 
-        if p["sigma_energy"] is not None:
-            e = fetch(atoms.info, self.energy_key)
-            if e is None:
-                raise ValueError(f"frame {k}: no energy label {self.energy_key!r} "
-                                 "(atoms.info or calculator results)")
-            try:
-                e = float(np.asarray(e).reshape(()))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"frame {k}: energy {self.energy_key!r} is not a number") \
-                    from exc
-            if not math.isfinite(e):
-                raise ValueError(f"frame {k}: energy {self.energy_key!r} is NaN or inf")
-            out["energy"] = e
-        if p["sigma_force"] is not None:
-            f = fetch(atoms.arrays, self.forces_key)
-            if f is None:
-                raise ValueError(f"frame {k}: no forces label {self.forces_key!r} "
-                                 "(atoms.arrays or calculator results)")
-            f = np.asarray(f, dtype=np.float64)
-            if f.shape != (n, 3):
-                raise ValueError(f"frame {k}: forces {self.forces_key!r} have shape {f.shape}, "
-                                 f"expected ({n}, 3)")
-            if not np.all(np.isfinite(f)):
-                raise ValueError(f"frame {k}: forces {self.forces_key!r} contain NaN or inf")
-            out["forces"] = f
-        if p["sigma_stress"] is not None and _is_periodic(atoms):
-            s = fetch(atoms.info, self.stress_key)
-            if s is None:
-                raise ValueError(f"frame {k}: no stress label {self.stress_key!r} for a "
-                                 "periodic structure (sigma_stress is set)")
-            s = _voigt(s, f"frame {k}")
-            if not np.all(np.isfinite(s)):
-                raise ValueError(f"frame {k}: stress {self.stress_key!r} contains NaN or inf")
-            out["stress"] = s
-        for key in ("energy_sigma", "force_sigma", "virial_sigma"):
-            if atoms.info.get(key) is not None:
-                out[key] = _positive(atoms.info[key], f"frame {k}: info[{key!r}]")
-        if "force_atom_sigma" in atoms.arrays:
-            fa = np.asarray(atoms.arrays["force_atom_sigma"], dtype=np.float64).reshape(-1)
-            if fa.shape != (n,) or not np.all(np.isfinite(fa)) or np.any(fa <= 0):
-                raise ValueError(f"frame {k}: arrays['force_atom_sigma'] must be {n} positive "
-                                 "numbers")
-            out["force_atom_sigma"] = fa
-        return out
+    @property
+    def sparse_points_(self) -> dict[str, np.ndarray]:
+        b = self._fitted().basis
+        return {chemical_symbols[z]: b.points[z] for z in b.species_z}
 
-    def _check_species(self, atoms: Atoms, known: set[int], k: int | None, what: str):
-        bad = sorted(set(int(z) for z in atoms.numbers) - known)
-        if bad:
-            where = f"frame {k}: " if k is not None else ""
-            names = [chemical_symbols[z] for z in bad]
-            raise ValueError(f"{where}species {names} unknown to the {what} "
-                             f"(knows {sorted(chemical_symbols[z] for z in known)})")
+    @property
+    def sparse_indices_(self) -> dict[str, np.ndarray] | None:
+        idx = self._fitted().sparse_indices
+        return None if idx is None else dict(idx)
 
-    def _baseline(self, atoms: Atoms):
-        if self.baseline_ is None:
-            return 0.0, np.zeros((len(atoms), 3)), np.zeros(6)
-        E, F, S = self.baseline_.compute(atoms)
-        F = np.zeros((len(atoms), 3)) if F is None else np.asarray(F, dtype=np.float64)
-        S = np.zeros(6) if S is None else _voigt(S, "baseline stress")
-        return float(E), F, S
+    @property
+    def hyperparameters_(self) -> dict[str, Any]:
+        """Fitted hyperparameters and the log marginal likelihood."""
+        st = self._fitted()
+        return {**st.hyper.as_dict(), "log_marginal_likelihood": st.log_marginal_likelihood}
 
     # -- fit ---------------------------------------------------------------------------------------
     def fit(self, frames, y=None, optimize: bool = False, optimize_delta: bool = True):
@@ -372,14 +297,13 @@ class KernelPotential(BaseEstimator):
         Parameters
         ----------
         frames : list of ase.Atoms
-            Training structures with labels (see the module docstring).
+            Training structures with labels (see :mod:`kmlip.labels`).
         y : None
             Ignored (labels live in the frames); present for scikit-learn compatibility.
         optimize : bool
             After the data pass, maximise the log marginal likelihood over δ and the σ's of the
-            label classes in use (L-BFGS-B on their logarithms, analytic gradient, O(M³) per
-            step, no new data pass); the optimised values are ``delta_``, ``sigma_*_`` and the
-            likelihood ``log_marginal_likelihood_`` (constructor arguments stay unchanged).
+            label classes in use (O(M³) per step, no new data pass); the optimised values are
+            ``delta_``, ``sigma_*_`` (constructor arguments stay unchanged).
         optimize_delta : bool
             Include δ in the optimisation.
 
@@ -388,15 +312,124 @@ class KernelPotential(BaseEstimator):
         self
         """
         t_start = time.perf_counter()
-        p = self._validated_params()
-        frames = _as_frames(frames)
-        from kmlip._threads import resolve_threads
-
-        nt = resolve_threads(self.n_threads)
+        cfg = self._config()
+        frames = lab.as_frames(frames)
+        desc = self.descriptor
+        for k, a in enumerate(frames):
+            lab.check_species(a, desc.species_z, f"frame {k}", "descriptor")
+        spec = sparse_points.validate(self.n_sparse, self.sparse_method, frames,
+                                      int(desc.n_features))
+        labels = [lab.read_labels(a, k, cfg.keys) for k, a in enumerate(frames)]
+        present = sorted({int(z) for a in frames for z in a.numbers})
+        if cfg.e0 is not None:
+            missing = [chemical_symbols[z] for z in present if chemical_symbols[z] not in cfg.e0]
+            if missing:
+                raise ValueError(f"e0 has no value for species {missing} of the training set")
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=nt, user_api="blas"):
-            self._fit(frames, p, nt, optimize, optimize_delta, t_start)
+        with threadpool_limits(limits=cfg.n_threads, user_api="blas"):
+            state = self._train(frames, labels, present, spec, cfg, optimize, optimize_delta,
+                                t_start)
+        self.fitted_state_ = state
+        return self
+
+    def _train(self, frames, labels, present, spec, cfg: _Config, optimize: bool,
+               optimize_delta: bool, t_start: float) -> FittedState:
+        timings = {}
+        t0 = time.perf_counter()
+        desc = copy_component(self.descriptor)
+        baseline = copy_component(self.baseline)
+        base = [_baseline_values(baseline, a) for a in frames]
+        e0 = cfg.e0 if cfg.e0 is not None else self._fit_e0(frames, labels, base, present, cfg)
+        timings["baseline_e0"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        points, sparse_idx = sparse_points.choose(spec, desc, frames, self.random_state,
+                                                  cfg.n_threads)
+        timings["selection"] = time.perf_counter() - t0
+        basis = kernels.SparseBasis(points, cfg.zeta, species_z=desc.species_z)
+        M = basis.n_sparse
+        self._log(f"{len(frames)} frames, M = {M} sparse points (" + ", ".join(
+            f"{chemical_symbols[z]}: {len(basis.points[z])}" for z in basis.species_z) + ")")
+
+        t0 = time.perf_counter()
+        L_hat, jit = cholesky_jitter(basis.kmm(), cfg.jitter)
+        bar = self._progress(len(frames), "kmlip fit")
+        e0_tab = np.array([e0.get(s, 0.0) for s in chemical_symbols])
+        try:
+            factors, t_rows = training.accumulate(
+                desc, basis, frames, labels, [float(np.sum(e0_tab[a.numbers])) for a in frames],
+                base, cfg.n_threads, cfg.precision, training.block_rows_for(M, cfg.block_size),
+                on_frame=None if bar is None else (lambda: bar.update(1)))
+        finally:
+            if bar is not None:
+                bar.close()
+        timings["kernel_rows"] = t_rows
+        timings["qr"] = time.perf_counter() - t0 - t_rows
+
+        t0 = time.perf_counter()
+        species = tuple(chemical_symbols[z] for z in desc.species_z
+                        if z in basis.points or chemical_symbols[z] in e0)
+        state = FittedState.solved(
+            factors=factors, L_hat=L_hat, hyper=cfg.hyper, descriptor=desc, baseline=baseline,
+            basis=basis, sparse_indices=sparse_idx, species=species, e0=dict(e0), jitter=jit)
+        if optimize:
+            hyper, info = hp.optimize(state.factors, state.L_hat, state.hyper,
+                                      optimize_delta=optimize_delta)
+            state = state.with_hyperparameters(hyper, info)
+            self._log("optimised: " + ", ".join(f"{k}={v:.4g}" for k, v in
+                                                hyper.as_dict().items() if v is not None))
+        timings["solve"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        self._log("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
+                  + f"; log marginal likelihood {state.log_marginal_likelihood:.6g}")
+        return state.replace(fit_timings=timings)
+
+    def _fit_e0(self, frames, labels, base, present, cfg: _Config) -> dict[str, float]:
+        if not cfg.keys.use_energy:
+            return {chemical_symbols[z]: 0.0 for z in present}
+        counts = np.array([[np.count_nonzero(a.numbers == z) for z in present] for a in frames],
+                          dtype=np.float64)
+        energies = np.array([lb.energy - b[0] for lb, b in zip(labels, base, strict=True)])
+        sig = np.array([lb.energy_sigma if lb.energy_sigma is not None
+                        else cfg.hyper.sigma_energy * math.sqrt(len(a))
+                        for lb, a in zip(labels, frames, strict=True)])
+        return e0_mod.fit_e0(counts, energies, sig, present)
+
+    def partial_fit(self, frames, y=None):
+        """Adds labelled frames to a fitted model (new QR rows; sparse points, e0 and
+        hyperparameters unchanged) and re-solves. Fits from scratch when not fitted.
+
+        Raises
+        ------
+        ValueError
+            Bad frames or labels, or a model without its QR factors; the model is unchanged.
+        """
+        if not self.__sklearn_is_fitted__():
+            return self.fit(frames)
+        cfg = self._config()
+        state = self.fitted_state_
+        state.require_factors("partial_fit")
+        frames = lab.as_frames(frames)
+        for k, a in enumerate(frames):
+            lab.check_species(a, state.species_z, f"frame {k}", "model")
+        h = state.hyper
+        keys = lab.LabelKeys(cfg.keys.energy_key, cfg.keys.forces_key, cfg.keys.stress_key,
+                             h.sigma_energy is not None, h.sigma_force is not None,
+                             h.sigma_stress is not None)
+        labels = [lab.read_labels(a, k, keys) for k, a in enumerate(frames)]
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=cfg.n_threads, user_api="blas"):
+            base = [_baseline_values(state.baseline, a) for a in frames]
+            factors, _ = training.accumulate(
+                state.descriptor, state.basis, frames, labels,
+                [float(np.sum(state.e0_table[a.numbers])) for a in frames], base,
+                cfg.n_threads, cfg.precision,
+                training.block_rows_for(state.basis.n_sparse, cfg.block_size),
+                factors=state.factors)
+            new = state.with_factors(factors)
+        self.fitted_state_ = new
         return self
 
     def _progress(self, n: int, desc: str):
@@ -413,275 +446,6 @@ class KernelPotential(BaseEstimator):
         if self.verbose:
             print(f"[kmlip] {msg}", file=sys.stderr, flush=True)
 
-    def _fit(self, frames, p, nt, optimize, optimize_delta, t_start):
-        timings = {}
-        desc = self.descriptor
-        self.descriptor_ = _copy_component(desc)
-        self.baseline_ = _copy_component(self.baseline)
-        declared = set(int(z) for z in desc.species_z)
-        for k, a in enumerate(frames):
-            self._check_species(a, declared, k, "descriptor")
-        labels = [self._labels(a, k, p) for k, a in enumerate(frames)]
-
-        # Baseline values and e0.
-        t0 = time.perf_counter()
-        base = [self._baseline(a) for a in frames]
-        symbols = self._species_symbols()
-        present = sorted({int(z) for a in frames for z in a.numbers})
-        self.e0_ = self._fit_e0(frames, labels, base, present, p)
-        timings["baseline_e0"] = time.perf_counter() - t0
-
-        # Pass 1: features only, for the choice of sparse points.
-        t0 = time.perf_counter()
-        points, sparse_idx = self._choose_sparse(frames, present, nt)
-        timings["selection"] = time.perf_counter() - t0
-        self.basis_ = kernels.SparseBasis({z: points[z] for z in points}, int(self.zeta),
-                                          species_z=desc.species_z)
-        M = self.basis_.n_sparse
-        self.sparse_points_ = {chemical_symbols[z]: self.basis_.points[z]
-                               for z in self.basis_.species_z}
-        self.sparse_indices_ = sparse_idx
-        self.species_ = [s for s in symbols
-                         if s in self.sparse_points_ or s in self.e0_]
-        self._log(f"{len(frames)} frames, M = {M} sparse points "
-                  f"({', '.join(f'{s}: {len(v)}' for s, v in self.sparse_points_.items())})")
-
-        t0 = time.perf_counter()
-        L_hat, jit = cholesky_jitter(self.basis_.kmm(), p["jitter"])
-        self.L_hat_, self.jitter_ = L_hat, jit
-
-        # Pass 2: kernel rows of every label, streamed through the QR.
-        qr = StreamingQR(M, self._block_rows(M))
-        bar = self._progress(len(frames), "kmlip fit")
-        t_rows = 0.0
-        for k, a in enumerate(frames):
-            t1 = time.perf_counter()
-            rows = self._frame_rows(a, labels[k], base[k], p, nt)
-            t_rows += time.perf_counter() - t1
-            for cls, K_rows, yv, sc in rows:
-                qr.add(cls, K_rows, yv, sc)
-            if bar is not None:
-                bar.update(1)
-        self.factors_ = qr.finalize()
-        self.basis_.release_scratch()
-        if bar is not None:
-            bar.close()
-        timings["kernel_rows"] = t_rows
-        timings["qr"] = time.perf_counter() - t0 - t_rows
-        self.n_labels_ = {c: f.n_rows for c, f in self.factors_.items()}
-        if sum(self.n_labels_.values()) == 0:
-            raise ValueError("no labels to fit")
-
-        # Solve (optionally optimising hyperparameters).
-        t0 = time.perf_counter()
-        self.delta_ = p["delta"]
-        self.sigma_energy_ = p["sigma_energy"]
-        self.sigma_force_ = p["sigma_force"]
-        self.sigma_stress_ = p["sigma_stress"]
-        self.optimization_ = None
-        if optimize:
-            d, s, res = optimize_hyperparameters(
-                self.factors_, self.L_hat_, self.delta_, self._free_sigmas(),
-                optimize_delta=optimize_delta)
-            self.delta_ = d
-            for cls, v in s.items():
-                setattr(self, _SIGMA_OF_CLASS[cls] + "_", v)
-            self.optimization_ = {"success": bool(res.success), "message": str(res.message),
-                                  "n_iterations": int(res.nit)}
-            self._log(f"optimised: delta={d:.4g} " + " ".join(
-                f"{_SIGMA_OF_CLASS[c]}={v:.4g}" for c, v in s.items()))
-        self._solve()
-        timings["solve"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        self.fit_timings_ = timings
-        self._log("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
-                  + f"; log marginal likelihood {self.log_marginal_likelihood_:.6g}")
-
-    def _free_sigmas(self) -> dict[str, float]:
-        out = {}
-        for cls in FREE_CLASSES:
-            f = self.factors_.get(cls)
-            if f is not None and f.n_rows > 0:
-                out[cls] = getattr(self, _SIGMA_OF_CLASS[cls] + "_")
-        return out
-
-    def _solve(self):
-        sol = solve_stack(self.factors_, self.L_hat_, self.delta_, self._free_sigmas())
-        self.alpha_ = sol.alpha
-        self.R_ = sol.R
-        self.log_marginal_likelihood_ = sol.log_marginal_likelihood
-
-    def _block_rows(self, M: int) -> int:
-        if self.block_size is not None:
-            return int(self.block_size)
-        cap = max(1024, (256 << 20) // (8 * (M + 1)))
-        return int(min(max(8 * M, 4096), cap))
-
-    def _fit_e0(self, frames, labels, base, present, p) -> dict[str, float]:
-        if self.e0 is not None:
-            if not isinstance(self.e0, Mapping):
-                raise TypeError("e0 must be a dict {symbol: eV} or None")
-            e0 = {}
-            for s, v in self.e0.items():
-                z = atomic_numbers.get(s) if isinstance(s, str) else None
-                if z is None:
-                    raise ValueError(f"e0 key {s!r} is not a chemical symbol")
-                try:
-                    e0[s] = float(v)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"e0[{s!r}] is not a number") from exc
-                if not math.isfinite(e0[s]):
-                    raise ValueError(f"e0[{s!r}] is not finite")
-            missing = [chemical_symbols[z] for z in present if chemical_symbols[z] not in e0]
-            if missing:
-                raise ValueError(f"e0 has no value for species {missing} of the training set")
-            return e0
-        if p["sigma_energy"] is None:
-            return {chemical_symbols[z]: 0.0 for z in present}
-        C = np.array([[np.count_nonzero(a.numbers == z) for z in present] for a in frames],
-                     dtype=np.float64)
-        y = np.array([lab["energy"] - b[0] for lab, b in zip(labels, base, strict=True)])
-        # Weighted by the energy noise of each structure, so that per-structure overrides
-        # (e.g. a huge energy_sigma for an unreliable energy) act on e0 as on the GP.
-        sig = np.array([lab.get("energy_sigma", p["sigma_energy"] * math.sqrt(len(a)))
-                        for lab, a in zip(labels, frames, strict=True)])
-        coef = np.linalg.lstsq(C / sig[:, None], y / sig, rcond=None)[0]
-        return {chemical_symbols[z]: float(c) for z, c in zip(present, coef, strict=True)}
-
-    def _n_sparse_for(self, symbol: str) -> int:
-        ns = self.n_sparse
-        if isinstance(ns, Mapping):
-            v = ns.get(symbol, 0)
-        else:
-            v = ns
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"n_sparse must be a non-negative int or a dict of them, got {v!r}")
-        return int(v)
-
-    def _choose_sparse(self, frames, present, nt):
-        """Sparse points per species: (points {Z: (M_z, F)}, indices {symbol: (M_z, 2)})."""
-        method = self.sparse_method
-        F = self.descriptor.n_features
-        if isinstance(method, Mapping):
-            explicit = {}
-            for s, v in method.items():
-                if s not in atomic_numbers:
-                    raise ValueError(f"sparse_method key {s!r} is not a chemical symbol")
-                arr = np.asarray(v)
-                if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
-                    if arr.shape[1] != F:
-                        raise ValueError(f"sparse points of {s} have {arr.shape[1]} features, "
-                                         f"the descriptor {F}")
-                    explicit[atomic_numbers[s]] = arr.astype(np.float64)
-            if len(explicit) == len(method):
-                return explicit, None
-        rng = np.random.default_rng(self.random_state) \
-            if not isinstance(self.random_state, np.random.Generator) else self.random_state
-        # Features of every environment, grouped by centre species, with (frame, atom) ids.
-        feats: dict[int, list] = {z: [] for z in present}
-        ids: dict[int, list] = {z: [] for z in present}
-        for k, a in enumerate(frames):
-            X = self.descriptor.transform(a, gradients=False, n_threads=nt)
-            for z in present:
-                rows = np.flatnonzero(a.numbers == z)
-                if rows.size:
-                    feats[z].append(X[rows])
-                    ids[z].append(np.stack([np.full(rows.size, k), rows], axis=1))
-        env = {z: np.concatenate(feats[z]) for z in present if feats[z]}
-        env_ids = {z: np.concatenate(ids[z]) for z in present if ids[z]}
-        points, chosen = {}, {}
-        if isinstance(method, str):
-            for z in present:
-                m = min(self._n_sparse_for(chemical_symbols[z]), env[z].shape[0])
-                sel = selection.select(env[z], m, method, rng)
-                points[z] = env[z][sel]
-                chosen[chemical_symbols[z]] = env_ids[z][sel]
-            return points, chosen
-        if isinstance(method, Mapping):
-            for s, v in method.items():
-                z = atomic_numbers[s]
-                arr = np.asarray(v)
-                if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
-                    points[z] = arr.astype(np.float64)
-                    continue
-                idx = self._index_array(arr, f"sparse_method[{s!r}]")
-                if z not in env:
-                    raise ValueError(f"sparse_method[{s!r}]: no {s} environments in training")
-                if idx.size and (idx.min() < 0 or idx.max() >= env[z].shape[0]):
-                    raise ValueError(f"sparse_method[{s!r}]: index out of range "
-                                     f"(0..{env[z].shape[0] - 1})")
-                points[z] = env[z][idx]
-                chosen[s] = env_ids[z][idx]
-            return points, chosen
-        idx = self._index_array(np.asarray(method), "sparse_method")
-        n_total = sum(len(a) for a in frames)
-        if idx.size and (idx.min() < 0 or idx.max() >= n_total):
-            raise ValueError(f"sparse_method: global environment index out of range "
-                             f"(0..{n_total - 1})")
-        starts = np.cumsum([0] + [len(a) for a in frames])
-        frame_of = np.searchsorted(starts, idx, side="right") - 1
-        atom_of = idx - starts[frame_of]
-        for z in present:
-            sel = [(f, at) for f, at in zip(frame_of, atom_of, strict=True)
-                   if frames[f].numbers[at] == z]
-            if not sel:
-                continue
-            pairs = np.array(sel, dtype=np.int64)
-            lookup = {tuple(r): t for t, r in enumerate(env_ids[z].tolist())}
-            pos = np.array([lookup[tuple(r)] for r in pairs.tolist()])
-            points[z] = env[z][pos]
-            chosen[chemical_symbols[z]] = pairs
-        return points, chosen
-
-    @staticmethod
-    def _index_array(arr: np.ndarray, where: str) -> np.ndarray:
-        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-            raise TypeError(f"{where} must be 'cur', 'fps', 'random', a 1-D int array or a "
-                            "dict of index arrays / feature arrays")
-        if np.unique(arr).size != arr.size:
-            raise ValueError(f"{where} has duplicate indices")
-        return arr.astype(np.int64)
-
-    def _frame_rows(self, atoms: Atoms, lab: dict, base, p: dict, nt: int):
-        """(class, unit kernel rows, targets, relative noise) of every label of one frame."""
-        n = len(atoms)
-        Z = np.asarray(atoms.numbers, dtype=np.int64)
-        need_grad = lab["forces"] is not None or lab["stress"] is not None
-        if need_grad:
-            X, G = self.descriptor_.transform(atoms, gradients=True, n_threads=nt)
-        else:
-            X = self.descriptor_.transform(atoms, gradients=False, n_threads=nt)
-        out = []
-        E_b, F_b, S_b = base
-        if lab["energy"] is not None:
-            e0 = sum(self.e0_[chemical_symbols[z]] for z in Z)
-            y = np.array([lab["energy"] - e0 - E_b])
-            row = self.basis_.energy_row(X, Z)[None, :]
-            if "energy_sigma" in lab:
-                out.append(("energy_fixed", row, y, np.array([lab["energy_sigma"]])))
-            else:
-                out.append(("energy", row, y, np.array([math.sqrt(n)])))
-        if need_grad:
-            Fr, W9 = self.basis_.derivative_rows(X, Z, G, n_threads=nt,
-                                                 precision=self.precision)
-            if lab["forces"] is not None:
-                y = (lab["forces"] - F_b).reshape(-1)
-                if "force_atom_sigma" in lab:
-                    out.append(("forces_fixed", Fr, y, np.repeat(lab["force_atom_sigma"], 3)))
-                elif "force_sigma" in lab:
-                    out.append(("forces_fixed", Fr, y, np.full(3 * n, lab["force_sigma"])))
-                else:
-                    out.append(("forces", Fr, y, np.ones(3 * n)))
-            if lab["stress"] is not None:
-                V = atoms.get_volume()
-                y = V * (lab["stress"] - S_b)
-                rows = kernels.virial_voigt(W9)
-                if "virial_sigma" in lab:
-                    out.append(("virial_fixed", rows, y, np.full(6, lab["virial_sigma"])))
-                else:
-                    out.append(("virial", rows, y, np.full(6, math.sqrt(n))))
-        return out
-
     # -- hyperparameters without a data pass ------------------------------------------------
     def log_marginal_likelihood(self, delta: float | None = None,
                                 sigma_energy: float | None = None,
@@ -693,14 +457,10 @@ class KernelPotential(BaseEstimator):
         Unset arguments take the fitted values. With ``eval_gradient`` also returns
         ``{name: d log p / d log value}`` for "delta" and the classes in use.
         """
-        self._check_fitted()
-        sig = self._free_sigmas()
-        given = {"energy": sigma_energy, "forces": sigma_force, "virial": sigma_stress}
-        for c in sig:
-            if given[c] is not None:
-                sig[c] = _positive(given[c], _SIGMA_OF_CLASS[c])
-        d = self.delta_ if delta is None else _positive(delta, "delta")
-        sol = solve_stack(self.factors_, self.L_hat_, d, sig, gradient=eval_gradient)
+        st = self._fitted()
+        st.require_factors("the log marginal likelihood")
+        hyper = st.hyper.updated(delta, sigma_energy, sigma_force, sigma_stress)
+        sol = hp.solve(st.factors, st.L_hat, hyper, gradient=eval_gradient)
         if eval_gradient:
             return sol.log_marginal_likelihood, sol.gradient
         return sol.log_marginal_likelihood
@@ -710,156 +470,62 @@ class KernelPotential(BaseEstimator):
                                sigma_force: float | None = None,
                                sigma_stress: float | None = None):
         """Re-solves for new δ / σ's from the stored factors (no data pass). Returns self."""
-        self._check_fitted()
-        if delta is not None:
-            self.delta_ = _positive(delta, "delta")
-        for name, v in (("sigma_energy", sigma_energy), ("sigma_force", sigma_force),
-                        ("sigma_stress", sigma_stress)):
-            if v is not None:
-                setattr(self, name + "_", _positive(v, name))
-        self._solve()
+        st = self._fitted()
+        new = st.with_hyperparameters(
+            st.hyper.updated(delta, sigma_energy, sigma_force, sigma_stress))
+        self.fitted_state_ = new
         return self
 
-    def optimize_hyperparameters(self, optimize_delta: bool = True):
+    def optimize_hyperparameters(self, optimize_delta: bool = True,
+                                 bounds: Mapping[str, tuple[float, float]] | None = None):
         """Maximises the log marginal likelihood from the stored factors and re-solves.
+
+        Parameters
+        ----------
+        optimize_delta : bool
+            Include δ.
+        bounds : dict, optional
+            ``{"delta" | "sigma_energy" | "sigma_force" | "sigma_stress": (low, high)}``.
 
         Returns
         -------
         dict
             The optimised ``delta`` and σ's and ``log_marginal_likelihood``.
         """
-        self._check_fitted()
-        d, s, res = optimize_hyperparameters(self.factors_, self.L_hat_, self.delta_,
-                                             self._free_sigmas(), optimize_delta=optimize_delta)
-        self.delta_ = d
-        for cls, v in s.items():
-            setattr(self, _SIGMA_OF_CLASS[cls] + "_", v)
-        self.optimization_ = {"success": bool(res.success), "message": str(res.message),
-                              "n_iterations": int(res.nit)}
-        self._solve()
+        st = self._fitted()
+        st.require_factors("optimize_hyperparameters")
+        hyper, info = hp.optimize(st.factors, st.L_hat, st.hyper, optimize_delta=optimize_delta,
+                                  bounds=bounds)
+        self.fitted_state_ = st.with_hyperparameters(hyper, info)
         return self.hyperparameters_
 
-    @property
-    def hyperparameters_(self) -> dict[str, Any]:
-        """Fitted hyperparameters and the log marginal likelihood."""
-        self._check_fitted()
-        return {"delta": self.delta_, "sigma_energy": self.sigma_energy_,
-                "sigma_force": self.sigma_force_, "sigma_stress": self.sigma_stress_,
-                "log_marginal_likelihood": self.log_marginal_likelihood_}
-
-    def partial_fit(self, frames, y=None):
-        """Adds labelled frames to a fitted model (new QR rows; sparse points, e0 and
-        hyperparameters unchanged) and re-solves. Fits from scratch when not fitted."""
-        if not hasattr(self, "alpha_"):
-            return self.fit(frames)
-        p = self._validated_params()
-        p.update(sigma_energy=self.sigma_energy, sigma_force=self.sigma_force,
-                 sigma_stress=self.sigma_stress)
-        frames = _as_frames(frames)
-        from kmlip._threads import resolve_threads
-
-        nt = resolve_threads(self.n_threads)
-        known = {atomic_numbers[s] for s in self.species_}
-        for k, a in enumerate(frames):
-            self._check_species(a, known, k, "model")
-        labels = [self._labels(a, k, p) for k, a in enumerate(frames)]
-        M = self.basis_.n_sparse
-        qr = StreamingQR(M, self._block_rows(M))
-        qr.factors = {c: copy.deepcopy(f) for c, f in self.factors_.items()}
-        for k, a in enumerate(frames):
-            for cls, K_rows, yv, sc in self._frame_rows(a, labels[k], self._baseline(a), p, nt):
-                qr.add(cls, K_rows, yv, sc)
-        self.factors_ = qr.finalize()
-        self.basis_.release_scratch()
-        self.n_labels_ = {c: f.n_rows for c, f in self.factors_.items()}
-        self._solve()
-        return self
-
     # -- prediction --------------------------------------------------------------------------------
-    def _evaluate(self, atoms: Atoms, forces: bool = False, stress: bool = False,
-                  local_var: bool = False, energy_var: bool = False,
-                  forces_var: bool = False) -> dict[str, Any]:
-        """Everything about one structure from one descriptor pass (units eV, Å).
+    def compute(self, atoms: Atoms, properties: Iterable[str] = ("energy",),
+                reuse: prediction.Prediction | None = None) -> prediction.Prediction:
+        """Exactly the requested quantities of one structure, from one descriptor pass.
 
-        BLAS is limited to the model's thread count meanwhile: idle BLAS threads spin and would
-        otherwise burn a core per call.
+        Parameters
+        ----------
+        atoms : ase.Atoms
+        properties : iterable of str
+            Any of ``"energy"``, ``"energies"``, ``"forces"``, ``"stress"``, ``"energy_var"``,
+            ``"energies_var"``, ``"forces_var"`` (see :mod:`kmlip.prediction`).
+        reuse : Prediction, optional
+            A previous result for the same positions (variances then need no descriptor pass).
+
+        Returns
+        -------
+        Prediction
+            ``energy`` (eV), ``energies`` (n_atoms,), ``forces`` (n_atoms, 3) eV/Å, ``stress``
+            (6,) eV/Å³, variances in eV² / (eV/Å)²; None where not requested.
         """
-        from kmlip._threads import blas_limited
+        return prediction.compute(self._fitted(), atoms, properties, n_threads=self.n_threads,
+                                  reuse=reuse)
 
-        with blas_limited(self.n_threads):
-            return self._evaluate_unlimited(atoms, forces=forces, stress=stress,
-                                            local_var=local_var, energy_var=energy_var,
-                                            forces_var=forces_var)
-
-    def _evaluate_unlimited(self, atoms: Atoms, forces: bool = False, stress: bool = False,
-                            local_var: bool = False, energy_var: bool = False,
-                            forces_var: bool = False) -> dict[str, Any]:
-        self._check_fitted()
-        if not isinstance(atoms, Atoms):
-            raise TypeError(f"expected an ase.Atoms, got {type(atoms).__name__}")
-        self._check_species(atoms, {atomic_numbers[s] for s in self.species_}, None, "model")
-        n = len(atoms)
-        Z = np.asarray(atoms.numbers, dtype=np.int64)
-        stress = stress and _is_periodic(atoms)
-        need_grad = forces or stress or forces_var
-        nt = self.n_threads
-        d2 = self.delta_ ** 2
-        basis = self.basis_
-        rows = local_var or energy_var
-        # Fast path: a descriptor that can back-propagate dE/dX to forces and virial inside its
-        # kernel never forms the pair gradients (cost per pair independent of n_features).
-        fast = need_grad and not forces_var and hasattr(self.descriptor_, "backprop")
-        G = None
-        if fast:
-            held = {}
-
-            def grad_fn(X):
-                held["eval"] = basis.evaluate(X, Z, self.alpha_, grad=True, rows=rows)
-                return d2 * held["eval"][1]
-
-            X, _, f_fast, W_fast = self.descriptor_.backprop(atoms, grad_fn, n_threads=nt)
-            eps, v, K_loc = held["eval"]
-        else:
-            if need_grad:
-                X, G = self.descriptor_.transform(atoms, gradients=True, n_threads=nt)
-            else:
-                X = self.descriptor_.transform(atoms, gradients=False, n_threads=nt)
-            eps, v, K_loc = basis.evaluate(X, Z, self.alpha_, grad=need_grad, rows=rows)
-        out: dict[str, Any] = {}
-        e0 = np.array([self.e0_.get(chemical_symbols[z], 0.0) for z in Z])
-        eps = d2 * eps
-        out["local_energies"] = eps + e0
-        E_b, F_b, S_b = self._baseline(atoms) if self.baseline_ is not None else (0.0, None, None)
-        out["energy"] = float(np.sum(out["local_energies"])) + E_b
-        out["baseline_energy"] = E_b
-        if need_grad:
-            if fast:
-                f, W = f_fast, W_fast
-            else:
-                f, W = kernels.contract_forces(G, d2 * v, n, n_threads=nt)
-            if F_b is not None:
-                f = f + F_b
-            out["forces"] = f
-            if stress:
-                s = kernels.virial_voigt(W.reshape(9)) / atoms.get_volume()
-                out["stress"] = s + (S_b if S_b is not None else 0.0)
-        if local_var or energy_var:
-            if local_var:
-                Xh, _ = kernels.normalize(X)
-                kss = np.einsum("ij,ij->i", Xh, Xh)  # 1, or 0 for an empty environment
-                out["local_energies_var"] = predictive_variance(
-                    K_loc, kss, self.L_hat_, self.R_, self.delta_, "local energy")
-            if energy_var:
-                kss = kernels.energy_prior_variance(X, Z, basis.zeta)
-                out["energy_var"] = float(predictive_variance(
-                    K_loc.sum(0)[None, :], np.array([kss]), self.L_hat_, self.R_,
-                    self.delta_, "energy")[0])
-        if forces_var:
-            Fr, _ = basis.derivative_rows(X, Z, G, n_threads=nt)
-            kss = kernels.force_prior_variance(X, Z, G, basis.zeta).reshape(-1)
-            out["forces_var"] = predictive_variance(
-                Fr, kss, self.L_hat_, self.R_, self.delta_, "force").reshape(n, 3)
-        return out
+    def _each(self, X, properties, pick):
+        if isinstance(X, Atoms):
+            return pick(self.compute(X, properties), X)
+        return [pick(self.compute(a, properties), a) for a in lab.as_frames(X, "X")]
 
     def predict(self, X, return_std: bool = False):
         """Total energies.
@@ -878,130 +544,162 @@ class KernelPotential(BaseEstimator):
         std : ndarray, shape (n_frames,), only with ``return_std``
             eV.
         """
-        frames = _as_frames(X, "X")
-        res = [self._evaluate(a, energy_var=return_std) for a in frames]
-        E = np.array([r["energy"] for r in res])
+        frames = lab.as_frames(X, "X")
+        props = ("energy", "energy_var") if return_std else ("energy",)
+        res = [self.compute(a, props) for a in frames]
+        E = np.array([r.energy for r in res])
         if return_std:
-            return E, np.sqrt(np.array([r["energy_var"] for r in res]))
+            return E, np.sqrt(np.array([r.energy_var for r in res]))
         return E
 
     def predict_forces(self, X):
         """Forces in eV/Å: (n_atoms, 3) for one Atoms, a list of such arrays for a list."""
-        if isinstance(X, Atoms):
-            return self._evaluate(X, forces=True)["forces"]
-        return [self._evaluate(a, forces=True)["forces"] for a in _as_frames(X, "X")]
+        return self._each(X, ("forces",), lambda r, a: r.forces)
 
     def predict_stress(self, X):
         """Stress in eV/Å³ (Voigt xx yy zz yz xz xy, ASE sign): (6,) for one Atoms,
         (n_frames, 6) for a list; NaN rows for non-periodic structures."""
-        def one(a):
-            if not _is_periodic(a):
-                return np.full(6, np.nan)
-            return self._evaluate(a, stress=True)["stress"]
+        def pick(r, a):
+            return r.stress if r.stress is not None else np.full(6, np.nan)
 
-        if isinstance(X, Atoms):
-            return one(X)
-        return np.array([one(a) for a in _as_frames(X, "X")])
+        out = self._each(X, ("stress",), pick)
+        return out if isinstance(X, Atoms) else np.array(out)
 
     def predict_local_energies(self, X, return_var: bool = False):
         """Per-atom energies (local GP energy + e0, eV) and optionally their epistemic
         variances (eV²): arrays (n_atoms,) for one Atoms, lists of them for a list."""
-        def one(a):
-            r = self._evaluate(a, local_var=return_var)
-            return (r["local_energies"], r["local_energies_var"]) if return_var \
-                else r["local_energies"]
-
-        if isinstance(X, Atoms):
-            return one(X)
-        return [one(a) for a in _as_frames(X, "X")]
+        props = ("energies", "energies_var") if return_var else ("energies",)
+        return self._each(X, props, lambda r, a: (r.energies, r.energies_var) if return_var
+                          else r.energies)
 
     def predict_forces_variance(self, X):
         """Epistemic variance of every force component (eV²/Å²), (n_atoms, 3) per structure."""
-        if isinstance(X, Atoms):
-            return self._evaluate(X, forces_var=True)["forces_var"]
-        return [self._evaluate(a, forces_var=True)["forces_var"] for a in _as_frames(X, "X")]
+        return self._each(X, ("forces_var",), lambda r, a: r.forces_var)
 
     def noise_levels(self, atoms: Atoms) -> dict[str, float | None]:
         """Aleatoric noise variances the model assumes for the labels of ``atoms``:
         ``energy`` (eV², total energy), ``forces`` (eV²/Å², per component), ``stress``
         ((eV/Å³)², per Voigt component; None when not used or not periodic)."""
-        self._check_fitted()
+        h = self._fitted().hyper
         n = len(atoms)
         out: dict[str, float | None] = {"energy": None, "forces": None, "stress": None}
-        if self.sigma_energy_ is not None:
-            out["energy"] = self.sigma_energy_ ** 2 * n
-        if self.sigma_force_ is not None:
-            out["forces"] = self.sigma_force_ ** 2
-        if self.sigma_stress_ is not None and _is_periodic(atoms):
-            out["stress"] = self.sigma_stress_ ** 2 * n / atoms.get_volume() ** 2
+        if h.sigma_energy is not None:
+            out["energy"] = h.sigma_energy ** 2 * n
+        if h.sigma_force is not None:
+            out["forces"] = h.sigma_force ** 2
+        if h.sigma_stress is not None and lab.is_periodic(atoms):
+            out["stress"] = h.sigma_stress ** 2 * n / atoms.get_volume() ** 2
         return out
 
     # -- scoring -----------------------------------------------------------------------------------
-    def _reference(self, frames):
-        p = {"sigma_energy": 1.0, "sigma_force": None, "sigma_stress": None}
-        return np.array([self._labels(a, k, p)["energy"] for k, a in enumerate(frames)])
-
     def score(self, X, y=None, sample_weight=None) -> float:
         """Coefficient of determination R² of the total energies (scikit-learn convention:
         1 is perfect, 0 is the mean predictor). Reference energies are read from the frames
         with ``energy_key``."""
         from sklearn.metrics import r2_score
 
-        frames = _as_frames(X, "X")
-        return float(r2_score(self._reference(frames), self.predict(frames),
-                              sample_weight=sample_weight))
+        frames = lab.as_frames(X, "X")
+        ref = np.array([lab.read_energy(a, self.energy_key, f"frame {k}")
+                        for k, a in enumerate(frames)])
+        return float(r2_score(ref, self.predict(frames), sample_weight=sample_weight))
 
-    def evaluate(self, frames) -> dict[str, float]:
-        """Errors against the labels of ``frames``.
+    def error_metrics(self, frames) -> dict[str, float]:
+        """MAE / RMSE against the labels of ``frames`` (see :func:`kmlip.metrics.error_metrics`):
+        energy per atom (eV/atom), force components (eV/Å), stress components (eV/Å³)."""
+        self._fitted()
+        keys = lab.LabelKeys(self.energy_key, self.forces_key, self.stress_key)
+        return metrics.error_metrics(self.compute, lab.as_frames(frames), keys)
 
-        Returns
-        -------
-        dict
-            ``energy_mae`` / ``energy_rmse`` (eV/atom), ``forces_mae`` / ``forces_rmse``
-            (eV/Å, per component), ``stress_mae`` / ``stress_rmse`` (eV/Å³, per Voigt
-            component, periodic frames), each present when the frames carry that label, and
-            ``n_frames``.
-        """
-        frames = _as_frames(frames)
-        pe = {"sigma_energy": None, "sigma_force": None, "sigma_stress": None}
-        dE, dF, dS = [], [], []
-        for k, a in enumerate(frames):
-            r = self._evaluate(a, forces=True, stress=True)
-            lab_e = self._labels(a, k, dict(pe, sigma_energy=1.0)) \
-                if self._has(a, self.energy_key, "info") else None
-            if lab_e is not None:
-                dE.append((r["energy"] - lab_e["energy"]) / len(a))
-            if self._has(a, self.forces_key, "arrays"):
-                f = self._labels(a, k, dict(pe, sigma_force=1.0))["forces"]
-                dF.append((r["forces"] - f).ravel())
-            if _is_periodic(a) and self._has(a, self.stress_key, "info"):
-                s = self._labels(a, k, dict(pe, sigma_stress=1.0))["stress"]
-                dS.append(r["stress"] - s)
-        out: dict[str, float] = {"n_frames": len(frames)}
-        for name, d in (("energy", dE), ("forces", dF), ("stress", dS)):
-            if d:
-                x = np.concatenate([np.atleast_1d(v) for v in d])
-                out[f"{name}_mae"] = float(np.mean(np.abs(x)))
-                out[f"{name}_rmse"] = float(np.sqrt(np.mean(x * x)))
-        return out
-
-    @staticmethod
-    def _has(atoms: Atoms, key: str, where: str) -> bool:
-        if key in getattr(atoms, where):
-            return True
-        results = getattr(atoms.calc, "results", None) if atoms.calc is not None else None
-        return bool(results) and key in results
+    #: Same as :meth:`error_metrics` (the name of earlier versions).
+    evaluate = error_metrics
 
     # -- files -------------------------------------------------------------------------------------
+    def _header(self, include_factors: bool) -> tuple[dict, dict]:
+        arrays, fitted = self._fitted().to_arrays(include_factors)
+        params = {}
+        for k, v in self.get_params(deep=False).items():
+            if k == "descriptor":
+                params[k] = descriptor_to_dict(v)
+            elif k == "baseline":
+                params[k] = baseline_to_dict(v)
+            elif k == "random_state" and isinstance(v, np.random.Generator):
+                params[k] = None  # a Generator's state is not a parameter worth storing
+            else:
+                params[k] = jsonable(v)
+        return {"params": params, "fitted": fitted}, arrays
+
     def save(self, path, include_factors: bool = True) -> None:
         """Writes the fitted model to exactly ``path`` (atomically); see :mod:`kmlip.io`.
 
         ``include_factors`` stores the per-class QR factors too (needed by :meth:`partial_fit`
         and :meth:`optimize_hyperparameters` after loading; (n_classes) (M+1)² doubles).
         """
-        from kmlip.io import save_model
+        header, arrays = self._header(include_factors)
+        model_io.write_model_file(path, header, arrays)
 
-        save_model(self, path, include_factors=include_factors)
+    def export_raw(self, directory) -> None:
+        """Writes the model as ``model.json`` + raw little-endian arrays (no NumPy needed to
+        read it; see :func:`kmlip.io.export_raw`)."""
+        header, arrays = self._header(include_factors=False)
+        model_io.export_raw(directory, header, arrays)
+
+    @classmethod
+    def load(cls, path, trusted_modules: tuple[str, ...] = ("kmlip",)) -> KernelPotential:
+        """Loads a model written by :meth:`save` (see :func:`load`)."""
+        header, arrays = model_io.read_model_file(path)
+        try:
+            params = header.get("params")
+            if not isinstance(params, dict):
+                raise ValueError("'params' must be a dict")
+            names = set(cls._get_param_names())
+            unknown = sorted(set(params) - names)
+            if unknown:
+                raise ValueError(f"unknown parameters {unknown}")
+            params = {k: unjson(v) for k, v in params.items()}
+            params["descriptor"] = descriptor_from_dict(params.get("descriptor"))
+            params["baseline"] = baseline_from_dict(params.get("baseline"), trusted_modules)
+            model = cls(**params)
+            model._config()
+            state = FittedState.from_arrays(arrays, header.get("fitted"), trusted_modules)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            raise ValueError(f"{path}: invalid kmlip model file ({exc})") from exc
+        model.fitted_state_ = state
+        return model
 
 
-__all__ = ["KernelPotential"]
+def _baseline_values(baseline, atoms: Atoms) -> training.BaselineValues:
+    """Baseline energy, forces and Voigt stress of a structure (zeros without a baseline)."""
+    if baseline is None:
+        return 0.0, np.zeros((len(atoms), 3)), np.zeros(6)
+    E, F, S = baseline.compute(atoms)
+    F = np.zeros((len(atoms), 3)) if F is None else np.asarray(F, dtype=np.float64)
+    S = np.zeros(6) if S is None else lab.voigt(S, "baseline stress")
+    return float(E), F, S
+
+
+def load(path, trusted_modules: tuple[str, ...] = ("kmlip",)) -> KernelPotential:
+    """Loads a model written by :meth:`KernelPotential.save`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    trusted_modules : tuple of str
+        Packages a baseline class may be imported from (the file names its class).
+
+    Returns
+    -------
+    KernelPotential
+        Fitted; predicts bit-identically to the saved model.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Unreadable, corrupted or inconsistent file, not a kmlip model, or a newer format
+        version (the message names the file and the cause).
+    """
+    return KernelPotential.load(path, trusted_modules)
+
+
+__all__ = ["KernelPotential", "load"]

@@ -22,9 +22,13 @@ def test_results_and_consistency_with_the_model(fitted, test_frames):
     r = a.calc.results
     assert r["energies"].shape == (len(a),)
     assert r["energies"].sum() == pytest.approx(e, rel=1e-12)
-    assert r["energies_var"].shape == (len(a),) and np.all(r["energies_var"] >= 0)
-    assert r["energy_var"] >= 0
-    assert "forces_var" not in r
+    # variances only on request
+    assert not {"energies_var", "energy_var", "forces_var"} & set(r)
+    ev = a.calc.get_property("energies_var", a)
+    assert ev.shape == (len(a),) and np.all(ev >= 0)
+    np.testing.assert_array_equal(ev, fitted.predict_local_energies(a, return_var=True)[1])
+    assert a.calc.get_property("energy_var", a) >= 0
+    assert "forces_var" not in a.calc.results
     assert r["energy_noise_var"] == pytest.approx(fitted.sigma_energy_**2 * len(a))
     assert r["forces_noise_var"] == pytest.approx(fitted.sigma_force_**2)
     assert r["stress_noise_var"] > 0
@@ -77,4 +81,67 @@ def test_force_variance_matches_brute_force_posterior_covariance(d2b):
             fd = (cov(P, P) - cov(P, M) - cov(M, P) + cov(M, M)) / (4 * h * h)
             assert fvar[j, c] == pytest.approx(fd, rel=2e-3, abs=1e-6 * d2)
     # energy variance is the same object at zero displacement
-    assert a.calc.results["energy_var"] == pytest.approx(cov(a, a), rel=1e-6, abs=1e-12)
+    assert a.calc.get_property("energy_var") == pytest.approx(cov(a, a), rel=1e-6, abs=1e-12)
+
+
+class _CountingDescriptor:
+    """Wraps a descriptor and counts its passes over structures."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def transform(self, *args, **kw):
+        self.calls += 1
+        return self.inner.transform(*args, **kw)
+
+    def backprop(self, *args, **kw):
+        self.calls += 1
+        return self.inner.backprop(*args, **kw)
+
+
+def test_calculator_computes_what_is_asked_and_reuses_the_last_pass(fitted, test_frames):
+    import dataclasses
+
+    counting = _CountingDescriptor(fitted.descriptor_)
+    model = KernelPotential(fitted.descriptor)
+    model.fitted_state_ = dataclasses.replace(fitted.fitted_state_, descriptor=counting)
+    a = test_frames[3].copy()
+    a.calc = KMLIPCalculator(model)
+    f = a.get_forces()
+    assert counting.calls == 1
+    assert "energies_var" not in a.calc.results and "energy_var" not in a.calc.results
+    var = a.calc.get_property("energies_var", a)
+    e_var = a.calc.get_property("energy_var", a)
+    assert counting.calls == 1  # the variances reused the last pass's features
+    np.testing.assert_array_equal(a.get_forces(), f)
+    want_var, want_e = fitted.predict_local_energies(a, return_var=True)[1], \
+        fitted.predict(a, return_std=True)[1][0] ** 2
+    np.testing.assert_allclose(var, want_var, rtol=1e-12, atol=1e-18)
+    assert e_var == pytest.approx(want_e, rel=1e-10)
+    a.positions[0, 0] += 0.01  # moved: a new pass, variances not kept
+    a.get_forces()
+    assert counting.calls == 2 and "energies_var" not in a.calc.results
+    # built to compute a variance on every call
+    b = test_frames[4].copy()
+    b.calc = KMLIPCalculator(fitted, variances=("energies",))
+    b.get_forces()
+    assert b.calc.results["energies_var"].shape == (len(b),)
+    assert "energy_var" not in b.calc.results and "forces_var" not in b.calc.results
+    with pytest.raises(ValueError, match="unknown variances"):
+        KMLIPCalculator(fitted, variances=("stress",))
+
+
+def test_compute_returns_exactly_what_is_requested(fitted, test_frames):
+    a = test_frames[5]
+    r = fitted.compute(a, ("energy",))
+    assert r.forces is None and r.stress is None and r.energies_var is None
+    assert r.forces_var is None and r.energy_var is None
+    full = fitted.compute(a, ("energy", "forces", "stress", "energies_var"))
+    assert full.energy == r.energy
+    assert full.forces.shape == (len(a), 3) and full.stress.shape == (6,)
+    assert full.energies_var.shape == (len(a),) and full.energy_var is None
+    with pytest.raises(ValueError, match="unknown properties"):
+        fitted.compute(a, ("magmom",))

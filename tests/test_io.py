@@ -7,9 +7,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from sklearn.exceptions import NotFittedError
 
 from kmlip import io as kio
-from kmlip.model import KernelPotential
+from kmlip.model import KernelPotential, load
 
 
 def _predictions(model, frames):
@@ -24,7 +25,7 @@ def test_round_trip_is_bit_identical(fitted, test_frames, tmp_path):
     path = tmp_path / "model.kmlip"
     fitted.save(path)
     assert os.listdir(tmp_path) == ["model.kmlip"]  # exactly that path, no temp files left
-    loaded = kio.load(path)
+    loaded = load(path)
     for a, b in zip(_predictions(fitted, test_frames[:3]), _predictions(loaded, test_frames[:3]),
                     strict=True):
         assert np.array_equal(a, b)
@@ -42,7 +43,7 @@ def test_round_trip_is_bit_identical(fitted, test_frames, tmp_path):
 def test_loaded_model_supports_online_update_and_optimisation(fitted, train_frames, tmp_path):
     path = tmp_path / "m.kmlip"
     fitted.save(path)
-    loaded = kio.load(path)
+    loaded = load(path)
     assert loaded.log_marginal_likelihood() == pytest.approx(fitted.log_marginal_likelihood_)
     loaded.partial_fit(train_frames[:2])
     assert loaded.n_labels_["forces"] > fitted.n_labels_["forces"]
@@ -59,7 +60,7 @@ def test_round_trip_with_soap_and_explicit_sparse_points(train_frames, tmp_path)
     for model in (m, m2):
         path = tmp_path / "s.kmlip"
         model.save(path)
-        loaded = kio.load(path)
+        loaded = load(path)
         assert np.array_equal(loaded.predict(train_frames[5:7]), model.predict(train_frames[5:7]))
         assert isinstance(loaded.sparse_method, type(model.sparse_method))
 
@@ -72,7 +73,7 @@ def test_truncated_and_corrupted_files_raise_value_error(fitted, tmp_path):
     for cut in (10, len(data) // 2, len(data) - 30):
         trunc.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="corrupted or truncated|not a kmlip"):
-            kio.load(trunc)
+            load(trunc)
     # flip bytes inside the stored alpha array
     with zipfile.ZipFile(path) as z:
         info = z.getinfo("alpha.npy")
@@ -82,15 +83,15 @@ def test_truncated_and_corrupted_files_raise_value_error(fitted, tmp_path):
     corrupt = tmp_path / "corrupt.kmlip"
     corrupt.write_bytes(bytes(bad))
     with pytest.raises(ValueError, match="corrupt"):
-        kio.load(corrupt)
+        load(corrupt)
     junk = tmp_path / "junk.kmlip"
     junk.write_text("hello")
     with pytest.raises(ValueError):
-        kio.load(junk)
+        load(junk)
     other = tmp_path / "other.npz"
     np.savez(other, x=np.zeros(3))
     with pytest.raises(ValueError, match="not a kmlip"):
-        kio.load(other)
+        load(other)
 
 
 def _rewrite_metadata(src, dst, edit):
@@ -109,7 +110,7 @@ def test_newer_format_version_is_refused(fitted, tmp_path):
     newer = tmp_path / "newer.kmlip"
     _rewrite_metadata(path, newer, lambda m: m.update(format_version=kio.FORMAT_VERSION + 1))
     with pytest.raises(ValueError, match="newer"):
-        kio.load(newer)
+        load(newer)
 
 
 def test_untrusted_baseline_class_is_refused(fitted, tmp_path):
@@ -122,7 +123,7 @@ def test_untrusted_baseline_class_is_refused(fitted, tmp_path):
 
     _rewrite_metadata(path, evil, edit)
     with pytest.raises(ValueError, match="trusted"):
-        kio.load(evil)
+        load(evil)
 
 
 def test_failed_write_keeps_the_existing_file(fitted, tmp_path, monkeypatch):
@@ -142,7 +143,7 @@ def test_failed_write_keeps_the_existing_file(fitted, tmp_path, monkeypatch):
 
 
 def test_export_raw_for_cpp_readers(fitted, tmp_path):
-    kio.export_raw(fitted, tmp_path / "raw")
+    fitted.export_raw(tmp_path / "raw")
     meta = json.loads((tmp_path / "raw" / "model.json").read_text())
     info = meta["arrays"]["alpha"]
     alpha = np.fromfile(tmp_path / "raw" / info["file"], dtype=info["dtype"])
@@ -154,6 +155,6 @@ def test_export_raw_for_cpp_readers(fitted, tmp_path):
 
 
 def test_save_unfitted_model_raises(d2b, tmp_path):
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError):
         KernelPotential(d2b).save(tmp_path / "x.kmlip")
     assert not os.listdir(tmp_path)

@@ -8,6 +8,7 @@ from ase.build import bulk
 from ase.calculators.lj import LennardJones
 from conftest import cual_cells, cual_cluster, label, soap_or_skip
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 
 from kmlip.model import KernelPotential
 
@@ -225,8 +226,8 @@ def test_baseline_is_subtracted_and_added_back(d2b, train_frames):
                         n_threads=1).fit(train_frames[:10])
     a = train_frames[11]
     E_b, F_b, S_b = base.compute(a)
-    r = m._evaluate(a, forces=True, stress=True)
-    assert r["energy"] == pytest.approx(r["local_energies"].sum() + E_b, rel=1e-12)
+    r = m.compute(a, ("energy", "energies", "forces", "stress"))
+    assert r.energy == pytest.approx(r.energies.sum() + E_b, rel=1e-12)
     np.testing.assert_allclose(m.predict_forces(a), _fd_forces(m, a), atol=1e-5)
     np.testing.assert_allclose(m.predict_stress(a), _fd_stress(m, a), atol=1e-6)
 
@@ -304,7 +305,7 @@ def test_unknown_species_and_wrong_types(fitted, d2b, train_frames):
         KernelPotential(d2b, zeta=0).fit(train_frames[:2])
     with pytest.raises(ValueError, match="sigma_force"):
         KernelPotential(d2b, sigma_force=-1.0).fit(train_frames[:2])
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError):
         KernelPotential(d2b).predict(train_frames[0])
 
 

@@ -99,6 +99,31 @@ class Descriptor:
         """Features (n_atoms, n_features), or ``(X, PairGradients)`` when ``gradients``."""
         raise NotImplementedError
 
+    def backprop(self, atoms, grad_fn, n_threads: int | None = None):
+        """Features, then forces and virial of a scalar ``E(X)`` given ``dE/dX``.
+
+        This default goes through :meth:`transform` with pair gradients and contracts them with
+        ``V = grad_fn(X)``; a descriptor with a faster way (e.g. SOAP, inside its kernel)
+        overrides it. The model calls only this, never asking which descriptor it has.
+
+        Returns
+        -------
+        X : ndarray, shape (n_atoms, n_features)
+        V : ndarray, shape (n_atoms, n_features), as returned by ``grad_fn``
+        forces : ndarray, shape (n_atoms, 3)
+            ``-dE/dr``.
+        virial : ndarray, shape (3, 3)
+            ``dE/d eps`` (unsymmetrised).
+        """
+        from kmlip.kernels import contract_forces
+
+        X, G = self.transform(atoms, gradients=True, n_threads=n_threads)
+        V = np.ascontiguousarray(grad_fn(X), dtype=np.float64)
+        if V.shape != X.shape:
+            raise ValueError(f"grad_fn returned shape {V.shape}, expected {X.shape}")
+        forces, virial = contract_forces(G, V, X.shape[0], n_threads=n_threads)
+        return X, V, forces, virial
+
     @classmethod
     def _get_param_names(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)

@@ -1,0 +1,176 @@
+"""Sparse-point specification (``n_sparse``, ``sparse_method``), checked before any work, and
+the choice of the sparse environments from the training structures.
+
+``n_sparse``: an int for every centre species, or ``{symbol: int}`` (capped at the number of
+training environments of that species). ``sparse_method``: ``"cur"``, ``"fps"`` or ``"random"``
+(:mod:`kmlip.gp.selection`); a 1-D int array of global environment indices (the atoms of all
+training frames concatenated in order); or ``{symbol: indices into that species' environments,
+or an (M_z, n_features) float array of descriptor vectors}``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from ase.data import atomic_numbers, chemical_symbols
+
+from kmlip.gp import selection
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """Validated sparse-point request.
+
+    Attributes
+    ----------
+    counts : dict
+        ``{Z: requested number}`` for every species of the training set.
+    method : str or None
+        Selection method, when the points are chosen by one.
+    global_indices : ndarray or None
+        Global environment indices.
+    per_species : dict or None
+        ``{Z: ("indices", int array) or ("points", (M_z, F) array)}``.
+    """
+
+    counts: dict
+    method: str | None = None
+    global_indices: np.ndarray | None = None
+    per_species: dict | None = None
+
+
+def _count(v, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"{where} must be a non-negative int, got {v!r}")
+    return int(v)
+
+
+def _symbol(s, where: str) -> int:
+    z = atomic_numbers.get(s, 0) if isinstance(s, str) else 0
+    if z == 0:
+        raise ValueError(f"{where}: {s!r} is not a chemical symbol")
+    return z
+
+
+def _index_array(v, where: str, n_max: int) -> np.ndarray:
+    arr = np.asarray(v)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"{where} must be 'cur', 'fps', 'random', a 1-D int array or a dict of "
+                        "index arrays / feature arrays")
+    arr = arr.astype(np.int64)
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"{where} has duplicate indices")
+    if arr.size and (arr.min() < 0 or arr.max() >= n_max):
+        raise ValueError(f"{where}: index out of range (0..{n_max - 1})")
+    return arr
+
+
+def validate(n_sparse, sparse_method, frames: Sequence, n_features: int) -> SparseSpec:
+    """Checks ``n_sparse`` and ``sparse_method`` against the training frames (no features yet).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the parameter and what is wrong with it.
+    """
+    present = sorted({int(z) for a in frames for z in a.numbers})
+    env_count = {z: sum(int(np.count_nonzero(a.numbers == z)) for a in frames) for z in present}
+    if isinstance(n_sparse, Mapping):
+        counts = {}
+        for s, v in n_sparse.items():
+            _symbol(s, "n_sparse")
+            counts[atomic_numbers[s]] = _count(v, f"n_sparse[{s!r}]")
+        counts = {z: counts.get(z, 0) for z in present}
+    else:
+        c = _count(n_sparse, "n_sparse")
+        counts = {z: c for z in present}
+    method = sparse_method
+    if isinstance(method, str):
+        if method not in selection.METHODS:
+            raise ValueError(f"unknown sparse_method {method!r}; use one of "
+                             f"{selection.METHODS}, indices or arrays")
+        return SparseSpec(counts=counts, method=method)
+    if isinstance(method, Mapping):
+        per = {}
+        for s, v in method.items():
+            z = _symbol(s, "sparse_method")
+            arr = np.asarray(v)
+            if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
+                if arr.shape[1] != n_features:
+                    raise ValueError(f"sparse_method[{s!r}]: sparse points have {arr.shape[1]} "
+                                     f"features, the descriptor {n_features}")
+                if not np.all(np.isfinite(arr)):
+                    raise ValueError(f"sparse_method[{s!r}]: sparse points contain NaN or inf")
+                per[z] = ("points", np.array(arr, dtype=np.float64))
+                continue
+            if z not in env_count:
+                raise ValueError(f"sparse_method[{s!r}]: no {s} environments in training")
+            per[z] = ("indices", _index_array(arr, f"sparse_method[{s!r}]", env_count[z]))
+        return SparseSpec(counts=counts, per_species=per)
+    n_total = sum(len(a) for a in frames)
+    idx = _index_array(method, "sparse_method", n_total)
+    return SparseSpec(counts=counts, global_indices=idx)
+
+
+def choose(spec: SparseSpec, descriptor, frames: Sequence, random_state, n_threads: int):
+    """Sparse points per species.
+
+    Returns
+    -------
+    points : dict
+        ``{Z: (M_z, F) raw descriptor vectors}``.
+    indices : dict or None
+        ``{symbol: (M_z, 2) int64 (frame, atom)}`` of the points taken from the training set.
+    """
+    if spec.per_species is not None and all(kind == "points"
+                                            for kind, _ in spec.per_species.values()):
+        return {z: v for z, (_, v) in spec.per_species.items()}, None
+    rng = random_state if isinstance(random_state, np.random.Generator) \
+        else np.random.default_rng(random_state)
+    present = sorted(spec.counts)
+    feats: dict[int, list] = {z: [] for z in present}
+    ids: dict[int, list] = {z: [] for z in present}
+    for k, a in enumerate(frames):
+        X = descriptor.transform(a, gradients=False, n_threads=n_threads)
+        for z in present:
+            rows = np.flatnonzero(a.numbers == z)
+            if rows.size:
+                feats[z].append(X[rows])
+                ids[z].append(np.stack([np.full(rows.size, k), rows], axis=1))
+    env = {z: np.concatenate(feats[z]) for z in present if feats[z]}
+    env_ids = {z: np.concatenate(ids[z]).astype(np.int64) for z in present if ids[z]}
+    points, chosen = {}, {}
+    if spec.method is not None:
+        for z in present:
+            m = min(spec.counts[z], env[z].shape[0])
+            sel = selection.select(env[z], m, spec.method, rng)
+            points[z] = env[z][sel]
+            chosen[chemical_symbols[z]] = env_ids[z][sel]
+        return points, chosen
+    if spec.per_species is not None:
+        for z, (kind, v) in spec.per_species.items():
+            if kind == "points":
+                points[z] = v
+            else:
+                points[z] = env[z][v]
+                chosen[chemical_symbols[z]] = env_ids[z][v]
+        return points, chosen or None
+    starts = np.cumsum([0] + [len(a) for a in frames])
+    idx = spec.global_indices
+    frame_of = np.searchsorted(starts, idx, side="right") - 1
+    atom_of = idx - starts[frame_of]
+    for z in present:
+        sel = [(f, at) for f, at in zip(frame_of, atom_of, strict=True)
+               if frames[f].numbers[at] == z]
+        if not sel:
+            continue
+        pairs = np.array(sel, dtype=np.int64)
+        lookup = {tuple(r): t for t, r in enumerate(env_ids[z].tolist())}
+        pos = np.array([lookup[tuple(r)] for r in pairs.tolist()])
+        points[z] = env[z][pos]
+        chosen[chemical_symbols[z]] = pairs
+    return points, chosen
+
+
+__all__ = ["SparseSpec", "choose", "validate"]

@@ -1,0 +1,137 @@
+"""Training rows: the kernel rows of every label of a structure, streamed into the per-class QR.
+
+For each structure: one descriptor pass (features and pair gradients), then the unit kernel rows
+of its total energy (sum of local rows), force components and virial components against the
+sparse points (:class:`kmlip.kernels.SparseBasis`), each divided by its relative noise and folded
+into the streaming QR of its label class (:class:`kmlip.gp.sparse.StreamingQR`). Memory stays
+O(M^2 + one structure) for any number of structures.
+
+Label classes and their noise (GAP's convention, sigma per atom for extensive labels): a total
+energy ``sigma_energy * sqrt(n_atoms)``, a force component ``sigma_force``, a virial component
+``sigma_stress * sqrt(n_atoms)``; labels with a per-structure override go to the ``*_fixed``
+classes with their absolute sigma (not rescaled by hyperparameter optimisation).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from kmlip import kernels
+from kmlip.gp.sparse import StreamingQR
+from kmlip.labels import FrameLabels
+
+#: A baseline's contribution to one structure: (energy eV, forces (n, 3), stress Voigt (6,)).
+BaselineValues = tuple[float, np.ndarray, np.ndarray]
+
+
+def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabels,
+               e0_total: float, base: BaselineValues, n_threads: int, precision: str):
+    """(class, unit kernel rows, targets, relative noise) of every label of one structure.
+
+    Parameters
+    ----------
+    descriptor : Descriptor
+    basis : SparseBasis
+    atoms : ase.Atoms
+    labels : FrameLabels
+    e0_total : float
+        Sum of the atoms' e0, eV (subtracted from the energy label).
+    base : (float, ndarray, ndarray)
+        Baseline energy, forces and Voigt stress (subtracted from the labels).
+    n_threads : int
+    precision : {"auto", "double", "mixed"}
+
+    Returns
+    -------
+    list of (str, ndarray (k, M), ndarray (k,), ndarray (k,))
+    """
+    n = len(atoms)
+    Z = np.asarray(atoms.numbers, dtype=np.int64)
+    need_grad = labels.forces is not None or labels.stress is not None
+    if need_grad:
+        X, G = descriptor.transform(atoms, gradients=True, n_threads=n_threads)
+    else:
+        X = descriptor.transform(atoms, gradients=False, n_threads=n_threads)
+    out = []
+    E_b, F_b, S_b = base
+    if labels.energy is not None:
+        y = np.array([labels.energy - e0_total - E_b])
+        row = basis.energy_row(X, Z)[None, :]
+        if labels.energy_sigma is not None:
+            out.append(("energy_fixed", row, y, np.array([labels.energy_sigma])))
+        else:
+            out.append(("energy", row, y, np.array([math.sqrt(n)])))
+    if need_grad:
+        Fr, W9 = basis.derivative_rows(X, Z, G, n_threads=n_threads, precision=precision)
+        if labels.forces is not None:
+            y = (labels.forces - F_b).reshape(-1)
+            if labels.force_atom_sigma is not None:
+                out.append(("forces_fixed", Fr, y, np.repeat(labels.force_atom_sigma, 3)))
+            elif labels.force_sigma is not None:
+                out.append(("forces_fixed", Fr, y, np.full(3 * n, labels.force_sigma)))
+            else:
+                out.append(("forces", Fr, y, np.ones(3 * n)))
+        if labels.stress is not None:
+            y = atoms.get_volume() * (labels.stress - S_b)
+            rows = kernels.virial_voigt(W9)
+            if labels.virial_sigma is not None:
+                out.append(("virial_fixed", rows, y, np.full(6, labels.virial_sigma)))
+            else:
+                out.append(("virial", rows, y, np.full(6, math.sqrt(n))))
+    return out
+
+
+def accumulate(descriptor, basis: kernels.SparseBasis, frames: Sequence,
+               labels: Sequence[FrameLabels], e0_totals: Sequence[float],
+               baselines: Sequence[BaselineValues], n_threads: int, precision: str,
+               block_rows: int, factors: dict | None = None,
+               on_frame: Callable[[], None] | None = None) -> tuple[dict, float]:
+    """Streams every structure's label rows into per-class QR factors.
+
+    Parameters
+    ----------
+    factors : dict, optional
+        Existing ``{class: ClassFactor}`` to extend (online update); copied, never modified.
+    on_frame : callable, optional
+        Called after each structure (progress bars).
+
+    Returns
+    -------
+    factors : dict
+        ``{class: ClassFactor}``.
+    seconds_rows : float
+        Wall time spent computing kernel rows (the rest is QR).
+    """
+    import copy
+    import time
+
+    qr = StreamingQR(basis.n_sparse, block_rows)
+    if factors:
+        qr.factors = {c: copy.deepcopy(f) for c, f in factors.items()}
+    t_rows = 0.0
+    try:
+        for k, a in enumerate(frames):
+            t1 = time.perf_counter()
+            rows = frame_rows(descriptor, basis, a, labels[k], e0_totals[k], baselines[k],
+                              n_threads, precision)
+            t_rows += time.perf_counter() - t1
+            for cls, K_rows, yv, sc in rows:
+                qr.add(cls, K_rows, yv, sc)
+            if on_frame is not None:
+                on_frame()
+        return qr.finalize(), t_rows
+    finally:
+        basis.release_scratch()
+
+
+def block_rows_for(M: int, block_size: int | None) -> int:
+    """Label rows per streaming-QR update: ``block_size`` or ``clip(8 M, 4096, 256 MB row cap)``."""
+    if block_size is not None:
+        return int(block_size)
+    cap = max(1024, (256 << 20) // (8 * (M + 1)))
+    return int(min(max(8 * M, 4096), cap))
+
+
+__all__ = ["BaselineValues", "accumulate", "block_rows_for", "frame_rows"]

@@ -1,0 +1,193 @@
+"""The one prediction path: exactly the requested quantities of one structure, one descriptor pass.
+
+``compute(state, atoms, properties)`` returns a :class:`Prediction` with (eV, Å):
+
+``energy``
+    Total energy: local GP energies + e0 + baseline (computed whenever an energy, forces or
+    stress is requested: it costs nothing beyond them).
+``energies`` (n_atoms,)
+    Per-atom energies, local GP energy + e0 (a baseline is not split per atom).
+``forces`` (n_atoms, 3); ``stress`` (6,) Voigt eV/Å³, ASE sign (periodic structures only).
+``energy_var``, ``energies_var`` (n_atoms,), ``forces_var`` (n_atoms, 3)
+    Epistemic (posterior) variances, eV² and eV²/Å²; each only when requested.
+
+Forces and stress come from the descriptor's ``backprop`` (a descriptor without a fast one
+falls back to its pair gradients through the protocol's default), except when ``forces_var``
+is requested, which needs the pair gradients themselves. The kernel rows and features of the
+last call stay in the result, so a variance requested later for the same positions costs one
+product against the sparse points, not another descriptor pass (``reuse=``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms
+
+from kmlip import kernels
+from kmlip._threads import blas_limited
+from kmlip.labels import check_species, is_periodic, voigt
+
+#: Property names :func:`compute` understands.
+PROPERTIES = ("energy", "free_energy", "energies", "forces", "stress", "energy_var",
+              "energies_var", "forces_var")
+
+
+@dataclass
+class Prediction:
+    """Result of :func:`compute`; None where not requested (see the module docstring)."""
+
+    energy: float | None = None
+    energies: np.ndarray | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    energy_var: float | None = None
+    energies_var: np.ndarray | None = None
+    forces_var: np.ndarray | None = None
+    baseline_energy: float | None = None
+    #: features (n_atoms, F) and unit kernel rows (n_atoms, M) kept for later variances
+    features: np.ndarray | None = field(default=None, repr=False)
+    kernel_rows: np.ndarray | None = field(default=None, repr=False)
+    unit_local_energies: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def local_energies(self) -> np.ndarray | None:
+        """Alias of ``energies``."""
+        return self.energies
+
+    def as_results(self) -> dict:
+        """The non-None quantities as an ASE ``results`` dict (``free_energy`` = ``energy``)."""
+        out = {}
+        for name in ("energy", "energies", "forces", "stress", "energy_var", "energies_var",
+                     "forces_var"):
+            v = getattr(self, name)
+            if v is not None:
+                out[name] = v
+        if self.energy is not None:
+            out["free_energy"] = self.energy
+        return out
+
+
+def check_properties(properties: Iterable[str]) -> frozenset[str]:
+    """Validated set of property names (TypeError/ValueError naming the bad one)."""
+    if isinstance(properties, str):
+        properties = (properties,)
+    try:
+        props = frozenset(properties)
+    except TypeError as exc:
+        raise TypeError("properties must be a sequence of property names") from exc
+    bad = sorted(p for p in props if p not in PROPERTIES)
+    if bad:
+        raise ValueError(f"unknown properties {bad}; known: {list(PROPERTIES)}")
+    return props
+
+
+def _baseline(state, atoms: Atoms):
+    if state.baseline is None:
+        return 0.0, None, None
+    E, F, S = state.baseline.compute(atoms)
+    F = None if F is None else np.asarray(F, dtype=np.float64)
+    S = None if S is None else voigt(S, "baseline stress")
+    return float(E), F, S
+
+
+def compute(state, atoms: Atoms, properties: Iterable[str] = ("energy",),
+            n_threads: int | None = None, reuse: Prediction | None = None) -> Prediction:
+    """Predicts the requested properties of one structure.
+
+    Parameters
+    ----------
+    state : FittedState
+    atoms : ase.Atoms
+    properties : iterable of str
+        Any of :data:`PROPERTIES`.
+    n_threads : int or None
+        OpenMP threads (and the BLAS limit during the call); None follows OMP_NUM_THREADS.
+    reuse : Prediction, optional
+        A previous result for the same positions: its features and kernel rows are used
+        instead of a new descriptor pass when no derivative is requested.
+
+    Returns
+    -------
+    Prediction
+    """
+    props = check_properties(properties)
+    if not isinstance(atoms, Atoms):
+        raise TypeError(f"expected an ase.Atoms, got {type(atoms).__name__}")
+    check_species(atoms, state.species_z, "", "model")
+    with blas_limited(n_threads):
+        return _compute(state, atoms, props, n_threads, reuse)
+
+
+def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Prediction:
+    n = len(atoms)
+    Z = np.asarray(atoms.numbers, dtype=np.int64)
+    periodic = is_periodic(atoms)
+    want_f = "forces" in props
+    want_s = "stress" in props and periodic
+    want_fvar = "forces_var" in props
+    want_e = bool(props & {"energy", "free_energy"}) or want_f or want_s
+    want_lvar = "energies_var" in props
+    want_evar = "energy_var" in props
+    rows = want_lvar or want_evar
+    need_grad = want_f or want_s
+    d2 = state.hyper.delta ** 2
+    basis = state.basis
+    desc = state.descriptor
+    alpha = state.alpha
+    out = Prediction()
+    G = None
+    K = None
+    if want_fvar:
+        # the exact force variance needs the pair gradients themselves
+        X, G = desc.transform(atoms, gradients=True, n_threads=nt)
+        eps, v, K = basis.evaluate(X, Z, alpha, grad=need_grad, rows=rows)
+        if need_grad:
+            f, W = kernels.contract_forces(G, d2 * v, n, n_threads=nt)
+    elif need_grad:
+        held = {}
+
+        def grad_fn(X):
+            held["eval"] = basis.evaluate(X, Z, alpha, grad=True, rows=rows)
+            return d2 * held["eval"][1]
+
+        X, _, f, W = desc.backprop(atoms, grad_fn, n_threads=nt)
+        eps, _, K = held["eval"]
+    elif reuse is not None and reuse.features is not None \
+            and reuse.features.shape[0] == n and reuse.unit_local_energies is not None:
+        X, K, eps = reuse.features, reuse.kernel_rows, reuse.unit_local_energies
+    else:
+        X = desc.transform(atoms, gradients=False, n_threads=nt)
+        eps, _, K = basis.evaluate(X, Z, alpha, grad=False, rows=rows)
+    if rows and K is None:
+        K = basis.local_rows(X, Z)
+    out.features, out.kernel_rows, out.unit_local_energies = X, K, eps
+    local = d2 * eps + state.e0_table[Z]
+    if "energies" in props or want_e:
+        out.energies = local
+    if want_e:
+        E_b, F_b, S_b = _baseline(state, atoms)
+        out.baseline_energy = E_b
+        out.energy = float(np.sum(local)) + E_b
+        if want_f:
+            out.forces = f if F_b is None else f + F_b
+        if want_s:
+            s = kernels.virial_voigt(np.asarray(W).reshape(9)) / atoms.get_volume()
+            out.stress = s if S_b is None else s + S_b
+    if want_lvar:
+        Xh, _ = kernels.normalize(X)
+        kss = np.einsum("ij,ij->i", Xh, Xh)  # 1, or 0 for an empty environment
+        out.energies_var = state.variance(K, kss, "local energy")
+    if want_evar:
+        kss = kernels.energy_prior_variance(X, Z, basis.zeta)
+        out.energy_var = float(state.variance(K.sum(0)[None, :], np.array([kss]),
+                                              "energy")[0])
+    if want_fvar:
+        Fr, _ = basis.derivative_rows(X, Z, G, n_threads=nt)
+        kss = kernels.force_prior_variance(X, Z, G, basis.zeta).reshape(-1)
+        out.forces_var = state.variance(Fr, kss, "force").reshape(n, 3)
+    return out
+
+
+__all__ = ["PROPERTIES", "Prediction", "check_properties", "compute"]
