@@ -287,20 +287,18 @@ class Ewald(Calculator):
 
         # ---- real space: linked cells, full list, per-centre sums
         nbin = bins["n"]
-        scaled = frac * nbin
-        bidx = np.minimum(scaled.astype(np.intp), nbin - 1)
+        bidx = np.minimum((frac * nbin).astype(np.int64), nbin - 1)
         flat = (bidx[:, 0] * nbin[1] + bidx[:, 1]) * nbin[2] + bidx[:, 2]
         order = np.argsort(flat, kind="stable")
-        bin_start = np.searchsorted(flat[order], np.arange(int(np.prod(nbin)) + 1)).astype(np.intp)
+        bin_start = np.searchsorted(flat[order], np.arange(int(np.prod(nbin)) + 1))
         xs = np.ascontiguousarray(x[order].T)  # (3, m): the pair loop reads coordinates in runs
         qs = np.ascontiguousarray(q[order])
-        us = np.ascontiguousarray((scaled - bidx)[order])
         f_real = np.zeros((m, 3))
         e_real = np.zeros(m)
         v_real = np.zeros((m, 6))
-        bad = _core.real_space(xs, qs, us, bin_start, int(nbin[0]), int(nbin[1]), int(nbin[2]),
-                               bins["stencil"], cell, alpha, rc, n_threads, f_real, e_real,
-                               v_real)
+        bad = _core.real_space(xs, qs, bin_start.astype(np.int64), int(nbin[0]), int(nbin[1]),
+                               int(nbin[2]), bins["stencil"], cell, alpha, rc, n_threads, f_real,
+                               e_real, v_real)
         if bad:
             raise ValueError("two charged atoms (or an atom and a periodic image of another) are "
                              "at the same position: infinite energy")
@@ -442,7 +440,7 @@ def _bins(cell: np.ndarray, volume: float, rc: float, n_atoms: int) -> dict[str,
     support = np.abs(u @ h.T).sum(axis=1)
     along = np.where(dist > 0, dist - support, 0.0)
     keep = np.maximum(slab, along) < rc
-    return {"n": nbin, "stencil": np.ascontiguousarray(d[keep], dtype=np.intp)}
+    return {"n": nbin, "stencil": np.ascontiguousarray(d[keep], dtype=np.int64)}
 
 
 def _kvectors(cell: np.ndarray, recip: np.ndarray, kc: float, alpha: float) -> dict[str, Any]:
@@ -471,7 +469,7 @@ def _kvectors(cell: np.ndarray, recip: np.ndarray, kc: float, alpha: float) -> d
     count = hi - lo + 1
     offset = np.concatenate([[0], np.cumsum(count)[:-1]]) if count.size else count
     rows = np.stack([uniq // (2 * n2 + 1), uniq % (2 * n2 + 1) - n2, lo, count, offset],
-                    axis=1).astype(np.intp)
+                    axis=1).astype(np.int64)
     total = int(count.sum())
     hkl = np.empty((total, 3), dtype=np.intp)
     for col, vals in enumerate((rows[:, 0], rows[:, 1])):
