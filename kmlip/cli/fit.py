@@ -4,38 +4,75 @@ from __future__ import annotations
 import argparse
 import time
 
+from kmlip.cli._files import check_output, read_structures
+
+DESCRIPTION = (
+    "Fit a SOAP + sparse Gaussian-process potential to the energies, forces and (optionally) "
+    "stresses of labelled structures, print the training errors and save the model. "
+    "Units: eV, Å, eV/Å, eV/Å³.")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("train", help="training structures (any ASE-readable file, e.g. extxyz)")
-    p.add_argument("-o", "--output", required=True, help="model file to write")
-    p.add_argument("--species", nargs="+", default=None,
-                   help="species (default: those in the training file)")
-    p.add_argument("--r-cut", type=float, default=5.0, help="cutoff radius, Å")
-    p.add_argument("--n-max", type=int, default=8)
-    p.add_argument("--l-max", type=int, default=6)
-    p.add_argument("--sigma", type=float, default=0.5, help="atom width, Å")
-    p.add_argument("--zeta", type=int, default=4)
-    p.add_argument("--delta", type=float, default=0.2, help="kernel scale, eV")
-    p.add_argument("--n-sparse", type=int, default=1000, help="sparse points per species")
-    p.add_argument("--sparse-method", default="cur", choices=["cur", "fps", "random"])
-    p.add_argument("--sigma-energy", type=float, default=0.002, help="eV per atom")
-    p.add_argument("--sigma-force", type=float, default=0.02, help="eV/Å")
-    p.add_argument("--sigma-stress", type=float, default=None,
-                   help="eV per atom on the virial (default: stress not used)")
-    p.add_argument("--energy-key", default="energy")
-    p.add_argument("--forces-key", default="forces")
-    p.add_argument("--stress-key", default="stress")
-    p.add_argument("--optimize", action="store_true",
-                   help="maximise the log marginal likelihood over delta and the sigmas")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("train", help="labelled training structures: any file ASE can read that "
+                                 "holds energies and forces (e.g. extxyz), all frames are used")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="model file to write (exactly this path; written atomically, an "
+                        "existing file is replaced only on success)")
+    p.add_argument("--format", default=None, metavar="NAME",
+                   help="ASE format name of the training file, e.g. extxyz "
+                        "(default: guessed from the file name and content)")
+    g = p.add_argument_group("SOAP descriptor")
+    g.add_argument("--species", nargs="+", default=None, metavar="SYMBOL",
+                   help="chemical symbols the potential accepts "
+                        "(default: those in the training file)")
+    g.add_argument("--r-cut", type=float, default=5.0,
+                   help="cutoff radius in Å, >= 1 (default: %(default)s)")
+    g.add_argument("--n-max", type=int, default=8, metavar="N",
+                   help="radial basis functions, 1..20 (default: %(default)s)")
+    g.add_argument("--l-max", type=int, default=6, metavar="L",
+                   help="maximum angular momentum, 0..20 (default: %(default)s)")
+    g.add_argument("--sigma", type=float, default=0.5,
+                   help="Gaussian atom width in Å (default: %(default)s)")
+    g = p.add_argument_group("sparse GP")
+    g.add_argument("--zeta", type=int, default=4,
+                   help="kernel exponent: k = delta² (p·q)^zeta (default: %(default)s)")
+    g.add_argument("--delta", type=float, default=0.2,
+                   help="kernel scale delta in eV, the prior std of a local energy "
+                        "(default: %(default)s)")
+    g.add_argument("--n-sparse", type=int, default=1000, metavar="M",
+                   help="sparse points per species (default: %(default)s; capped at the "
+                        "number of atomic environments)")
+    g.add_argument("--sparse-method", default="cur", choices=["cur", "fps", "random"],
+                   help="how sparse points are chosen: CUR leverage scores, farthest-point "
+                        "sampling or random (default: %(default)s)")
+    g.add_argument("--sigma-energy", type=float, default=0.002,
+                   help="energy noise in eV per atom (default: %(default)s)")
+    g.add_argument("--sigma-force", type=float, default=0.02,
+                   help="force noise in eV/Å per component (default: %(default)s)")
+    g.add_argument("--sigma-stress", type=float, default=None,
+                   help="virial noise in eV per atom; stresses are fitted only when given "
+                        "(default: stresses not used)")
+    g.add_argument("--optimize", action="store_true",
+                   help="maximise the log marginal likelihood over delta and the sigmas "
+                        "(default: off, use the values given)")
+    g = p.add_argument_group("labels and run")
+    g.add_argument("--energy-key", default="energy", metavar="KEY",
+                   help="name of the energy label in the file (default: %(default)s)")
+    g.add_argument("--forces-key", default="forces", metavar="KEY",
+                   help="name of the forces label in the file (default: %(default)s)")
+    g.add_argument("--stress-key", default="stress", metavar="KEY",
+                   help="name of the stress label in the file (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="OpenMP threads (default: OMP_NUM_THREADS or all cores)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed of the sparse-point selection (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     from kmlip import SOAP, KernelPotential
-    from kmlip.cli.predict import read_frames
 
-    frames = read_frames(args.train)
+    check_output(args.output)  # fail now, not after the fit
+    frames = read_structures(args.train, format=args.format)
     species = args.species or sorted({s for a in frames for s in a.get_chemical_symbols()})
     soap = SOAP(species=species, r_cut=args.r_cut, n_max=args.n_max, l_max=args.l_max,
                 sigma=args.sigma)

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import argparse
 
+from kmlip.cli._files import load_model
+
+DESCRIPTION = ("Describe a saved model file: its parameters, descriptor, per-species e0 (eV) "
+               "and sparse points. A file that cannot be loaded gives a one-line error.")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file")
+    p.add_argument("model", help="model file written by 'kmlip fit' or KernelPotential.save")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kmlip import load
-
-    model = load(args.model)
+    model = load_model(args.model)
     print(f"model: {args.model}")
     for k, v in model.get_params(deep=False).items():
         if k != "descriptor":

@@ -2,55 +2,85 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
+from kmlip.cli._files import check_output, load_model, read_structures
 
-def read_frames(path: str):
-    """All structures of an ASE-readable file; a clear error if there are none."""
-    from ase.io import read
+DESCRIPTION = (
+    "Predict the energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's "
+    "sign and Voigt order) of every structure in a file, with the epistemic standard "
+    "deviations of the total and per-atom energies. Prints one line per structure; -o also "
+    "writes them to an extxyz file.")
 
-    if not os.path.exists(path):
-        raise ValueError(f"no such file: {path}")
-    frames = read(path, index=":")
-    if not frames:
-        raise ValueError(f"{path} holds no structures")
-    return frames
+
+def read_frames(path: str, format: str | None = None):
+    """All structures of an ASE-readable file (see :func:`kmlip.cli._files.read_structures`)."""
+    return read_structures(path, format=format)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file written by 'kmlip fit' or KernelPotential.save")
-    p.add_argument("structures", help="structures to predict (any ASE-readable file)")
-    p.add_argument("-o", "--output", default=None,
-                   help="write an extxyz with the predictions (energy, forces, stress, "
-                        "energy_std, energies_std) to this path")
-    p.add_argument("--forces-var", action="store_true", help="also force variances")
+    p.add_argument("structures", help="structures to predict: any file ASE can read "
+                                      "(extxyz, POSCAR, cif, ...), all frames are used")
+    p.add_argument("-o", "--output", default=None, metavar="PATH",
+                   help="also write the structures with the predictions to this extxyz file: "
+                        "energy (eV), forces (eV/Å), stress (eV/Å³), info 'energy_std' (eV), "
+                        "arrays 'energies_std' (eV) and, with --forces-var, 'forces_std' "
+                        "(eV/Å); written atomically, an existing file is replaced only on "
+                        "success (default: no file)")
+    p.add_argument("--format", default=None, metavar="NAME",
+                   help="ASE format name of the structures file, e.g. extxyz "
+                        "(default: guessed from the file name and content)")
+    p.add_argument("--forces-var", action="store_true",
+                   help="also compute the epistemic variance of every force component "
+                        "(costs about as much again as the forces; default: off)")
+
+
+def _property(calc, atoms, name):
+    """``name`` from the calculator, or None if it does not implement it."""
+    if name not in calc.implemented_properties:
+        return None
+    return calc.get_property(name, atoms)
 
 
 def run(args: argparse.Namespace) -> int:
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
-    from kmlip import KMLIPCalculator, load
+    from kmlip import KMLIPCalculator
 
-    model = load(args.model)
-    frames = read_frames(args.structures)
+    if args.output:
+        check_output(args.output)
+    model = load_model(args.model)
+    frames = read_structures(args.structures, format=args.format)
     out = []
     for k, atoms in enumerate(frames):
         a = atoms.copy()
-        a.calc = KMLIPCalculator(model, forces_var=args.forces_var)
-        e = a.get_potential_energy()
-        r = dict(a.calc.results)
-        std = float(np.sqrt(r["energy_var"]))
-        print(f"{k}: {len(a)} atoms  E = {e:.6f} eV  std(E) = {1000 * std:.3f} meV")
+        a.calc = KMLIPCalculator(model)
+        try:
+            r = {"energy": a.get_potential_energy(), "forces": a.get_forces()}
+            if np.all(a.pbc):
+                r["stress"] = a.get_stress()
+            e_var = _property(a.calc, a, "energy_var")
+            energies_var = _property(a.calc, a, "energies_var")
+            forces_var = _property(a.calc, a, "forces_var") if args.forces_var else None
+        except (ValueError, TypeError) as exc:
+            from kmlip.cli._files import first_line
+
+            raise ValueError(f"{args.structures}: structure {k}: {first_line(exc)}") from None
+        line = f"{k}: {len(a)} atoms  E = {r['energy']:.6f} eV"
         b = atoms.copy()
-        b.info["energy_std"] = std
-        b.arrays["energies_std"] = np.sqrt(r["energies_var"])
-        if "forces_var" in r:
-            b.arrays["forces_std"] = np.sqrt(r["forces_var"])
-        b.calc = SinglePointCalculator(b, **{k2: r[k2] for k2 in ("energy", "forces", "stress")
-                                            if k2 in r})
+        if e_var is not None:
+            std = float(np.sqrt(max(float(e_var), 0.0)))
+            b.info["energy_std"] = std
+            line += f"  std(E) = {1000 * std:.3f} meV"
+        if energies_var is not None:
+            b.arrays["energies_std"] = np.sqrt(np.maximum(energies_var, 0.0))
+        if forces_var is not None:
+            b.arrays["forces_std"] = np.sqrt(np.maximum(forces_var, 0.0))
+        print(line)
+        b.calc = SinglePointCalculator(b, **r)
         out.append(b)
     if args.output:
         from kmlip.io import atomic_write
