@@ -10,7 +10,7 @@ cimport cython
 from cython.parallel cimport prange
 from libc.stdint cimport int64_t
 
-from kmlip._ext.omp cimport omp_get_max_threads
+from kmlip._ext.omp cimport kmlip_omp_get_max_threads
 
 
 cdef extern from "contract_core.h" nogil:
@@ -30,12 +30,12 @@ cdef extern from "contract_core.h" nogil:
         double *forces, double *virial)
     double kmlip_centre_energy_grad(
         const double *p, const double *S_hat, const double *alpha, int64_t M, int64_t F,
-        int zeta, double scale, double *v)
+        int64_t zeta, double scale, double *v)
 
 
 cdef int _threads(n_threads):
     if n_threads is None:
-        return max(1, omp_get_max_threads())
+        return max(1, kmlip_omp_get_max_threads())
     return max(1, int(n_threads))
 
 

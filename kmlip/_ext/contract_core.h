@@ -1,8 +1,9 @@
 /* Contraction of normalised dot-product kernel derivatives with per-pair descriptor gradients.
  *
- * Plain C over raw pointers (row-major, double / int64): the Cython layer (contract.pyx) owns the
- * parallel loops, memory and validation; a LAMMPS plugin can include this header and call the
- * per-centre routines from its own loop.
+ * Plain C99 (also valid C++17) over raw pointers (row-major, double / int64): the Cython layer
+ * (contract.pyx) owns the parallel loops, memory and validation; a LAMMPS plugin can include this
+ * header and call the per-centre routines from its own loop. Every size and index is int64_t;
+ * functions are prefixed kmlip_, macros KMLIP_; a name ending in "_" is an internal step.
  *
  * Kernel (unit prefactor delta^2 = 1 here; callers scale): k(p, s) = (p_hat . s_hat)^zeta,
  *   dk/dp = zeta c^(zeta-1) (s_hat - c p_hat) / |p|,   c = p_hat . s_hat.
@@ -11,8 +12,21 @@
 #ifndef KMLIP_CONTRACT_CORE_H
 #define KMLIP_CONTRACT_CORE_H
 
-#include <stdint.h>
 #include <math.h>
+#include <stdint.h>
+
+/* C99 restrict; C++ has no such keyword, but GCC, Clang and MSVC accept __restrict. */
+#ifndef KMLIP_RESTRICT
+#ifdef __cplusplus
+#define KMLIP_RESTRICT __restrict
+#else
+#define KMLIP_RESTRICT restrict
+#endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 /* Force and virial rows of K_NM for the columns [m0, m1) of one species block.
  *
@@ -29,9 +43,9 @@
  * column range is split between threads.
  */
 static inline void kmlip_scatter_row_(
-    const double *restrict Hr, const double *restrict Ai, const double *restrict ACi, double q,
-    double r0, double r1, double r2, double *restrict F, double *restrict W0,
-    double *restrict W1, double *restrict W2, int64_t m0, int64_t m1)
+    const double *KMLIP_RESTRICT Hr, const double *KMLIP_RESTRICT Ai, const double *KMLIP_RESTRICT ACi, double q,
+    double r0, double r1, double r2, double *KMLIP_RESTRICT F, double *KMLIP_RESTRICT W0,
+    double *KMLIP_RESTRICT W1, double *KMLIP_RESTRICT W2, int64_t m0, int64_t m1)
 {
     /* restrict + simd: the output rows never alias each other or the inputs, so the loop
      * vectorises (4 independent streaming updates per column). */
@@ -56,7 +70,7 @@ static inline void kmlip_scatter_force_rows(
         const double *Ai = A + cl[e] * ldh;
         const double *ACi = AC + cl[e] * ldh;
         const double r0 = vec[3 * e], r1 = vec[3 * e + 1], r2 = vec[3 * e + 2];
-        for (int a = 0; a < 3; ++a) {
+        for (int64_t a = 0; a < 3; ++a) {
             double *W0 = outW + (3 * a) * ldo + col0;
             kmlip_scatter_row_(H + (3 * e + a) * ldh, Ai, ACi, pv[3 * e + a], r0, r1, r2,
                                outF + (3 * nb[e] + a) * ldo + col0, W0, W0 + ldo,
@@ -70,10 +84,10 @@ static inline void kmlip_scatter_force_rows(
  * hu = values . u (double) restores values . s_hat = H + hu; centring shrinks the float32
  * rounding by the spread of the sparse points around u. Every accumulation stays in double. */
 static inline void kmlip_scatter_row_f_(
-    const float *restrict Hr, double hu, const double *restrict Ai, const double *restrict ACi,
+    const float *KMLIP_RESTRICT Hr, double hu, const double *KMLIP_RESTRICT Ai, const double *KMLIP_RESTRICT ACi,
     double q,
-    double r0, double r1, double r2, double *restrict F, double *restrict W0,
-    double *restrict W1, double *restrict W2, int64_t m0, int64_t m1)
+    double r0, double r1, double r2, double *KMLIP_RESTRICT F, double *KMLIP_RESTRICT W0,
+    double *KMLIP_RESTRICT W1, double *KMLIP_RESTRICT W2, int64_t m0, int64_t m1)
 {
 #ifdef _OPENMP
 #pragma omp simd
@@ -96,12 +110,11 @@ static inline void kmlip_scatter_force_rows_f(
         const double *Ai = A + cl[e] * ldh;
         const double *ACi = AC + cl[e] * ldh;
         const double r0 = vec[3 * e], r1 = vec[3 * e + 1], r2 = vec[3 * e + 2];
-        for (int a = 0; a < 3; ++a) {
+        for (int64_t a = 0; a < 3; ++a) {
             double *W0 = outW + (3 * a) * ldo + col0;
             kmlip_scatter_row_f_(H + (3 * e + a) * ldh, hu[3 * e + a], Ai, ACi, pv[3 * e + a],
-                                 r0, r1, r2,
-                               outF + (3 * nb[e] + a) * ldo + col0, W0, W0 + ldo,
-                               W0 + 2 * ldo, m0, m1);
+                                 r0, r1, r2, outF + (3 * nb[e] + a) * ldo + col0, W0,
+                                 W0 + ldo, W0 + 2 * ldo, m0, m1);
         }
     }
 }
@@ -114,10 +127,10 @@ static inline void kmlip_pair_forces(
     int64_t e0, int64_t e1, double *f)
 {
     for (int64_t e = e0; e < e1; ++e) {
-        const double *restrict vi = v + centers[e] * n_features;
-        const double *restrict x0 = values + (3 * e) * n_features;
-        const double *restrict x1 = x0 + n_features;
-        const double *restrict x2 = x1 + n_features;
+        const double *KMLIP_RESTRICT vi = v + centers[e] * n_features;
+        const double *KMLIP_RESTRICT x0 = values + (3 * e) * n_features;
+        const double *KMLIP_RESTRICT x1 = x0 + n_features;
+        const double *KMLIP_RESTRICT x2 = x1 + n_features;
         double s0 = 0.0, s1 = 0.0, s2 = 0.0;
 #ifdef _OPENMP
 #pragma omp simd reduction(+:s0, s1, s2)
@@ -140,10 +153,10 @@ static inline void kmlip_forces_virial(
     double *forces, double *virial)
 {
     for (int64_t e = 0; e < n_e; ++e) {
-        for (int a = 0; a < 3; ++a) {
+        for (int64_t a = 0; a < 3; ++a) {
             const double fa = f[3 * e + a];
             forces[3 * nb[e] + a] -= fa;
-            for (int b = 0; b < 3; ++b) virial[3 * a + b] += fa * vec[3 * e + b];
+            for (int64_t b = 0; b < 3; ++b) virial[3 * a + b] += fa * vec[3 * e + b];
         }
     }
 }
@@ -156,7 +169,7 @@ static inline void kmlip_forces_virial(
  */
 static inline double kmlip_centre_energy_grad(
     const double *p, const double *S_hat, const double *alpha, int64_t M, int64_t F,
-    int zeta, double scale, double *v)
+    int64_t zeta, double scale, double *v)
 {
     double nrm = 0.0;
     for (int64_t k = 0; k < F; ++k) nrm += p[k] * p[k];
@@ -171,7 +184,7 @@ static inline double kmlip_centre_energy_grad(
         for (int64_t k = 0; k < F; ++k) c += p[k] * s[k];
         c *= inv;
         double cz1 = 1.0;
-        for (int t = 0; t < zeta - 1; ++t) cz1 *= c;
+        for (int64_t t = 0; t < zeta - 1; ++t) cz1 *= c;
         const double w = alpha[m] * cz1;   /* alpha c^(zeta-1) */
         eps += w * c;
         proj += w * c;
@@ -182,4 +195,8 @@ static inline double kmlip_centre_energy_grad(
     return scale * eps;
 }
 
+#ifdef __cplusplus
+}
 #endif
+
+#endif /* KMLIP_CONTRACT_CORE_H */

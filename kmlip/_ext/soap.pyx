@@ -5,11 +5,11 @@ from libc.stdint cimport int32_t, int64_t
 import numpy as np
 
 cdef extern from "soap_core.h" nogil:
-    ctypedef struct soap_params:
-        int n_max
-        int l_max
-        int n_species
-        int n_features
+    ctypedef struct kmlip_soap_params:
+        int64_t n_max
+        int64_t l_max
+        int64_t n_species
+        int64_t n_features
         double r_cut
         double cutoff_width
         double center_weight
@@ -18,23 +18,25 @@ cdef extern from "soap_core.h" nogil:
         const int64_t *feat_index
         const double *feat_scale
         const double *ylm_norm
-    int64_t soap_work_size(const soap_params *p, int64_t n_neigh)
-    void soap_centre(const soap_params *p, int center_species, int64_t n_neigh,
-                     const double *vec, const int32_t *spec, double *work,
-                     double *out_p, double *out_grad)
-    void soap_normalize(int64_t F, double *pv, int64_t n_entries, double *grad)
-    void soap_centre_vjp(const soap_params *p, int center_species, int64_t n_neigh,
-                         const double *vec, const int32_t *spec, const double *v,
-                         int normalized, double *work, double *out_f)
+    int64_t kmlip_soap_work_size(const kmlip_soap_params *p, int64_t n_neigh)
+    void kmlip_soap_centre(const kmlip_soap_params *p, int64_t center_species, int64_t n_neigh,
+                           const double *vec, const int32_t *spec, double *work,
+                           double *out_p, double *out_grad)
+    void kmlip_soap_normalize(int64_t F, double *pv, int64_t n_entries, double *grad)
+    void kmlip_soap_centre_vjp(const kmlip_soap_params *p, int64_t center_species,
+                               int64_t n_neigh, const double *vec, const int32_t *spec,
+                               const double *v, int64_t normalized, double *work,
+                               double *out_f)
 
 
-cdef soap_params _params(const double[:, ::1] A, const double[:, :, ::1] B,
-                         const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
-                         const double[::1] ylm_norm, int n_max, int l_max, int n_species,
-                         int n_features, double r_cut, double cutoff_width,
-                         double center_weight):
+cdef kmlip_soap_params _params(const double[:, ::1] A, const double[:, :, ::1] B,
+                               const int64_t[:, :, ::1] feat_index,
+                               const double[:, :, ::1] feat_scale,
+                               const double[::1] ylm_norm, int n_max, int l_max, int n_species,
+                               int n_features, double r_cut, double cutoff_width,
+                               double center_weight):
     """Plain-C view of the descriptor's tables (the arrays must outlive the call)."""
-    cdef soap_params p
+    cdef kmlip_soap_params p
     p.n_max = n_max
     p.l_max = l_max
     p.n_species = n_species
@@ -50,14 +52,15 @@ cdef soap_params _params(const double[:, ::1] A, const double[:, :, ::1] B,
     return p
 
 
-cdef double[:, ::1] _work(const soap_params *p, const int64_t[::1] pair_offsets, int n_threads):
+cdef double[:, ::1] _work(const kmlip_soap_params *p, const int64_t[::1] pair_offsets,
+                          int n_threads):
     """Per-thread scratch rows sized for the centre with the most neighbours."""
     cdef Py_ssize_t i, n, max_neigh = 0
     for i in range(pair_offsets.shape[0] - 1):
         n = pair_offsets[i + 1] - pair_offsets[i]
         if n > max_neigh:
             max_neigh = n
-    return np.empty((max(n_threads, 1), soap_work_size(p, max_neigh)))
+    return np.empty((max(n_threads, 1), kmlip_soap_work_size(p, max_neigh)))
 
 
 def compute(const double[:, ::1] A, const double[:, :, ::1] B,
@@ -71,8 +74,9 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
 
     Entries of centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
     """
-    cdef soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
-                                 n_species, n_features, r_cut, cutoff_width, center_weight)
+    cdef kmlip_soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
+                                       n_species, n_features, r_cut, cutoff_width,
+                                       center_weight)
     cdef Py_ssize_t n_atoms = out_X.shape[0]
     cdef Py_ssize_t i, n_neigh, start
     cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads)
@@ -99,9 +103,10 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             gptr = &out_grad[start + i, 0, 0]
         else:
             gptr = NULL
-        soap_centre(&p, center_species[i], n_neigh, vptr, sptr, &work[tid, 0], &out_X[i, 0], gptr)
+        kmlip_soap_centre(&p, center_species[i], n_neigh, vptr, sptr, &work[tid, 0],
+                          &out_X[i, 0], gptr)
         if normalize:
-            soap_normalize(n_features, &out_X[i, 0], (n_neigh + 1) if grads else 0, gptr)
+            kmlip_soap_normalize(n_features, &out_X[i, 0], (n_neigh + 1) if grads else 0, gptr)
 
 
 def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
@@ -112,8 +117,9 @@ def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
         const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
         const double[:, ::1] V, double[:, ::1] out_f, int n_threads):
     """out_f[k] = dE/dr_ij of pair k, given V[i] = dE/dX_i (n_atoms, F)."""
-    cdef soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
-                                 n_species, n_features, r_cut, cutoff_width, center_weight)
+    cdef kmlip_soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
+                                       n_species, n_features, r_cut, cutoff_width,
+                                       center_weight)
     cdef Py_ssize_t n_atoms = V.shape[0]
     cdef Py_ssize_t i, n_neigh, start
     cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads)
@@ -124,6 +130,6 @@ def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
         start = pair_offsets[i]
         n_neigh = pair_offsets[i + 1] - start
         if n_neigh > 0:
-            soap_centre_vjp(&p, center_species[i], n_neigh, &pair_vectors[start, 0],
-                            &pair_species[start], &V[i, 0], normalize, &work[tid, 0],
-                            &out_f[start, 0])
+            kmlip_soap_centre_vjp(&p, center_species[i], n_neigh, &pair_vectors[start, 0],
+                                  &pair_species[start], &V[i, 0], normalize, &work[tid, 0],
+                                  &out_f[start, 0])

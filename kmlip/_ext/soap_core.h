@@ -1,8 +1,13 @@
 /* SOAP power spectrum and its exact gradients for one centre.
  *
- * Plain C over raw pointers: no Python, no allocation. The Cython driver (soap.pyx) owns the loop
- * over centres and the memory; a LAMMPS pair style can include this header and call
- * soap_centre() from its own loop.
+ * Plain C99 (also valid C++17) over raw pointers: no Python, no allocation. The Cython driver
+ * (soap.pyx) owns the loop over centres and the memory; a LAMMPS pair style can include this
+ * header and call kmlip_soap_centre() (features and gradients) or kmlip_soap_centre_vjp()
+ * (forces of a scalar of the features) from its own loop.
+ *
+ * Conventions: every size and index is int64_t; species codes are int32_t arrays (the dtype the
+ * Python driver builds); functions and types are prefixed kmlip_soap_, macros KMLIP_SOAP_; a
+ * name ending in "_" is an internal step that callers need not use.
  *
  * Maths (see DESIGN.md, "SOAP"): with the GTO primitive basis r^l exp(-alpha_{lk} r^2) and a
  * Gaussian atom density of width sigma, the radial integral has the closed form
@@ -11,6 +16,16 @@
  * (l_max+1)*n_max exponentials and a small matrix-vector product; no quadrature, no splines.
  * The coefficients c^s_{nlm} = sum_{j in s} fc(r_ij) I_{nl} Y_lm and the power spectrum
  * p_{(s n)(s' n') l} = scale * sum_m c^s_{nlm} c^{s'}_{n'lm} (rows r = s*n_max + n, r <= r').
+ *
+ * One centre is computed in named steps, shared by the features, gradient and vjp paths:
+ *   kmlip_soap_expand_            coefficients C and per-pair harmonics / radial values
+ *   kmlip_soap_power_spectrum_    p from C (the one power-spectrum loop)
+ *   kmlip_soap_pair_coeff_grad_   dC: derivative of the pair's coefficients w.r.t. r_j
+ *   kmlip_soap_pair_spectrum_grad_  Q = dC_l C_l^T, the pair's derivative rows of P_l
+ *   kmlip_soap_scatter_pair_grad_ dp/dr_j into the output (and minus it into the self term)
+ *   kmlip_soap_cotangent_         dE/dp from dE/d(p/|p|) (normalised features, vjp path)
+ *   kmlip_soap_adjoint_           H_l = U_l C_l, U_l the symmetric matrix of dE/dp
+ *   kmlip_soap_pair_vjp_          dE/dr_ij of one pair from H and its harmonics / radial values
  */
 #ifndef KMLIP_SOAP_CORE_H
 #define KMLIP_SOAP_CORE_H
@@ -19,11 +34,20 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef struct {
-    int n_max;              /* radial functions */
-    int l_max;              /* angular channels 0..l_max */
-    int n_species;          /* neighbour species (rows R = n_species * n_max) */
-    int n_features;         /* length of p */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* M_PI is not part of strict C99 / C++; the same literal as glibc's M_PI. */
+#define KMLIP_SOAP_PI 3.14159265358979323846
+/* Y_00 = 1 / sqrt(4 pi) */
+#define KMLIP_SOAP_Y00 0.28209479177387814
+
+typedef struct kmlip_soap_params {
+    int64_t n_max;          /* radial functions */
+    int64_t l_max;          /* angular channels 0..l_max */
+    int64_t n_species;      /* neighbour species (rows R = n_species * n_max) */
+    int64_t n_features;     /* length of p */
     double r_cut;           /* neighbours with r < r_cut contribute */
     double cutoff_width;    /* > 0: shifted-cosine cutoff on [r_cut - width, r_cut]; 0: hard */
     double center_weight;   /* weight of the centre atom's own Gaussian (l = 0 only) */
@@ -33,95 +57,158 @@ typedef struct {
                                  * for fixed (l, r) and a species block of r', consecutive */
     const double *feat_scale;   /* (l_max+1, R, R): prefactor of that output */
     const double *ylm_norm;     /* ((l_max+1)^2): normalisation of S_lm at l*l + l + |m| */
-} soap_params;
-
-static inline int soap_lm_size(const soap_params *p) { return (p->l_max + 1) * (p->l_max + 1); }
-
-/* Doubles of scratch space soap_centre() needs for up to n_neigh neighbours. */
-static inline int64_t soap_work_size(const soap_params *p, int64_t n_neigh)
-{
-    const int64_t L1 = p->l_max + 1, LM = L1 * L1, N = p->n_max, R = (int64_t)p->n_species * N;
-    int64_t per_pair = LM + 3 * LM + 2 * L1 * N;       /* S, dS, a, b */
-    int64_t fixed = R * LM                             /* C */
-                    + 2 * L1 * N                        /* exponentials */
-                    + 3 * N * R                         /* Q for one l */
-                    + 3 * N * LM                        /* dC of one pair */
-                    + 4 * LM + 2 * L1 * L1 + 2 * L1 * 2 /* harmonics scratch */
-                    + 3 * (int64_t)p->n_features        /* self gradient */
-                    + R * LM + R * R + p->n_features;   /* adjoint (vjp) */
-    return fixed + n_neigh * per_pair + 64;
-}
+} kmlip_soap_params;
 
 /* Pointers into the scratch array of one centre. */
-typedef struct {
-    double *C, *ex, *Q, *dC, *hscr, *selfg, *adj, *Sall;
-    int64_t stride;   /* doubles per pair in Sall: S (LM), dS (3 LM), a (L1 N), b (L1 N) */
-} soap_ws;
+typedef struct kmlip_soap_workspace {
+    double *C;      /* (LM, R): coefficients, C[l^2 R + (m+l) R + r] */
+    double *ex;     /* (2, L1 N): exponentials of one pair */
+    double *P;      /* (R, R): power spectrum of one l */
+    double *Q;      /* (3, N, R): derivative rows of one pair and one l */
+    double *dC;     /* (3, LM, N): coefficient derivatives of one pair */
+    double *hscr;   /* solid-harmonics recurrences */
+    double *selfg;  /* (3, F): self term; F doubles of it hold p^ in the vjp path */
+    double *adj;    /* vjp: H (LM, R), U (R, R), cotangent (F) */
+    double *Sall;   /* (n_neigh, stride): S (LM), dS (3 LM), a (L1 N), b (L1 N) per pair */
+    int64_t stride; /* doubles per pair in Sall */
+} kmlip_soap_workspace;
 
-static inline soap_ws soap_workspace(const soap_params *p, double *work)
+/* Doubles of scratch space kmlip_soap_centre() / kmlip_soap_centre_vjp() need for up to n_neigh
+ * neighbours. */
+static inline int64_t kmlip_soap_work_size(const kmlip_soap_params *p, int64_t n_neigh)
 {
-    const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1, R = (int64_t)p->n_species * N;
-    soap_ws w;
-    w.C = work;                      /* C[l^2 R + (m+l) R + r] */
-    w.ex = w.C + R * LM;             /* exponentials */
-    w.Q = w.ex + 2 * L1 * N;         /* (3, N, R) for one l */
-    w.dC = w.Q + 3 * N * R;          /* (3, LM, N) of one pair */
+    const int64_t L1 = p->l_max + 1, LM = L1 * L1, N = p->n_max, R = p->n_species * N;
+    const int64_t per_pair = LM + 3 * LM + 2 * L1 * N;  /* S, dS, a, b */
+    const int64_t fixed = R * LM                        /* C */
+                          + 2 * L1 * N                  /* exponentials */
+                          + R * R                       /* P for one l */
+                          + 3 * N * R                   /* Q for one l */
+                          + 3 * N * LM                  /* dC of one pair */
+                          + 3 * LM + 2 * L1             /* harmonics scratch */
+                          + 3 * p->n_features           /* self gradient */
+                          + R * LM + R * R + p->n_features;  /* adjoint (vjp) */
+    return fixed + n_neigh * per_pair;
+}
+
+static inline kmlip_soap_workspace kmlip_soap_workspace_(const kmlip_soap_params *p, double *work)
+{
+    const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1, R = p->n_species * N;
+    kmlip_soap_workspace w;
+    w.C = work;
+    w.ex = w.C + R * LM;
+    w.P = w.ex + 2 * L1 * N;
+    w.Q = w.P + R * R;
+    w.dC = w.Q + 3 * N * R;
     w.hscr = w.dC + 3 * N * LM;
-    w.selfg = w.hscr + 4 * LM + 2 * L1 * L1 + 4 * L1;
-    w.adj = w.selfg + 3 * (int64_t)p->n_features;
+    w.selfg = w.hscr + 3 * LM + 2 * L1;
+    w.adj = w.selfg + 3 * p->n_features;
     w.Sall = w.adj + R * LM + R * R + p->n_features;
     w.stride = LM + 3 * LM + 2 * L1 * N;
     return w;
 }
 
-/* Real regular solid harmonics S_lm = r^l Y_lm (orthonormal Y_lm) and their Cartesian
- * gradients, index l*l + (m + l) with m < 0 the sine type. Recurrences in (x, y, z) only.
- * scratch: at least 4*(l_max+1)^2 + 2*(l_max+1)^2 + 4*(l_max+1) doubles. */
-static inline void soap_solid_harmonics(int l_max, double x, double y, double z,
-                                        double *S, double *dS /* (3, LM) */, double *scratch,
-                                        const double *norm)
+/* Smooth cutoff fc(r), returned, and its slope d fc / d r, written to *slope. */
+static inline double kmlip_soap_cutoff(const kmlip_soap_params *p, double r, double *slope)
 {
-    const int L1 = l_max + 1, LM = L1 * L1;
-    double r2 = x * x + y * y + z * z;
+    const double w = p->cutoff_width;
+    if (w <= 0.0 || r <= p->r_cut - w) { *slope = 0.0; return 1.0; }
+    if (r >= p->r_cut) { *slope = 0.0; return 0.0; }
+    const double t = KMLIP_SOAP_PI * (r - p->r_cut + w) / w;
+    *slope = -0.5 * sin(t) * KMLIP_SOAP_PI / w;
+    return 0.5 * (1.0 + cos(t));
+}
+
+/* Values only of the solid harmonics (see kmlip_soap_solid_harmonics). */
+static inline void kmlip_soap_solid_harmonics_values_(int64_t l_max, double x, double y, double z,
+                                                      const double *norm, double *scratch,
+                                                      double *S)
+{
+    const int64_t L1 = l_max + 1;
+    const double r2 = x * x + y * y + z * z;
+    double *Pi = scratch, *Am = Pi + L1 * L1, *Bm = Am + L1;
+    Am[0] = 1.0; Bm[0] = 0.0;
+    for (int64_t m = 1; m <= l_max; m++) {
+        Am[m] = x * Am[m - 1] - y * Bm[m - 1];
+        Bm[m] = x * Bm[m - 1] + y * Am[m - 1];
+    }
+    double pmm = 1.0;
+    for (int64_t m = 0; m <= l_max; m++) {
+        if (m > 0) pmm *= (double)(2 * m - 1);
+        Pi[m * L1 + m] = pmm;
+        if (m + 1 <= l_max) Pi[(m + 1) * L1 + m] = (2 * m + 1) * z * pmm;
+        for (int64_t l = m + 2; l <= l_max; l++) {
+            /* the same operations as the gradient path, so both paths agree to the bit */
+            const double a = (double)(2 * l - 1), b = (double)(l + m - 1);
+            const double inv = 1.0 / (double)(l - m);
+            Pi[l * L1 + m] = (a * z * Pi[(l - 1) * L1 + m] - b * r2 * Pi[(l - 2) * L1 + m]) * inv;
+        }
+    }
+    for (int64_t l = 0; l <= l_max; l++) {
+        const int64_t i0 = l * l + l;
+        S[i0] = norm[i0] * Pi[l * L1];
+        for (int64_t m = 1; m <= l; m++) {
+            const double Nm = norm[i0 + m], P = Pi[l * L1 + m];
+            S[i0 + m] = Nm * P * Am[m];
+            S[i0 - m] = Nm * P * Bm[m];
+        }
+    }
+}
+
+/* Real regular solid harmonics S_lm = r^l Y_lm (orthonormal Y_lm) at index l*l + (m + l), m < 0
+ * the sine type, and, if dS is not NULL, their Cartesian gradients dS (3, LM). Recurrences in
+ * (x, y, z) only. norm: kmlip_soap_params.ylm_norm; scratch: 3 LM + 2 (l_max+1) doubles. */
+static inline void kmlip_soap_solid_harmonics(int64_t l_max, double x, double y, double z,
+                                              const double *norm, double *scratch, double *S,
+                                              double *dS)
+{
+    if (dS == NULL) {
+        kmlip_soap_solid_harmonics_values_(l_max, x, y, z, norm, scratch, S);
+        return;
+    }
+    const int64_t L1 = l_max + 1, LM = L1 * L1;
+    const double r2 = x * x + y * y + z * z;
     /* Pi[l][m] (associated Legendre in solid form, no Condon-Shortley phase), D = 2 dPi/d(r^2)
      * (so d/dx Pi = x D), E = dPi/dz; Am + i Bm = (x + i y)^m. */
     double *Pi = scratch, *D = Pi + LM, *E = D + LM;
     double *Am = E + LM, *Bm = Am + L1;
     Am[0] = 1.0; Bm[0] = 0.0;
-    for (int m = 1; m <= l_max; m++) {
+    for (int64_t m = 1; m <= l_max; m++) {
         Am[m] = x * Am[m - 1] - y * Bm[m - 1];
         Bm[m] = x * Bm[m - 1] + y * Am[m - 1];
     }
-    for (int m = 0; m <= l_max; m++) {
+    for (int64_t m = 0; m <= l_max; m++) {
         /* Pi[m][m] = (2m-1)!! */
         double pmm = 1.0;
-        for (int k = 1; k <= m; k++) pmm *= (double)(2 * k - 1);
+        for (int64_t k = 1; k <= m; k++) pmm *= (double)(2 * k - 1);
         Pi[m * L1 + m] = pmm; D[m * L1 + m] = 0.0; E[m * L1 + m] = 0.0;
         if (m + 1 <= l_max) {
             Pi[(m + 1) * L1 + m] = (2 * m + 1) * z * pmm;
             D[(m + 1) * L1 + m] = 0.0;
             E[(m + 1) * L1 + m] = (2 * m + 1) * pmm;
         }
-        for (int l = m + 2; l <= l_max; l++) {
-            double a = (double)(2 * l - 1), b = (double)(l + m - 1), inv = 1.0 / (double)(l - m);
-            double p1 = Pi[(l - 1) * L1 + m], p2 = Pi[(l - 2) * L1 + m];
+        for (int64_t l = m + 2; l <= l_max; l++) {
+            const double a = (double)(2 * l - 1), b = (double)(l + m - 1);
+            const double inv = 1.0 / (double)(l - m);
+            const double p1 = Pi[(l - 1) * L1 + m], p2 = Pi[(l - 2) * L1 + m];
             Pi[l * L1 + m] = (a * z * p1 - b * r2 * p2) * inv;
-            D[l * L1 + m] = (a * z * D[(l - 1) * L1 + m] - b * (2.0 * p2 + r2 * D[(l - 2) * L1 + m])) * inv;
-            E[l * L1 + m] = (a * (p1 + z * E[(l - 1) * L1 + m]) - b * (2.0 * z * p2 + r2 * E[(l - 2) * L1 + m])) * inv;
+            D[l * L1 + m] = (a * z * D[(l - 1) * L1 + m]
+                             - b * (2.0 * p2 + r2 * D[(l - 2) * L1 + m])) * inv;
+            E[l * L1 + m] = (a * (p1 + z * E[(l - 1) * L1 + m])
+                             - b * (2.0 * z * p2 + r2 * E[(l - 2) * L1 + m])) * inv;
         }
     }
-    for (int l = 0; l <= l_max; l++) {
+    for (int64_t l = 0; l <= l_max; l++) {
         /* m = 0 */
-        int i0 = l * l + l;
-        double N0 = norm[i0];
+        const int64_t i0 = l * l + l;
+        const double N0 = norm[i0];
         double P = Pi[l * L1], Dl = D[l * L1], El = E[l * L1];
         S[i0] = N0 * P;
         dS[i0] = N0 * x * Dl; dS[LM + i0] = N0 * y * Dl; dS[2 * LM + i0] = N0 * El;
-        for (int m = 1; m <= l; m++) {
-            double Nm = norm[i0 + m];
+        for (int64_t m = 1; m <= l; m++) {
+            const double Nm = norm[i0 + m];
             P = Pi[l * L1 + m]; Dl = D[l * L1 + m]; El = E[l * L1 + m];
-            int ic = i0 + m, is = i0 - m;
-            double A = Am[m], Bv = Bm[m], A1 = Am[m - 1], B1 = Bm[m - 1];
+            const int64_t ic = i0 + m, is = i0 - m;
+            const double A = Am[m], Bv = Bm[m], A1 = Am[m - 1], B1 = Bm[m - 1];
             S[ic] = Nm * P * A;
             S[is] = Nm * P * Bv;
             dS[ic] = Nm * (x * Dl * A + P * m * A1);
@@ -134,87 +221,43 @@ static inline void soap_solid_harmonics(int l_max, double x, double y, double z,
     }
 }
 
-/* Values only of the solid harmonics (no gradients): the features-only path. */
-static inline void soap_solid_harmonics_values(int l_max, double x, double y, double z,
-                                               double *S, double *scratch, const double *norm)
+/* Radial values a[l][n] = fc * R_nl(r) and, if b is not NULL, their derivative factors
+ * b[l][n] = fc'/r * R_nl + 2 fc dR_nl/d(r^2), so that d/dv [fc R_nl S_lm] = b_nl S_lm v +
+ * a_nl dS_lm. ex: 2 (l_max+1) n_max doubles of scratch. */
+static inline void kmlip_soap_radial(const kmlip_soap_params *p, double r2, double fc,
+                                     double dfc_over_r, double *a, double *b, double *ex)
 {
-    const int L1 = l_max + 1;
-    double r2 = x * x + y * y + z * z;
-    double *Pi = scratch, *Am = Pi + L1 * L1, *Bm = Am + L1;
-    Am[0] = 1.0; Bm[0] = 0.0;
-    for (int m = 1; m <= l_max; m++) {
-        Am[m] = x * Am[m - 1] - y * Bm[m - 1];
-        Bm[m] = x * Bm[m - 1] + y * Am[m - 1];
-    }
-    double pmm = 1.0;
-    for (int m = 0; m <= l_max; m++) {
-        if (m > 0) pmm *= (double)(2 * m - 1);
-        Pi[m * L1 + m] = pmm;
-        if (m + 1 <= l_max) Pi[(m + 1) * L1 + m] = (2 * m + 1) * z * pmm;
-        for (int l = m + 2; l <= l_max; l++) {
-            /* the same operations as soap_solid_harmonics, so both paths agree to the bit */
-            double a = (double)(2 * l - 1), b = (double)(l + m - 1), inv = 1.0 / (double)(l - m);
-            Pi[l * L1 + m] = (a * z * Pi[(l - 1) * L1 + m] - b * r2 * Pi[(l - 2) * L1 + m]) * inv;
-        }
-    }
-    for (int l = 0; l <= l_max; l++) {
-        int i0 = l * l + l;
-        S[i0] = norm[i0] * Pi[l * L1];
-        for (int m = 1; m <= l; m++) {
-                const double Nm = norm[i0 + m], P = Pi[l * L1 + m];
-            S[i0 + m] = Nm * P * Am[m];
-            S[i0 - m] = Nm * P * Bm[m];
-        }
-    }
-}
-
-/* Smooth cutoff value and derivative d fc / d r. */
-static inline void soap_cutoff(const soap_params *p, double r, double *fc, double *dfc)
-{
-    double w = p->cutoff_width;
-    if (w <= 0.0 || r <= p->r_cut - w) { *fc = 1.0; *dfc = 0.0; return; }
-    if (r >= p->r_cut) { *fc = 0.0; *dfc = 0.0; return; }
-    double t = M_PI * (r - p->r_cut + w) / w;
-    *fc = 0.5 * (1.0 + cos(t));
-    *dfc = -0.5 * sin(t) * M_PI / w;
-}
-
-/* Radial values a[l][n] = fc * R_nl(r) and b[l][n] = fc'/r * R_nl + 2 fc dR_nl/d(r^2), so that
- * d/dv [fc R_nl S_lm] = b_nl S_lm v + a_nl dS_lm. ex: 2 (l_max+1) n_max doubles of scratch. */
-static inline void soap_radial(const soap_params *p, double r2, double fc, double dfc_over_r,
-                               double *a, double *b, double *ex)
-{
-    const int N = p->n_max, L1 = p->l_max + 1;
+    const int64_t N = p->n_max, L1 = p->l_max + 1;
     double *E = ex, *AE = ex + L1 * N;
     if (b == NULL) {  /* values only */
-        for (int q = 0; q < L1 * N; q++) E[q] = exp(p->A[q] * r2);
-        for (int l = 0; l < L1; l++) {
-            const double *Bl = p->B + (int64_t)l * N * N;
+        for (int64_t q = 0; q < L1 * N; q++) E[q] = exp(p->A[q] * r2);
+        for (int64_t l = 0; l < L1; l++) {
+            const double *Bl = p->B + l * N * N;
             double *al_ = a + l * N;
-            for (int n = 0; n < N; n++) al_[n] = 0.0;
-            for (int k = 0; k < N; k++) {
+            for (int64_t n = 0; n < N; n++) al_[n] = 0.0;
+            for (int64_t k = 0; k < N; k++) {
                 const double e = E[l * N + k];
-                const double *Bk = Bl + (int64_t)k * N;
-                for (int n = 0; n < N; n++) al_[n] += Bk[n] * e;
+                const double *Bk = Bl + k * N;
+                for (int64_t n = 0; n < N; n++) al_[n] += Bk[n] * e;
             }
-            for (int n = 0; n < N; n++) al_[n] *= fc;
+            for (int64_t n = 0; n < N; n++) al_[n] *= fc;
         }
         return;
     }
-    for (int q = 0; q < L1 * N; q++) {
-        double e = exp(p->A[q] * r2);
+    for (int64_t q = 0; q < L1 * N; q++) {
+        const double e = exp(p->A[q] * r2);
         E[q] = e; AE[q] = p->A[q] * e;
     }
-    for (int l = 0; l < L1; l++) {
-        const double *Bl = p->B + (int64_t)l * N * N;   /* B[l][k][n] */
+    for (int64_t l = 0; l < L1; l++) {
+        const double *Bl = p->B + l * N * N;   /* B[l][k][n] */
         double *al_ = a + l * N, *bl_ = b + l * N;
-        for (int n = 0; n < N; n++) { al_[n] = 0.0; bl_[n] = 0.0; }
-        for (int k = 0; k < N; k++) {
+        for (int64_t n = 0; n < N; n++) { al_[n] = 0.0; bl_[n] = 0.0; }
+        for (int64_t k = 0; k < N; k++) {
             const double e = E[l * N + k], ae = AE[l * N + k];
-            const double *Bk = Bl + (int64_t)k * N;
-            for (int n = 0; n < N; n++) { al_[n] += Bk[n] * e; bl_[n] += Bk[n] * ae; }
+            const double *Bk = Bl + k * N;
+            for (int64_t n = 0; n < N; n++) { al_[n] += Bk[n] * e; bl_[n] += Bk[n] * ae; }
         }
-        for (int n = 0; n < N; n++) {
+        for (int64_t n = 0; n < N; n++) {
             const double R = al_[n], G = bl_[n];
             al_[n] = fc * R;
             bl_[n] = dfc_over_r * R + 2.0 * fc * G;
@@ -222,55 +265,190 @@ static inline void soap_radial(const soap_params *p, double r2, double fc, doubl
     }
 }
 
-/* Expansion coefficients C (layout C[l^2 R + (m+l) R + r]) and, per pair, S_lm, dS_lm and the
- * radial values a, b, stored in work (see soap_centre for the arguments). */
-static inline void soap_expand(const soap_params *p, int center_species, int64_t n_neigh,
-                               const double *vec, const int32_t *spec, double *work, int grad)
+/* Step 1. Expansion coefficients ws->C and, per pair, S_lm, the radial values a and (if grad)
+ * dS_lm and b, stored in ws->Sall (arguments as kmlip_soap_centre). */
+static inline void kmlip_soap_expand_(const kmlip_soap_params *p, int64_t center_species,
+                                      int64_t n_neigh, const double *vec, const int32_t *spec,
+                                      const kmlip_soap_workspace *ws, int64_t grad)
 {
-    const int N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1;
-    const int R = p->n_species * N;
-    soap_ws ws = soap_workspace(p, work);
-    double *C = ws.C, *ex = ws.ex, *hscr = ws.hscr, *Sall = ws.Sall;
-    const int64_t stride = ws.stride;
+    const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1, R = p->n_species * N;
+    double *C = ws->C;
 
-    memset(C, 0, sizeof(double) * (size_t)R * LM);
+    memset(C, 0, sizeof(double) * (size_t)(R * LM));
 
     /* Centre atom: r = 0, only l = 0: S_00 = Y_00, R_n0(0) = sum_k B[0][n][k]. */
     if (p->center_weight != 0.0) {
-        const double Y00 = 0.28209479177387814;
-        for (int n = 0; n < N; n++) {
+        for (int64_t n = 0; n < N; n++) {
             double Rn = 0.0;
-            for (int k = 0; k < N; k++) Rn += p->B[k * N + n];
-            C[center_species * N + n] += p->center_weight * Rn * Y00;  /* l = m = 0 row */
+            for (int64_t k = 0; k < N; k++) Rn += p->B[k * N + n];
+            C[center_species * N + n] += p->center_weight * Rn * KMLIP_SOAP_Y00;  /* l = m = 0 */
         }
     }
 
     for (int64_t j = 0; j < n_neigh; j++) {
-        double *S = Sall + j * stride, *dS = S + LM, *a = dS + 3 * LM, *b = a + L1 * N;
-        double x = vec[3 * j], y = vec[3 * j + 1], z = vec[3 * j + 2];
-        double r2 = x * x + y * y + z * z, r = sqrt(r2);
-        double fc, dfc;
-        soap_cutoff(p, r, &fc, &dfc);
+        double *S = ws->Sall + j * ws->stride, *dS = S + LM, *a = dS + 3 * LM, *b = a + L1 * N;
+        const double x = vec[3 * j], y = vec[3 * j + 1], z = vec[3 * j + 2];
+        const double r2 = x * x + y * y + z * z, r = sqrt(r2);
+        double dfc;
+        const double fc = kmlip_soap_cutoff(p, r, &dfc);
         if (grad) {
-            soap_solid_harmonics(p->l_max, x, y, z, S, dS, hscr, p->ylm_norm);
-            soap_radial(p, r2, fc, r > 0.0 ? dfc / r : 0.0, a, b, ex);
+            kmlip_soap_solid_harmonics(p->l_max, x, y, z, p->ylm_norm, ws->hscr, S, dS);
+            kmlip_soap_radial(p, r2, fc, r > 0.0 ? dfc / r : 0.0, a, b, ws->ex);
         } else {
-            soap_solid_harmonics_values(p->l_max, x, y, z, S, hscr, p->ylm_norm);
-            soap_radial(p, r2, fc, 0.0, a, NULL, ex);
+            kmlip_soap_solid_harmonics(p->l_max, x, y, z, p->ylm_norm, ws->hscr, S, NULL);
+            kmlip_soap_radial(p, r2, fc, 0.0, a, NULL, ws->ex);
         }
-        const int s = spec[j];
-        for (int l = 0; l < L1; l++) {
-            const int w = 2 * l + 1;
-            double *Cl = C + (int64_t)l * l * R + (int64_t)s * N;
+        const int64_t s = spec[j];
+        for (int64_t l = 0; l < L1; l++) {
+            const int64_t w = 2 * l + 1;
+            double *Cl = C + l * l * R + s * N;
             const double *Sl = S + l * l, *al_ = a + l * N;
-            for (int m = 0; m < w; m++) {
+            for (int64_t m = 0; m < w; m++) {
                 const double sm = Sl[m];
-                double *Cm = Cl + (int64_t)m * R;
-                for (int n = 0; n < N; n++) Cm[n] += al_[n] * sm;
+                double *Cm = Cl + m * R;
+                for (int64_t n = 0; n < N; n++) Cm[n] += al_[n] * sm;
             }
         }
     }
+}
 
+/* Step 2. Power spectrum out_p (n_features) from the coefficients C: P_l = C_l^T C_l (sum over
+ * m, in order), upper triangle, times feat_scale. P: R*R doubles of scratch. */
+static inline void kmlip_soap_power_spectrum_(const kmlip_soap_params *p, const double *C,
+                                              double *P, double *out_p)
+{
+    const int64_t L1 = p->l_max + 1, R = p->n_species * p->n_max;
+    for (int64_t l = 0; l < L1; l++) {
+        const int64_t w = 2 * l + 1;
+        const double *Cl = C + l * l * R;
+        const int64_t *fi = p->feat_index + l * R * R;
+        const double *fs = p->feat_scale + l * R * R;
+        memset(P, 0, sizeof(double) * (size_t)(R * R));
+        for (int64_t m = 0; m < w; m++) {
+            const double *Cm = Cl + m * R;
+            for (int64_t r1 = 0; r1 < R; r1++) {
+                const double c1 = Cm[r1];
+                double *Pr = P + r1 * R;
+                for (int64_t r2 = 0; r2 < R; r2++) Pr[r2] += c1 * Cm[r2];
+            }
+        }
+        for (int64_t r1 = 0; r1 < R; r1++)
+            for (int64_t r2 = r1; r2 < R; r2++)
+                out_p[fi[r1 * R + r2]] = fs[r1 * R + r2] * P[r1 * R + r2];
+    }
+}
+
+/* Step 3. dC[al][lm][n] = b_nl S_lm v_al + a_nl dS_al,lm: the derivative w.r.t. r_j of the only
+ * coefficients pair j moves (those of its species). v: the pair vector. */
+static inline void kmlip_soap_pair_coeff_grad_(const kmlip_soap_params *p, const double *S,
+                                               const double *v, double *dC)
+{
+    const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1;
+    const double *dS = S + LM, *a = dS + 3 * LM, *b = a + L1 * N;
+    for (int64_t al = 0; al < 3; al++) {
+        for (int64_t l = 0; l < L1; l++) {
+            const double *al_ = a + l * N, *bl_ = b + l * N;
+            for (int64_t q = l * l; q < (l + 1) * (l + 1); q++) {
+                const double sv = S[q] * v[al], ds = dS[al * LM + q];
+                double *d = dC + (al * LM + q) * N;
+                for (int64_t n = 0; n < N; n++) d[n] = bl_[n] * sv + al_[n] * ds;
+            }
+        }
+    }
+}
+
+/* Step 4. Q[al][n][r'] = sum_m dC[al][l,m][n] C_l[m][r'] for one l, register-blocked
+ * 2 n x 4 r'. */
+static inline void kmlip_soap_pair_spectrum_grad_(const kmlip_soap_params *p, int64_t l,
+                                                  const double *C, const double *dC, double *Q)
+{
+    const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1, R = p->n_species * N;
+    const int64_t w = 2 * l + 1;
+    const double *Cl = C + l * l * R;
+    for (int64_t al = 0; al < 3; al++) {
+        const double *D = dC + (al * LM + l * l) * N;   /* (w, N) */
+        double *Qa = Q + al * N * R;
+        int64_t n = 0;
+        for (; n + 2 <= N; n += 2) {
+            double *Q0 = Qa + n * R, *Q1 = Q0 + R;
+            int64_t rp = 0;
+            for (; rp + 4 <= R; rp += 4) {
+                double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+                for (int64_t m = 0; m < w; m++) {
+                    const double *Cm = Cl + m * R + rp;
+                    const double x0 = D[m * N + n], x1 = D[m * N + n + 1];
+                    a0 += x0 * Cm[0]; a1 += x0 * Cm[1]; a2 += x0 * Cm[2]; a3 += x0 * Cm[3];
+                    b0 += x1 * Cm[0]; b1 += x1 * Cm[1]; b2 += x1 * Cm[2]; b3 += x1 * Cm[3];
+                }
+                Q0[rp] = a0; Q0[rp + 1] = a1; Q0[rp + 2] = a2; Q0[rp + 3] = a3;
+                Q1[rp] = b0; Q1[rp + 1] = b1; Q1[rp + 2] = b2; Q1[rp + 3] = b3;
+            }
+            for (; rp < R; rp++) {
+                double a0 = 0, b0 = 0;
+                for (int64_t m = 0; m < w; m++) {
+                    const double c = Cl[m * R + rp];
+                    a0 += D[m * N + n] * c; b0 += D[m * N + n + 1] * c;
+                }
+                Q0[rp] = a0; Q1[rp] = b0;
+            }
+        }
+        for (; n < N; n++) {
+            double *Q0 = Qa + n * R;
+            for (int64_t rp = 0; rp < R; rp++) {
+                double a0 = 0;
+                for (int64_t m = 0; m < w; m++) a0 += D[m * N + n] * Cl[m * R + rp];
+                Q0[rp] = a0;
+            }
+        }
+    }
+}
+
+/* Step 5. d p_(a n)(b n') / d r_j = [a == s] Q[n][b n'] + [b == s] Q[n'][a n] for one l, written
+ * into g (3, F) and subtracted from the self term selfg (3, F), block by block (species pair,
+ * n) so the inner loops run over consecutive features. s: species of the pair's neighbour.
+ * Blocks of species pairs without s stay untouched (g arrives zero-filled). */
+static inline void kmlip_soap_scatter_pair_grad_(const kmlip_soap_params *p, int64_t l, int64_t s,
+                                                 const double *Q, double *g, double *selfg)
+{
+    const int64_t N = p->n_max, R = p->n_species * N, F = p->n_features;
+    const int64_t *fi = p->feat_index + l * R * R;
+    const double *fs = p->feat_scale + l * R * R;
+    for (int64_t sa = 0; sa < p->n_species; sa++) {
+        for (int64_t sb = sa; sb < p->n_species; sb++) {
+            if (sa != s && sb != s) continue;   /* zero block: never touched, never faulted in */
+            for (int64_t n1 = 0; n1 < N; n1++) {
+                const int64_t r1 = sa * N + n1, n2s = (sa == sb) ? n1 : 0;
+                const int64_t f0 = fi[r1 * R + sb * N + n2s];
+                const double *sc = fs + r1 * R + sb * N + n2s;
+                const int64_t cnt = N - n2s;
+                for (int64_t al = 0; al < 3; al++) {
+                    double *ga = g + al * F + f0;
+                    double *sg = selfg + al * F + f0;
+                    const double *Qa = Q + al * N * R;
+                    if (sb != s) {              /* sa == s */
+                        const double *q1 = Qa + n1 * R + sb * N + n2s;
+                        for (int64_t t = 0; t < cnt; t++) {
+                            const double val = sc[t] * q1[t];
+                            ga[t] = val; sg[t] -= val;
+                        }
+                    } else if (sa != s) {       /* sb == s */
+                        const double *q2 = Qa + n2s * R + r1;
+                        for (int64_t t = 0; t < cnt; t++) {
+                            const double val = sc[t] * q2[t * R];
+                            ga[t] = val; sg[t] -= val;
+                        }
+                    } else {                    /* sa == sb == s */
+                        const double *q1 = Qa + n1 * R + sb * N + n2s;
+                        const double *q2 = Qa + n2s * R + r1;
+                        for (int64_t t = 0; t < cnt; t++) {
+                            const double val = sc[t] * (q1[t] + q2[t * R]);
+                            ga[t] = val; sg[t] -= val;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /* SOAP of one centre.
@@ -279,254 +457,158 @@ static inline void soap_expand(const soap_params *p, int center_species, int64_t
  *                    centre itself must not be listed at S = 0)
  *   vec            : (n_neigh, 3) pair vectors r_ij = r_j - r_i (Angstrom)
  *   spec           : (n_neigh,) species index of each neighbour
- *   work           : soap_work_size(p, n_neigh) doubles
+ *   work           : kmlip_soap_work_size(p, n_neigh) doubles
  *   out_p          : (n_features,) power spectrum
  *   out_grad       : NULL, or (1 + n_neigh, 3, n_features), zero on entry: entry 0 the self term
  *                    d p / d r_i, entry 1 + k the derivative w.r.t. the position of neighbour k.
  */
-static inline void soap_centre(const soap_params *p, int center_species, int64_t n_neigh,
-                               const double *vec, const int32_t *spec, double *work,
-                               double *out_p, double *out_grad)
+static inline void kmlip_soap_centre(const kmlip_soap_params *p, int64_t center_species,
+                                     int64_t n_neigh, const double *vec, const int32_t *spec,
+                                     double *work, double *out_p, double *out_grad)
 {
-    const int N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1;
-    const int R = p->n_species * N, F = p->n_features;
-    soap_ws ws = soap_workspace(p, work);
-    double *C = ws.C, *Q = ws.Q, *dC = ws.dC, *selfg = ws.selfg, *Sall = ws.Sall;
-    const int64_t stride = ws.stride;
+    const int64_t L1 = p->l_max + 1, F = p->n_features;
+    const kmlip_soap_workspace ws = kmlip_soap_workspace_(p, work);
 
-    soap_expand(p, center_species, n_neigh, vec, spec, work, out_grad != NULL);
-
-    /* Power spectrum: P_l = C_l C_l^T, upper triangle. */
-    for (int l = 0; l < L1; l++) {
-        const int w = 2 * l + 1;
-        const double *Cl = C + (int64_t)l * l * R;
-        const int64_t *fi = p->feat_index + (int64_t)l * R * R;
-        const double *fs = p->feat_scale + (int64_t)l * R * R;
-        double *P = Q;  /* R x R scratch */
-        memset(P, 0, sizeof(double) * (size_t)R * R);
-        for (int m = 0; m < w; m++) {
-            const double *Cm = Cl + (int64_t)m * R;
-            for (int r1 = 0; r1 < R; r1++) {
-                const double c1 = Cm[r1];
-                double *Pr = P + (int64_t)r1 * R;
-                for (int r2i = 0; r2i < R; r2i++) Pr[r2i] += c1 * Cm[r2i];
-            }
-        }
-        for (int r1 = 0; r1 < R; r1++)
-            for (int r2i = r1; r2i < R; r2i++)
-                out_p[fi[r1 * R + r2i]] = fs[r1 * R + r2i] * P[r1 * R + r2i];
-    }
+    kmlip_soap_expand_(p, center_species, n_neigh, vec, spec, &ws, out_grad != NULL);
+    kmlip_soap_power_spectrum_(p, ws.C, ws.P, out_p);
     if (out_grad == NULL) return;
 
-    memset(selfg, 0, sizeof(double) * 3 * (size_t)F);
+    memset(ws.selfg, 0, sizeof(double) * (size_t)(3 * F));
     for (int64_t j = 0; j < n_neigh; j++) {
-        const double *S = Sall + j * stride, *dS = S + LM, *a = dS + 3 * LM, *b = a + L1 * N;
-        const double v[3] = {vec[3 * j], vec[3 * j + 1], vec[3 * j + 2]};
-        const int s = spec[j];
-        double *g = out_grad + (1 + j) * 3 * (int64_t)F;
-        /* dC[al][lm][n] = b_nl S_lm v_al + a_nl dS_al,lm: the only coefficients moved by r_j */
-        for (int al = 0; al < 3; al++) {
-            for (int l = 0; l < L1; l++) {
-                const double *al_ = a + l * N, *bl_ = b + l * N;
-                for (int q = l * l; q < (l + 1) * (l + 1); q++) {
-                    const double sv = S[q] * v[al], ds = dS[al * LM + q];
-                    double *d = dC + ((int64_t)al * LM + q) * N;
-                    for (int n = 0; n < N; n++) d[n] = bl_[n] * sv + al_[n] * ds;
-                }
-            }
+        kmlip_soap_pair_coeff_grad_(p, ws.Sall + j * ws.stride, vec + 3 * j, ws.dC);
+        for (int64_t l = 0; l < L1; l++) {
+            kmlip_soap_pair_spectrum_grad_(p, l, ws.C, ws.dC, ws.Q);
+            kmlip_soap_scatter_pair_grad_(p, l, spec[j], ws.Q, out_grad + (1 + j) * 3 * F,
+                                          ws.selfg);
         }
-        for (int l = 0; l < L1; l++) {
-            const int w = 2 * l + 1;
-            const double *Cl = C + (int64_t)l * l * R;
-            /* Q[al][n][r'] = sum_m dC[al][l,m][n] C_l[m][r'], register-blocked 2 n x 4 r' */
-            for (int al = 0; al < 3; al++) {
-                const double *D = dC + ((int64_t)al * LM + l * l) * N;   /* (w, N) */
-                double *Qa = Q + (int64_t)al * N * R;
-                int n = 0;
-                for (; n + 2 <= N; n += 2) {
-                    double *Q0 = Qa + (int64_t)n * R, *Q1 = Q0 + R;
-                    int rp = 0;
-                    for (; rp + 4 <= R; rp += 4) {
-                        double a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-                        for (int m = 0; m < w; m++) {
-                            const double *Cm = Cl + (int64_t)m * R + rp;
-                            const double x0 = D[m * N + n], x1 = D[m * N + n + 1];
-                            a0 += x0 * Cm[0]; a1 += x0 * Cm[1]; a2 += x0 * Cm[2]; a3 += x0 * Cm[3];
-                            b0 += x1 * Cm[0]; b1 += x1 * Cm[1]; b2 += x1 * Cm[2]; b3 += x1 * Cm[3];
-                        }
-                        Q0[rp] = a0; Q0[rp + 1] = a1; Q0[rp + 2] = a2; Q0[rp + 3] = a3;
-                        Q1[rp] = b0; Q1[rp + 1] = b1; Q1[rp + 2] = b2; Q1[rp + 3] = b3;
-                    }
-                    for (; rp < R; rp++) {
-                        double a0 = 0, b0 = 0;
-                        for (int m = 0; m < w; m++) {
-                            const double c = Cl[(int64_t)m * R + rp];
-                            a0 += D[m * N + n] * c; b0 += D[m * N + n + 1] * c;
-                        }
-                        Q0[rp] = a0; Q1[rp] = b0;
-                    }
-                }
-                for (; n < N; n++) {
-                    double *Q0 = Qa + (int64_t)n * R;
-                    for (int rp = 0; rp < R; rp++) {
-                        double a0 = 0;
-                        for (int m = 0; m < w; m++) a0 += D[m * N + n] * Cl[(int64_t)m * R + rp];
-                        Q0[rp] = a0;
-                    }
-                }
+    }
+    memcpy(out_grad, ws.selfg, sizeof(double) * (size_t)(3 * F));
+}
+
+/* Cotangent of p from the cotangent vv of p^ = p/|p|, in place: vv <- (vv - p^ (p^.vv)) / |p|.
+ * pn: the power spectrum p (F). */
+static inline void kmlip_soap_cotangent_(int64_t F, const double *pn, double *vv)
+{
+    double nrm = 0.0, dot = 0.0;
+    for (int64_t f = 0; f < F; f++) nrm += pn[f] * pn[f];
+    nrm = sqrt(nrm);
+    if (nrm > 0.0) {
+        for (int64_t f = 0; f < F; f++) dot += pn[f] * vv[f];
+        dot /= nrm;
+        for (int64_t f = 0; f < F; f++) vv[f] = (vv[f] - pn[f] / nrm * dot) / nrm;
+    }
+}
+
+/* dE/dC = H with H_l = U_l C_l (per m), U_l the symmetric matrix of the cotangent vv (F) in the
+ * (r, r') layout of the power spectrum. H: (LM, R) like C; U: R*R doubles of scratch. */
+static inline void kmlip_soap_adjoint_(const kmlip_soap_params *p, const double *C,
+                                       const double *vv, double *U, double *H)
+{
+    const int64_t L1 = p->l_max + 1, R = p->n_species * p->n_max;
+    for (int64_t l = 0; l < L1; l++) {
+        const int64_t w = 2 * l + 1;
+        const double *Cl = C + l * l * R;
+        double *Hl = H + l * l * R;
+        const int64_t *fi = p->feat_index + l * R * R;
+        const double *fs = p->feat_scale + l * R * R;
+        memset(U, 0, sizeof(double) * (size_t)(R * R));
+        for (int64_t r1 = 0; r1 < R; r1++)
+            for (int64_t r2 = r1; r2 < R; r2++) {
+                const double u = fs[r1 * R + r2] * vv[fi[r1 * R + r2]];
+                U[r1 * R + r2] += u;
+                U[r2 * R + r1] += u;
             }
-            /* d p_(a n)(b n') = [a == s] Q[n][b n'] + [b == s] Q[n'][a n], written block by
-             * block (species pair, n) so the inner loops run over consecutive features */
-            const int64_t *fi = p->feat_index + (int64_t)l * R * R;
-            const double *fs = p->feat_scale + (int64_t)l * R * R;
-            for (int sa = 0; sa < p->n_species; sa++) {
-                for (int sb = sa; sb < p->n_species; sb++) {
-                    for (int n1 = 0; n1 < N; n1++) {
-                        const int r1 = sa * N + n1, n2s = (sa == sb) ? n1 : 0;
-                        const int64_t f0 = fi[r1 * R + sb * N + n2s];
-                        const double *sc = fs + r1 * R + sb * N + n2s;
-                        const int cnt = N - n2s;
-                        for (int al = 0; al < 3; al++) {
-                            double *ga = g + al * (int64_t)F + f0;
-                            double *sg = selfg + al * (int64_t)F + f0;
-                            const double *Qa = Q + (int64_t)al * N * R;
-                            if (sa != s && sb != s) {
-                                /* zero block: out_grad arrives zero-filled (calloc'd pages a
-                                 * block never touches are never faulted in) */
-                                continue;
-                            } else if (sa == s && sb != s) {
-                                const double *q1 = Qa + (int64_t)n1 * R + sb * N + n2s;
-                                for (int t = 0; t < cnt; t++) {
-                                    const double val = sc[t] * q1[t];
-                                    ga[t] = val; sg[t] -= val;
-                                }
-                            } else if (sa != s) {   /* sb == s */
-                                const double *q2 = Qa + (int64_t)n2s * R + r1;
-                                for (int t = 0; t < cnt; t++) {
-                                    const double val = sc[t] * q2[(int64_t)t * R];
-                                    ga[t] = val; sg[t] -= val;
-                                }
-                            } else {                /* sa == sb == s */
-                                const double *q1 = Qa + (int64_t)n1 * R + sb * N + n2s;
-                                const double *q2 = Qa + (int64_t)n2s * R + r1;
-                                for (int t = 0; t < cnt; t++) {
-                                    const double val = sc[t] * (q1[t] + q2[(int64_t)t * R]);
-                                    ga[t] = val; sg[t] -= val;
-                                }
-                            }
-                        }
-                    }
-                }
+        for (int64_t m = 0; m < w; m++) {
+            const double *Cm = Cl + m * R;
+            double *Hm = Hl + m * R;
+            for (int64_t r = 0; r < R; r++) {
+                const double *Ur = U + r * R;
+                double acc = 0.0;
+                for (int64_t rp = 0; rp < R; rp++) acc += Ur[rp] * Cm[rp];
+                Hm[r] = acc;
             }
         }
     }
-    memcpy(out_grad, selfg, sizeof(double) * 3 * (size_t)F);
+}
+
+/* dE/d(r_ij) (3) of one pair of neighbour species s, from H = dE/dC and the pair's harmonics and
+ * radial values S (one Sall row): sum_lm H[lm][s n] dC[.][lm][n]. */
+static inline void kmlip_soap_pair_vjp_(const kmlip_soap_params *p, const double *H,
+                                        const double *S, int64_t s, const double *v,
+                                        double *out_f)
+{
+    const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1, R = p->n_species * N;
+    const double *dS = S + LM, *a = dS + 3 * LM, *b = a + L1 * N;
+    double fb = 0.0, fx = 0.0, fy = 0.0, fz = 0.0;
+    for (int64_t l = 0; l < L1; l++) {
+        for (int64_t q = l * l; q < (l + 1) * (l + 1); q++) {
+            const double *Hq = H + q * R + s * N, *bl_ = b + l * N, *al_ = a + l * N;
+            /* Four partial sums (n mod 4, the tail in the first), added in order: the order of
+             * the former `omp simd` reduction as GCC built it, written out so that it no longer
+             * depends on the compiler, the index type or OpenMP (same sums, bit for bit). */
+            double hb0 = 0.0, hb1 = 0.0, hb2 = 0.0, hb3 = 0.0;
+            double ha0 = 0.0, ha1 = 0.0, ha2 = 0.0, ha3 = 0.0;
+            int64_t n = 0;
+            for (; n + 4 <= N; n += 4) {
+                hb0 += Hq[n] * bl_[n]; hb1 += Hq[n + 1] * bl_[n + 1];
+                hb2 += Hq[n + 2] * bl_[n + 2]; hb3 += Hq[n + 3] * bl_[n + 3];
+                ha0 += Hq[n] * al_[n]; ha1 += Hq[n + 1] * al_[n + 1];
+                ha2 += Hq[n + 2] * al_[n + 2]; ha3 += Hq[n + 3] * al_[n + 3];
+            }
+            for (; n < N; n++) {
+                hb0 += Hq[n] * bl_[n];
+                ha0 += Hq[n] * al_[n];
+            }
+            const double hb = 0.0 + hb0 + hb1 + hb2 + hb3;
+            const double ha = 0.0 + ha0 + ha1 + ha2 + ha3;
+            fb += hb * S[q];
+            fx += ha * dS[q];
+            fy += ha * dS[LM + q];
+            fz += ha * dS[2 * LM + q];
+        }
+    }
+    out_f[0] = fb * v[0] + fx;
+    out_f[1] = fb * v[1] + fy;
+    out_f[2] = fb * v[2] + fz;
 }
 
 /* Vector-Jacobian product of one centre, without forming dp/dr: given v = dE/dp (n_features,),
  * writes out_f[3k + a] = dE/d(r_ij)_a for each pair k of the centre (the force on neighbour j
  * from this centre is -out_f[k], on the centre +out_f[k]; the virial is sum out_f[k] (x) r_ij).
  * If normalized, v is the cotangent of p/|p|. Cost per pair O(n_max (l_max+1)^2), no F factor:
- * dE/dC = U C with U_l the symmetric matrix of v, then contract with the pair's dC. */
-static inline void soap_centre_vjp(const soap_params *p, int center_species, int64_t n_neigh,
-                                   const double *vec, const int32_t *spec, const double *v,
-                                   int normalized, double *work, double *out_f)
+ * dE/dC = U C with U_l the symmetric matrix of v, then contract with the pair's dC.
+ * Other arguments as kmlip_soap_centre. */
+static inline void kmlip_soap_centre_vjp(const kmlip_soap_params *p, int64_t center_species,
+                                         int64_t n_neigh, const double *vec, const int32_t *spec,
+                                         const double *v, int64_t normalized, double *work,
+                                         double *out_f)
 {
-    const int N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1;
-    const int R = p->n_species * N, F = p->n_features;
-    soap_ws ws = soap_workspace(p, work);
-    double *C = ws.C, *Sall = ws.Sall;
-    double *Chat = ws.adj, *U = Chat + (int64_t)R * LM, *vv = U + (int64_t)R * R;
-    const int64_t stride = ws.stride;
+    const int64_t R = p->n_species * p->n_max, LM = (p->l_max + 1) * (p->l_max + 1);
+    const int64_t F = p->n_features;
+    const kmlip_soap_workspace ws = kmlip_soap_workspace_(p, work);
+    double *H = ws.adj, *U = H + R * LM, *vv = U + R * R;
 
-    soap_expand(p, center_species, n_neigh, vec, spec, work, 1);
+    kmlip_soap_expand_(p, center_species, n_neigh, vec, spec, &ws, 1);
     memcpy(vv, v, sizeof(double) * (size_t)F);
     if (normalized) {
-        /* cotangent of p from that of p^ = p/|p|: (v - p^ (p^.v)) / |p| */
-        double *pn = ws.selfg;
-        for (int l = 0; l < L1; l++) {
-            const int w = 2 * l + 1;
-            const double *Cl = C + (int64_t)l * l * R;
-            const int64_t *fi = p->feat_index + (int64_t)l * R * R;
-            const double *fs = p->feat_scale + (int64_t)l * R * R;
-            for (int r1 = 0; r1 < R; r1++)
-                for (int r2 = r1; r2 < R; r2++) {
-                    double acc = 0.0;
-                    for (int m = 0; m < w; m++) acc += Cl[m * R + r1] * Cl[m * R + r2];
-                    pn[fi[r1 * R + r2]] = fs[r1 * R + r2] * acc;
-                }
-        }
-        double nrm = 0.0, dot = 0.0;
-        for (int f = 0; f < F; f++) nrm += pn[f] * pn[f];
-        nrm = sqrt(nrm);
-        if (nrm > 0.0) {
-            for (int f = 0; f < F; f++) dot += pn[f] * vv[f];
-            dot /= nrm;
-            for (int f = 0; f < F; f++) vv[f] = (vv[f] - pn[f] / nrm * dot) / nrm;
-        }
+        kmlip_soap_power_spectrum_(p, ws.C, ws.P, ws.selfg);
+        kmlip_soap_cotangent_(F, ws.selfg, vv);
     }
-    for (int l = 0; l < L1; l++) {
-        const int w = 2 * l + 1;
-        const double *Cl = C + (int64_t)l * l * R;
-        double *Ch = Chat + (int64_t)l * l * R;
-        const int64_t *fi = p->feat_index + (int64_t)l * R * R;
-        const double *fs = p->feat_scale + (int64_t)l * R * R;
-        memset(U, 0, sizeof(double) * (size_t)R * R);
-        for (int r1 = 0; r1 < R; r1++)
-            for (int r2 = r1; r2 < R; r2++) {
-                double u = fs[r1 * R + r2] * vv[fi[r1 * R + r2]];
-                U[r1 * R + r2] += u;
-                U[r2 * R + r1] += u;
-            }
-        for (int m = 0; m < w; m++) {
-            const double *Cm = Cl + (int64_t)m * R;
-            double *Hm = Ch + (int64_t)m * R;
-            for (int r = 0; r < R; r++) {
-                const double *Ur = U + (int64_t)r * R;
-                double acc = 0.0;
-                for (int rp = 0; rp < R; rp++) acc += Ur[rp] * Cm[rp];
-                Hm[r] = acc;
-            }
-        }
-    }
-    for (int64_t j = 0; j < n_neigh; j++) {
-        const double *S = Sall + j * stride, *dS = S + LM, *a = dS + 3 * LM, *b = a + L1 * N;
-        const int s = spec[j];
-        double fb = 0.0, fx = 0.0, fy = 0.0, fz = 0.0;
-        for (int l = 0; l < L1; l++) {
-            for (int q = l * l; q < (l + 1) * (l + 1); q++) {
-                const double *H = Chat + (int64_t)q * R + (int64_t)s * N;
-                double tb;
-                double hb = 0.0, ha = 0.0;
-#ifdef _OPENMP
-#pragma omp simd reduction(+ : hb, ha)
-#endif
-                for (int n = 0; n < N; n++) {
-                    hb += H[n] * b[l * N + n];
-                    ha += H[n] * a[l * N + n];
-                }
-                tb = hb * S[q];
-                fb += tb;
-                fx += ha * dS[q];
-                fy += ha * dS[LM + q];
-                fz += ha * dS[2 * LM + q];
-            }
-        }
-        out_f[3 * j] = fb * vec[3 * j] + fx;
-        out_f[3 * j + 1] = fb * vec[3 * j + 1] + fy;
-        out_f[3 * j + 2] = fb * vec[3 * j + 2] + fz;
-    }
+    kmlip_soap_adjoint_(p, ws.C, vv, U, H);
+    for (int64_t j = 0; j < n_neigh; j++)
+        kmlip_soap_pair_vjp_(p, H, ws.Sall + j * ws.stride, spec[j], vec + 3 * j, out_f + 3 * j);
 }
 
 /* In-place normalisation p -> p/|p| with the matching gradient transform
- * dp^ = (dp - p^ (p^ . dp)) / |p|, for n_entries gradient blocks of shape (3, F). */
-static inline void soap_normalize(int64_t F, double *pv, int64_t n_entries, double *grad)
+ * dp^ = (dp - p^ (p^ . dp)) / |p|, for n_entries gradient blocks of shape (3, F) (grad may be
+ * NULL). */
+static inline void kmlip_soap_normalize(int64_t F, double *pv, int64_t n_entries, double *grad)
 {
     double nrm = 0.0;
     for (int64_t f = 0; f < F; f++) nrm += pv[f] * pv[f];
     nrm = sqrt(nrm);
     if (nrm <= 0.0) return;
-    double inv = 1.0 / nrm;
+    const double inv = 1.0 / nrm;
     for (int64_t f = 0; f < F; f++) pv[f] *= inv;
     if (grad == NULL) return;
     for (int64_t e = 0; e < 3 * n_entries; e++) {
@@ -536,4 +618,8 @@ static inline void soap_normalize(int64_t F, double *pv, int64_t n_entries, doub
     }
 }
 
+#ifdef __cplusplus
+}
 #endif
+
+#endif /* KMLIP_SOAP_CORE_H */
