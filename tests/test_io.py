@@ -99,6 +99,8 @@ def _rewrite_metadata(src, dst, edit):
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(bytes(arrays.pop("metadata")).decode())
     edit(meta)
+    if "header_sha256" in meta:
+        meta["header_sha256"] = kio.header_digest(meta)  # an edit that keeps the file valid
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with open(dst, "wb") as fh:
         np.savez(fh, metadata=blob, **arrays)
@@ -122,8 +124,22 @@ def test_untrusted_baseline_class_is_refused(fitted, tmp_path):
         m["params"]["baseline"] = {"class": "os.system", "data": {}}
 
     _rewrite_metadata(path, evil, edit)
-    with pytest.raises(ValueError, match="trusted"):
+    with pytest.raises(ValueError, match="outside the trusted modules"):
         load(evil)
+
+
+def test_version_1_files_still_load(fitted, test_frames, tmp_path):
+    path = tmp_path / "model.kmlip"
+    fitted.save(path)
+    old = tmp_path / "v1.kmlip"
+
+    def as_v1(m):
+        m["format_version"] = 1
+        del m["header_sha256"]
+
+    _rewrite_metadata(path, old, as_v1)
+    loaded = load(old)
+    assert np.array_equal(loaded.predict(test_frames[:2]), fitted.predict(test_frames[:2]))
 
 
 def test_failed_write_keeps_the_existing_file(fitted, tmp_path, monkeypatch):

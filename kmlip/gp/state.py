@@ -29,6 +29,10 @@ from kmlip.gp.sparse import FIXED_CLASSES, FREE_CLASSES, ClassFactor, predictive
 
 #: Largest kernel exponent a model file may carry (ζ is a small integer in practice).
 MAX_ZETA = 64
+#: Physical ranges of a model file's scalars, eV: anything outside is a damaged file
+#: (an all-electron isolated-atom energy of the heaviest elements is below 1e6 eV).
+MAX_ENERGY_SCALE = 1e6
+MAX_E0 = 1e7
 
 
 def _frozen(a: np.ndarray, dtype=np.float64) -> np.ndarray:
@@ -201,6 +205,9 @@ class FittedState:
         if sum(n_labels.values()) == 0:
             raise ValueError("no labels to fit")
         sol = hp.solve(factors, L_hat, hyper)
+        kw["e0"] = MappingProxyType(dict(kw["e0"]))
+        if kw.get("sparse_indices") is not None:
+            kw["sparse_indices"] = MappingProxyType(dict(kw["sparse_indices"]))
         return cls(factors=MappingProxyType(factors), L_hat=_frozen(L_hat), hyper=hyper,
                    alpha=_frozen(sol.alpha), R=_frozen(sol.R),
                    log_marginal_likelihood=float(sol.log_marginal_likelihood),
@@ -347,9 +354,13 @@ class FittedState:
         if not isinstance(e0, Mapping):
             raise ValueError("'e0' must be a dict")
         e0 = {s: v.number(f"e0[{s!r}]", x) for s, x in e0.items()}
+        if any(abs(x) > MAX_E0 for x in e0.values()):
+            raise ValueError(f"e0 values must lie within ±{MAX_E0:g} eV")
         for s in e0:
             if atomic_numbers.get(s, 0) == 0:
                 raise ValueError(f"e0 key {s!r} is not a chemical symbol")
+        if any(chemical_symbols[z] not in e0 for z in order):
+            raise ValueError("'e0' lacks a species that has sparse points")
         known = {chemical_symbols[z] for z in order} | set(e0)
         if set(species) != {s for s in known if atomic_numbers[s] in descriptor.species_z}:
             raise ValueError("'species' does not match the sparse points and e0")
@@ -358,8 +369,8 @@ class FittedState:
             sigma_force=v.positive("sigma_force", none=True),
             sigma_stress=v.positive("sigma_stress", none=True))
         jitter = v.number("jitter", v.get("jitter"))
-        if jitter < 0:
-            raise ValueError("jitter must be >= 0")
+        if not 0 <= jitter <= 1:
+            raise ValueError("jitter must be in [0, 1]")
         lml = v.number("log_marginal_likelihood", v.get("log_marginal_likelihood"))
         n_labels = v.get("n_labels")
         if not isinstance(n_labels, Mapping) or not all(
@@ -433,8 +444,8 @@ class _Validator:
         if x is None and none:
             return None
         x = self.number(key, x)
-        if x <= 0:
-            raise ValueError(f"{key} must be > 0, got {x!r}")
+        if not 0 < x <= MAX_ENERGY_SCALE:
+            raise ValueError(f"{key} must be in (0, {MAX_ENERGY_SCALE:g}], got {x!r}")
         return x
 
     def integer(self, key: str, lo: int, hi: int) -> int:
