@@ -260,3 +260,42 @@ def test_backprop_equals_contraction_with_pair_gradients(normalize):
     _, G = soap.transform(atoms, gradients=True)
     fe = np.einsum("kaf,kf->ka", G.values, V[G.centers])
     np.testing.assert_allclose(virial, fe.T @ G.vectors, atol=1e-10 * np.abs(virial).max())
+
+
+# -- parameter bounds ----------------------------------------------------------------------------
+
+def test_n_max_bound_is_where_the_gto_basis_is_numerically_singular():
+    # The documented reason for MAX_N_MAX: one more GTO than the bound gives an overlap matrix
+    # whose condition number exceeds 1/eps at every r_cut, so the orthonormal basis is noise.
+    import math
+
+    from kmlip.descriptors.soap import DSCRIBE_DECAY, MAX_N_MAX
+
+    def rcond(r_cut, n, l_max=4):
+        a = np.linspace(1.0, r_cut, n)
+        worst = 1.0
+        for l in range(l_max + 1):
+            al = -np.log(DSCRIBE_DECAY / a**l) / a**2
+            S = 0.5 * math.gamma(l + 1.5) * (al[:, None] + al[None, :]) ** (-l - 1.5)
+            d = np.sqrt(np.diag(S))
+            w = np.linalg.eigvalsh(S / d[:, None] / d[None, :])
+            worst = min(worst, w.min() / w.max())
+        return worst
+
+    for r_cut in (2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 50.0, 200.0):
+        assert rcond(r_cut, MAX_N_MAX + 1) < 1e-15, r_cut
+    assert rcond(6.0, 8) > 1e-9  # the usual settings are well conditioned
+    with pytest.raises(ValueError, match="n_max"):
+        SOAP(species=["Cu"], n_max=MAX_N_MAX + 1)
+
+
+def test_dummy_species_refused_like_ewald():
+    from kmlip.ewald import Ewald
+
+    for species in (["X"], ["Na", 0]):
+        with pytest.raises(ValueError, match="dummy"):
+            SOAP(species=species)
+    with pytest.raises(ValueError):
+        Ewald(charges={"X": 1.0})
+    with pytest.raises(ValueError):
+        Ewald(charges={0: 1.0})
