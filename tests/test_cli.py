@@ -202,6 +202,22 @@ def test_bad_structure_for_the_model_names_file_and_frame(files, tmp_path, capsy
     assert "structure 1" in one_line_error(capsys, "predict", alien)
 
 
+def test_training_file_defects_name_the_file(tmp_path, capsys):
+    from ase.build import bulk
+
+    unlabelled = tmp_path / "unlabelled.xyz"
+    write(unlabelled, [bulk("Cu", cubic=True)] * 2, format="extxyz")
+    assert main(["fit", str(unlabelled), "-o", str(tmp_path / "m.kmlip")]) == 2
+    assert "frame 0" in one_line_error(capsys, "fit", unlabelled)
+    dummy = tmp_path / "dummy.xyz"
+    a = emt_frames(1)[0]
+    a.symbols[0] = "X"
+    write(dummy, a, format="extxyz")
+    assert main(["fit", str(dummy), "-o", str(tmp_path / "m.kmlip")]) == 2
+    assert "'X'" in one_line_error(capsys, "fit", dummy)
+    assert not (tmp_path / "m.kmlip").exists()
+
+
 @pytest.mark.parametrize("option, value, name", [("--n-max", "1000000", "n_max"),
                                                  ("--l-max", "-1", "l_max"),
                                                  ("--r-cut", "nan", "r_cut"),

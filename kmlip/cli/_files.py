@@ -24,7 +24,7 @@ def _with_path(path: str, msg: str) -> str:
     return msg if msg.startswith(f"{path}:") else f"{path}: {msg}"
 
 
-def _check_readable(path: str, what: str) -> bytes:
+def check_readable(path: str, what: str) -> bytes:
     """The first bytes of ``path``; ValueError if it is missing, a directory, unreadable or
     empty."""
     if not os.path.lexists(path):
@@ -70,7 +70,7 @@ def read_structures(path: str, format: str | None = None) -> list:
     from ase.io.formats import UnknownFileTypeError
 
     path = os.fspath(path)
-    _check_readable(path, "structure file")
+    check_readable(path, "structure file")
     try:
         frames = read(path, index=":", format=format)
     except (KeyboardInterrupt, SystemExit):
@@ -124,7 +124,7 @@ def load_model(path: str):
     from kmlip import load
 
     path = os.fspath(path)
-    head = _check_readable(path, "model file")
+    head = check_readable(path, "model file")
     if not head.startswith(b"PK"):
         # model files are ZIP (NPZ) archives; say so rather than let NumPy guess "pickle"
         raise ValueError(f"{path}: not a kmlip model file (not a ZIP archive; model files are "

@@ -73,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.output)  # fail now, not after the fit
     frames = read_structures(args.train, format=args.format)
-    species = args.species or sorted({s for a in frames for s in a.get_chemical_symbols()})
+    species = args.species
+    if species is None:
+        species = sorted({s for a in frames for s in a.get_chemical_symbols()})
+        if "X" in species:
+            raise ValueError(f"{args.train}: holds dummy atoms 'X' (Z = 0), which no potential "
+                             "can describe")
     soap = SOAP(species=species, r_cut=args.r_cut, n_max=args.n_max, l_max=args.l_max,
                 sigma=args.sigma)
     model = KernelPotential(descriptor=soap, zeta=args.zeta, delta=args.delta,
@@ -83,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
                             forces_key=args.forces_key, stress_key=args.stress_key,
                             n_threads=args.threads, random_state=args.seed, progress=True)
     t0 = time.perf_counter()
-    model.fit(frames, optimize=args.optimize)
+    try:
+        model.fit(frames, optimize=args.optimize)
+    except ValueError as exc:
+        if str(exc).startswith("frame "):  # a defect of the file: say which file
+            raise ValueError(f"{args.train}: {exc}") from None
+        raise
     print(f"fitted {len(frames)} structures in {time.perf_counter() - t0:.1f} s")
     if args.optimize:
         print(f"hyperparameters: {model.hyperparameters_}")

@@ -5,7 +5,7 @@ import argparse
 
 import numpy as np
 
-from kmlip.cli._files import check_output, load_model, read_structures
+from kmlip.cli._files import check_output, check_readable, load_model, read_structures
 
 DESCRIPTION = (
     "Predict the energy (eV), forces (eV/Å) and, for periodic cells, stress (eV/Å³, ASE's "
@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output)
-    model = load_model(args.model)
+    # cheap checks first: a bad structures file fails before the model (and scikit-learn) loads
+    check_readable(args.model, "model file")
     frames = read_structures(args.structures, format=args.format)
+    model = load_model(args.model)
     out = []
     for k, atoms in enumerate(frames):
         a = atoms.copy()
