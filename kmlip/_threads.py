@@ -1,10 +1,24 @@
-"""Resolves the thread count a kernel should use, and limits BLAS to it."""
+"""Thread counts of the compiled kernels, and BLAS kept out of their way.
+
+Why BLAS runs single-threaded around kmlip's kernels: OpenBLAS (NumPy's and SciPy's, two
+separate pthread pools) keeps its worker threads busy-waiting for a while after every call,
+and libgomp's workers do the same after every OpenMP region. On a machine with as many cores as
+threads, a BLAS call between two OpenMP regions (or the reverse) leaves spinning threads on the
+cores the next region needs: on 2 cores a 512-atom prediction took 32 ms with 2 threads and
+16 ms with 1. kmlip therefore does its large products itself, inside its own OpenMP loops
+(``kmlip._ext.contract.gemm``: one single-threaded BLAS call per fixed block, so results do not
+depend on the thread count), and runs with BLAS limited to one thread (:func:`serial_blas`).
+"""
 from __future__ import annotations
 
 import contextlib
 import threading
 
 from kmlip._ext.openmp import max_threads
+
+#: Below this many "work units" (roughly floating-point operations / 100, or SOAP centres × 100)
+#: a parallel region costs more than it saves: one thread is used.
+MIN_PARALLEL_WORK = 200_000
 
 
 def resolve_threads(n_threads: int | None) -> int:
@@ -24,8 +38,36 @@ def resolve_threads(n_threads: int | None) -> int:
     return n_threads
 
 
+def threads_for(n_threads: int | None, work: float, min_work: float = MIN_PARALLEL_WORK) -> int:
+    """Thread count for one call: ``resolve_threads(n_threads)``, or 1 when ``work`` is too
+    small for a parallel region to pay for its start-up.
+
+    Parameters
+    ----------
+    n_threads : int or None
+        Upper bound (None: OMP_NUM_THREADS).
+    work : float
+        Size of the call in the units of ``min_work``.
+    min_work : float
+        Work below which one thread is used.
+    """
+    n = resolve_threads(n_threads)
+    return 1 if work < min_work else n
+
+
 _controller = None
 _lock = threading.Lock()
+
+
+def _get_controller():
+    global _controller
+    if _controller is None:
+        with _lock:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
+
+                _controller = ThreadpoolController()
+    return _controller
 
 
 @contextlib.contextmanager
@@ -35,13 +77,15 @@ def blas_limited(n_threads: int | None):
     The threadpoolctl controller is built once (inspecting the loaded libraries is slow) and
     reused, so entering the context costs microseconds.
     """
-    global _controller
     n = resolve_threads(n_threads)
-    if _controller is None:
-        with _lock:
-            if _controller is None:
-                from threadpoolctl import ThreadpoolController
-
-                _controller = ThreadpoolController()
-    with _controller.limit(limits=n, user_api="blas"):
+    with _get_controller().limit(limits=n, user_api="blas"):
         yield
+
+
+def serial_blas():
+    """Context in which BLAS runs on the calling thread only (see the module docstring).
+
+    Use it around anything that mixes kmlip's OpenMP kernels with NumPy/SciPy products:
+    prediction, the data pass of a fit. kmlip's own parallel products keep using every thread.
+    """
+    return blas_limited(1)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from kmlip._ext import contract as _contract
+from kmlip._threads import serial_blas
 
 #: "auto" precision runs the training GEMM in float32 only for species whose normalised sparse
 #: points lie within this distance of their mean direction (fcc Cu MD data: 0.15; a random
@@ -294,18 +295,20 @@ class SparseBasis:
                 args = (A, AC, pv, np.ascontiguousarray(cl_map[ce]), np.ascontiguousarray(nb),
                         np.ascontiguousarray(vec), self.offsets[z], outF, outW, n_threads)
                 V2 = vals.reshape(-1, F)
-                if mixed:
-                    u, D32 = self._centred32(z)
-                    V32 = self._scratch("v32", V2.shape, np.float32)
-                    np.copyto(V32, V2, casting="same_kind")
-                    H = self._scratch("h32", (V2.shape[0], Sh.shape[0]), np.float32)
-                    np.matmul(V32, D32.T, out=H)
-                    hu = np.ascontiguousarray((vals @ u).reshape(-1, 3))
-                    _contract.scatter_force_rows_f32(H, hu, *args)
-                else:
-                    H = self._scratch("h64", (V2.shape[0], Sh.shape[0]), np.float64)
-                    np.matmul(V2, Sh.T, out=H)
-                    _contract.scatter_force_rows(H, *args)
+                # GEMM and scatter in one OpenMP loop over blocks of sparse points, each block
+                # multiplied by a single-threaded BLAS call (fixed blocks: the same bits for
+                # any thread count; no BLAS threads spinning beside the OpenMP team).
+                with serial_blas():
+                    if mixed:
+                        u, D32 = self._centred32(z)
+                        V32 = self._scratch("v32", V2.shape, np.float32)
+                        np.copyto(V32, V2, casting="same_kind")
+                        H = self._scratch("h32", (V2.shape[0], Sh.shape[0]), np.float32)
+                        hu = np.ascontiguousarray((vals @ u).reshape(-1, 3))
+                        _contract.gemm_scatter_force_rows_f32(V32, D32, H, hu, *args)
+                    else:
+                        H = self._scratch("h64", (V2.shape[0], Sh.shape[0]), np.float64)
+                        _contract.gemm_scatter_force_rows(V2, Sh, H, *args)
                 del H
         return outF, outW
 
@@ -340,9 +343,25 @@ class SparseBasis:
         return eps, v
 
     def evaluate(self, X: np.ndarray, Z: np.ndarray, alpha: np.ndarray, grad: bool = True,
-                 rows: bool = False):
+                 rows: bool = False, n_threads: int | None = None):
         """Local energies, optionally their gradients and the kernel rows, from one product
         ``X_hat @ S_hat^T`` per species (what a prediction needs).
+
+        The two products per species run in kmlip's OpenMP loop over fixed row blocks
+        (:func:`kmlip._ext.contract.gemm`), so they use ``n_threads`` threads whatever BLAS is
+        limited to, and give the same bits for any thread count.
+
+        Parameters
+        ----------
+        X : ndarray, shape (n_atoms, F)
+        Z : ndarray of int, shape (n_atoms,)
+        alpha : ndarray, shape (M,)
+        grad : bool
+            Also return ``d eps_i / d X_i``.
+        rows : bool
+            Also return the unit kernel rows.
+        n_threads : int or None
+            Threads of the products (None: OMP_NUM_THREADS; small products use one).
 
         Returns
         -------
@@ -358,21 +377,36 @@ class SparseBasis:
         eps = np.zeros(n)
         v = np.zeros_like(Xh) if grad else None
         K = np.zeros((n, self.n_sparse)) if rows else None
+        alpha = np.asarray(alpha, dtype=np.float64)
         for z in self.species_z:
             idx = np.flatnonzero(Z == z)
             if idx.size == 0:
                 continue
+            every = idx.size == n
+            Xz = Xh if every else np.ascontiguousarray(Xh[idx])
             Sh = self.points_hat[z]
             cols = self.columns(z)
-            C = Xh[idx] @ Sh.T
+            C = np.empty((idx.size, Sh.shape[0]))
+            _contract.gemm(Xz, Sh, C, True, n_threads)
             cz1 = _ipow(C, self.zeta - 1)
             if rows:
-                K[idx, cols] = cz1 * C
-            w = cz1 * alpha[cols][None, :]
-            e = np.einsum("ij,ij->i", w, C)
+                if every:
+                    np.multiply(cz1, C, out=K[:, cols])
+                else:
+                    K[idx, cols] = cz1 * C
+            w = cz1
+            w *= alpha[cols][None, :]
+            e = _contract.rowwise_dot(w, C, n_threads)
             eps[idx] = e
             if grad:
-                v[idx] = (self.zeta * inv[idx])[:, None] * (w @ Sh - e[:, None] * Xh[idx])
+                G = np.empty_like(Xz)
+                _contract.gemm(w, Sh, G, False, n_threads)
+                G -= e[:, None] * Xz
+                G *= (self.zeta * inv[idx])[:, None]
+                if every:
+                    v = G
+                else:
+                    v[idx] = G
         return eps, v, K
 
     def local_energies(self, X: np.ndarray, Z: np.ndarray, alpha: np.ndarray) -> np.ndarray:

@@ -7,10 +7,38 @@ order, so results are bitwise identical for any thread count.
 import numpy as np
 
 cimport cython
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t
 
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+
 from kmlip._ext.omp cimport kmlip_omp_get_max_threads
+
+
+# BLAS GEMM of SciPy's bundled library, taken from scipy.linalg.cython_blas at import (no
+# build-time dependency on SciPy). Called inside OpenMP regions on disjoint blocks, with the
+# library's own threads limited to one by the caller (see kmlip._threads.serial_blas): one
+# team of threads, no BLAS threads spinning beside it.
+ctypedef void (*dgemm_t)(char *transa, char *transb, int *m, int *n, int *k, double *alpha,
+                         double *a, int *lda, double *b, int *ldb, double *beta, double *c,
+                         int *ldc) noexcept nogil
+ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                         float *a, int *lda, float *b, int *ldb, float *beta, float *c,
+                         int *ldc) noexcept nogil
+cdef dgemm_t _dgemm = NULL
+cdef sgemm_t _sgemm = NULL
+
+
+def _load_blas():
+    global _dgemm, _sgemm
+    from scipy.linalg import cython_blas
+
+    caps = cython_blas.__pyx_capi__
+    _dgemm = <dgemm_t>PyCapsule_GetPointer(caps["dgemm"], PyCapsule_GetName(caps["dgemm"]))
+    _sgemm = <sgemm_t>PyCapsule_GetPointer(caps["sgemm"], PyCapsule_GetName(caps["sgemm"]))
+
+
+_load_blas()
 
 
 cdef extern from "contract_core.h" nogil:
@@ -215,3 +243,265 @@ def centre_energy_grad(const double[:, ::1] X, const int64_t[::1] rows,
     for k in prange(n, nogil=True, num_threads=nt, schedule="static"):
         eps[k] = kmlip_centre_energy_grad(&X[rows[k], 0], sp, ap, M, F, zeta, scale, &v[k, 0])
     return eps_a, v_a
+
+
+# Columns per GEMM + scatter task and rows per GEMM task: fixed (not derived from the thread
+# count), so that every block is computed by the same BLAS call whatever the number of threads
+# and results are bitwise identical for any thread count.
+cdef enum:
+    GEMM_ROW_BLOCK = 64
+
+
+cdef Py_ssize_t _col_block(Py_ssize_t Mz) noexcept:
+    """Columns per task: about 64, an even number of blocks (two threads stay balanced)."""
+    cdef Py_ssize_t nb = (Mz + COL_BLOCK - 1) // COL_BLOCK
+    if nb > 1 and nb % 2:
+        nb += 1
+    cdef Py_ssize_t w = (Mz + nb - 1) // nb
+    return max(4, (w + 3) // 4 * 4)
+
+
+def gemm_scatter_force_rows(const double[:, ::1] V, const double[:, ::1] S_hat,
+                            double[:, ::1] H, const double[:, ::1] A, const double[:, ::1] AC,
+                            const double[:, ::1] pv, const int64_t[::1] cl,
+                            const int64_t[::1] nb, const double[:, ::1] vec, Py_ssize_t col0,
+                            double[:, ::1] outF, double[:, ::1] outW, n_threads=None):
+    """:func:`scatter_force_rows` with the GEMM ``H = V @ S_hat.T`` done inside the same
+    parallel loop: each task multiplies one block of sparse-point columns (BLAS, one thread)
+    and scatters it at once, so GEMM and scatter share one team of threads.
+
+    Parameters
+    ----------
+    V : (3 n_e, F) float64
+        Pair-gradient rows of the chunk (``values.reshape(3 n_e, F)``).
+    S_hat : (M_z, F) float64
+        Normalised sparse points of the species.
+    H : (3 n_e, M_z) float64
+        Workspace (overwritten).
+    A, AC, pv, cl, nb, vec, col0, outF, outW, n_threads
+        As :func:`scatter_force_rows`.
+
+    BLAS must run single-threaded meanwhile (``kmlip._threads.serial_blas``).
+    """
+    cdef Py_ssize_t n_e = pv.shape[0]
+    cdef Py_ssize_t Mz = S_hat.shape[0]
+    cdef Py_ssize_t F = S_hat.shape[1]
+    _check_scatter("gemm_scatter_force_rows", H.shape[0], Mz, A, AC, pv, cl, nb, vec, col0,
+                   outF, outW)
+    if V.shape[0] != 3 * n_e or V.shape[1] != F or H.shape[1] != Mz:
+        raise ValueError("gemm_scatter_force_rows: inconsistent V / S_hat / H shapes")
+    if n_e == 0 or Mz == 0:
+        return
+    if F == 0 or 3 * n_e > 2147483647:
+        raise ValueError("gemm_scatter_force_rows: no features or too many entries")
+    cdef Py_ssize_t w = _col_block(Mz)
+    cdef Py_ssize_t n_blocks = (Mz + w - 1) // w
+    cdef Py_ssize_t b, m0, m1
+    cdef int nt = _scatter_threads(n_threads, n_e * Mz * (F // 16 + 1))
+    cdef int gm, gn = <int>(3 * n_e), gk = <int>F, lda = <int>F, ldc = <int>Mz
+    cdef double one = 1.0, zero = 0.0
+    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
+        m0 = b * w
+        m1 = min(m0 + w, Mz)
+        gm = <int>(m1 - m0)
+        # column-major view: H^T[m0:m1, :] = S_hat[m0:m1] . V^T
+        _dgemm("T", "N", &gm, &gn, &gk, &one, <double *>&S_hat[m0, 0], &lda,
+               <double *>&V[0, 0], &lda, &zero, &H[0, m0], &ldc)
+        kmlip_scatter_force_rows(&H[0, 0], Mz, &A[0, 0], &AC[0, 0], &pv[0, 0], &cl[0], &nb[0],
+                                 &vec[0, 0], n_e, m0, m1, col0, &outF[0, 0], &outW[0, 0],
+                                 outF.shape[1])
+
+
+def gemm_scatter_force_rows_f32(const float[:, ::1] V, const float[:, ::1] D,
+                                float[:, ::1] H, const double[:, ::1] hu,
+                                const double[:, ::1] A, const double[:, ::1] AC,
+                                const double[:, ::1] pv, const int64_t[::1] cl,
+                                const int64_t[::1] nb, const double[:, ::1] vec,
+                                Py_ssize_t col0, double[:, ::1] outF, double[:, ::1] outW,
+                                n_threads=None):
+    """:func:`gemm_scatter_force_rows` in mixed precision: ``H = V @ D.T`` in float32 with
+    ``D`` the sparse points centred on ``u`` and ``hu = values . u`` (n_e, 3) in double, as
+    :func:`scatter_force_rows_f32`."""
+    cdef Py_ssize_t n_e = pv.shape[0]
+    cdef Py_ssize_t Mz = D.shape[0]
+    cdef Py_ssize_t F = D.shape[1]
+    _check_scatter("gemm_scatter_force_rows_f32", H.shape[0], Mz, A, AC, pv, cl, nb, vec, col0,
+                   outF, outW)
+    if V.shape[0] != 3 * n_e or V.shape[1] != F or H.shape[1] != Mz:
+        raise ValueError("gemm_scatter_force_rows_f32: inconsistent V / D / H shapes")
+    if hu.shape[0] != n_e or hu.shape[1] != 3:
+        raise ValueError("gemm_scatter_force_rows_f32: hu must be (n_e, 3)")
+    if n_e == 0 or Mz == 0:
+        return
+    if F == 0 or 3 * n_e > 2147483647:
+        raise ValueError("gemm_scatter_force_rows_f32: no features or too many entries")
+    cdef Py_ssize_t w = _col_block(Mz)
+    cdef Py_ssize_t n_blocks = (Mz + w - 1) // w
+    cdef Py_ssize_t b, m0, m1
+    cdef int nt = _scatter_threads(n_threads, n_e * Mz * (F // 16 + 1))
+    cdef int gm, gn = <int>(3 * n_e), gk = <int>F, lda = <int>F, ldc = <int>Mz
+    cdef float one = 1.0, zero = 0.0
+    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
+        m0 = b * w
+        m1 = min(m0 + w, Mz)
+        gm = <int>(m1 - m0)
+        _sgemm("T", "N", &gm, &gn, &gk, &one, <float *>&D[m0, 0], &lda,
+               <float *>&V[0, 0], &lda, &zero, &H[0, m0], &ldc)
+        kmlip_scatter_force_rows_f(&H[0, 0], &hu[0, 0], Mz, &A[0, 0], &AC[0, 0], &pv[0, 0],
+                                   &cl[0], &nb[0], &vec[0, 0], n_e, m0, m1, col0, &outF[0, 0],
+                                   &outW[0, 0], outF.shape[1])
+
+
+def gemm(const double[:, ::1] A, const double[:, ::1] B, double[:, ::1] out, bint trans_b,
+         n_threads=None):
+    """``out = A @ B.T`` (``trans_b``) or ``A @ B`` in blocks of 64 rows of A, one BLAS call
+    (single-threaded BLAS) per block inside an OpenMP loop: the block partition does not depend
+    on the thread count, so neither do the bits of the result.
+
+    Parameters
+    ----------
+    A : (n, K) float64
+    B : (m, K) float64 if ``trans_b`` else (K, m)
+    out : (n, m) float64, overwritten
+    n_threads : int or None
+        Upper bound on the threads; small products run on one.
+    """
+    cdef Py_ssize_t n = A.shape[0], K = A.shape[1]
+    cdef Py_ssize_t m = B.shape[0] if trans_b else B.shape[1]
+    if (B.shape[1] if trans_b else B.shape[0]) != K or out.shape[0] != n or out.shape[1] != m:
+        raise ValueError("gemm: inconsistent shapes")
+    if n == 0 or m == 0:
+        return
+    if K == 0:
+        out[:, :] = 0.0
+        return
+    if n > 2147483647 or m > 2147483647 or K > 2147483647:
+        raise ValueError("gemm: matrix too large")
+    cdef Py_ssize_t n_blocks = (n + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK
+    cdef Py_ssize_t b, r0
+    cdef int nt = _threads(n_threads)
+    if n * m * K < 4 * MIN_PARALLEL_WORK or n_blocks < 2:
+        nt = 1
+    cdef int gm = <int>m, gr, gk = <int>K, lda = <int>K, ldb, ldc = <int>m
+    cdef double one = 1.0, zero = 0.0
+    cdef char *ta = "T" if trans_b else "N"
+    ldb = <int>K if trans_b else <int>m
+    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
+        r0 = b * GEMM_ROW_BLOCK
+        gr = <int>(min(r0 + GEMM_ROW_BLOCK, n) - r0)
+        # column-major: out^T[:, rows] = op(B)^T . A[rows]^T
+        _dgemm(ta, "N", &gm, &gr, &gk, &one, <double *>&B[0, 0], &ldb,
+               <double *>&A[r0, 0], &lda, &zero, &out[r0, 0], &ldc)
+
+
+def rowwise_dot(const double[:, ::1] A, const double[:, ::1] B, n_threads=None):
+    """``sum(A * B, axis=1)`` in one pass (no temporary), shape (n,)."""
+    cdef Py_ssize_t n = A.shape[0], K = A.shape[1], i, k
+    if B.shape[0] != n or B.shape[1] != K:
+        raise ValueError("rowwise_dot: inconsistent shapes")
+    res = np.zeros(n)
+    cdef double[::1] r = res
+    cdef double s
+    cdef int nt = _threads(n_threads)
+    if n * K < MIN_PARALLEL_WORK:
+        nt = 1
+    for i in prange(n, nogil=True, num_threads=nt, schedule="static"):
+        s = 0.0
+        for k in range(K):
+            s = s + A[i, k] * B[i, k]
+        r[i] = s
+    return res
+
+
+cdef enum:
+    # Rows of K per task of tri_square_norms (a multiple of the GEMM register tile).
+    TRI_ROW_BLOCK = 128
+
+
+def tri_square_norms(const double[:, ::1] K, const double[:, ::1] P, Py_ssize_t block,
+                     n_threads=None):
+    """Squared norms ``|W k|^2`` and ``|G k|^2`` of every row ``k`` of K, for two lower
+    triangular (M, M) matrices W and G packed by :func:`pack_lower_pair`.
+
+    The products skip the zero triangles: output column block j of ``K W^T`` needs only the
+    first ``(j + 1) block`` columns of K, so both products cost about ``n M^2 (1 + block/M)``
+    flops in GEMM calls (one single-threaded BLAS call per (row block, column block), fixed
+    blocks: the same bits for any thread count), against ``n M^2`` each for triangular solves
+    at a lower rate.
+
+    Parameters
+    ----------
+    K : (n, M) float64
+    P : (M, 2 M) float64
+        ``[W^T block 0 | G^T block 0 | W^T block 1 | G^T block 1 | ...]`` (column blocks of
+        width ``block``, the last one narrower).
+    block : int
+        Column block width used in P.
+    n_threads : int or None
+
+    Returns
+    -------
+    w2, g2 : ndarray, shape (n,)
+    """
+    cdef Py_ssize_t n = K.shape[0], M = K.shape[1]
+    if P.shape[0] != M or P.shape[1] != 2 * M or block < 1:
+        raise ValueError("tri_square_norms: inconsistent K / P shapes or block")
+    w2_a = np.zeros(n)
+    g2_a = np.zeros(n)
+    if n == 0 or M == 0:
+        return w2_a, g2_a
+    if M > 2147483647 or n > 2147483647:
+        raise ValueError("tri_square_norms: matrix too large")
+    cdef double[::1] w2 = w2_a
+    cdef double[::1] g2 = g2_a
+    cdef Py_ssize_t n_rb = (n + TRI_ROW_BLOCK - 1) // TRI_ROW_BLOCK
+    cdef Py_ssize_t n_cb = (M + block - 1) // block
+    cdef int nt = _threads(n_threads)
+    if n * M * M < 2 * MIN_PARALLEL_WORK or n_rb < 2:
+        nt = 1
+    cdef double[:, ::1] buf = np.empty((nt, TRI_ROW_BLOCK * 2 * block))
+    cdef Py_ssize_t rb, r0, r, j, c, c0, wdt
+    cdef int tid, gm, gn, gk, ldk = <int>M, ldp = <int>(2 * M), ldc
+    cdef double one = 1.0, zero = 0.0, sw, sg, x
+    cdef double *out
+    for rb in prange(n_rb, nogil=True, num_threads=nt, schedule="static"):
+        tid = threadid()
+        r0 = rb * TRI_ROW_BLOCK
+        gn = <int>(min(r0 + TRI_ROW_BLOCK, n) - r0)
+        out = &buf[tid, 0]
+        for j in range(n_cb):
+            c0 = j * block
+            wdt = min(block, M - c0)
+            gm = <int>(2 * wdt)
+            gk = <int>(c0 + wdt)
+            ldc = gm
+            # column-major: out^T (2 wdt x rows) = P[:gk, 2 c0 : 2 c0 + 2 wdt]^T . K[rows, :gk]^T
+            _dgemm("N", "N", &gm, &gn, &gk, &one, <double *>&P[0, 2 * c0], &ldp,
+                   <double *>&K[r0, 0], &ldk, &zero, out, &ldc)
+            for r in range(gn):
+                sw = 0.0
+                sg = 0.0
+                for c in range(wdt):
+                    x = out[r * gm + c]
+                    sw = sw + x * x
+                    x = out[r * gm + wdt + c]
+                    sg = sg + x * x
+                w2[r0 + r] += sw
+                g2[r0 + r] += sg
+    return w2_a, g2_a
+
+
+def pack_lower_pair(const double[:, ::1] W, const double[:, ::1] G, Py_ssize_t block):
+    """Packs two lower triangular (M, M) matrices for :func:`tri_square_norms`."""
+    cdef Py_ssize_t M = W.shape[0], j, c0, wdt
+    if W.shape[1] != M or G.shape[0] != M or G.shape[1] != M or block < 1:
+        raise ValueError("pack_lower_pair: W and G must be square of the same size")
+    Wn = np.asarray(W)
+    Gn = np.asarray(G)
+    P = np.zeros((M, 2 * M))
+    for j in range((M + block - 1) // block):
+        c0 = j * block
+        wdt = min(block, M - c0)
+        P[:, 2 * c0:2 * c0 + wdt] = Wn[c0:c0 + wdt, :].T
+        P[:, 2 * c0 + wdt:2 * c0 + 2 * wdt] = Gn[c0:c0 + wdt, :].T
+    return P
