@@ -37,7 +37,7 @@ import warnings
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
-from kmlip._threads import resolve_threads
+from kmlip._threads import resolve_threads, threads_for
 from kmlip._validate import (
     check_bool,
     check_choice,
@@ -251,6 +251,12 @@ class SOAP(Descriptor):
                 np.ascontiguousarray(nl.vectors), pair_species)
         return nt, nl, center_species, pair_species, args
 
+    def _work(self, n_pairs: int, gradients: bool) -> int:
+        """Size of a call in the units of :func:`kmlip._threads.threads_for` (~ flops / 10):
+        a structure too small for a parallel region to pay off runs on one thread."""
+        per_pair = self.n_max * (self.l_max + 1) ** 2 + (3 * self.n_features if gradients else 0)
+        return n_pairs * per_pair
+
     def backprop(self, atoms, grad_fn, n_threads: int | None = None):
         """Features, then forces and virial of a scalar ``E(X)`` without forming dX/dr.
 
@@ -271,6 +277,7 @@ class SOAP(Descriptor):
         from kmlip._ext import soap as _soap
 
         nt, nl, center_species, pair_species, args = self._prepare(atoms, n_threads)
+        nt = threads_for(nt, self._work(len(nl.centers), False))
         n_atoms = len(center_species)
         X = np.empty((n_atoms, self.n_features))
         if n_atoms:
@@ -308,6 +315,7 @@ class SOAP(Descriptor):
         from kmlip._ext import soap as _soap
 
         nt, nl, center_species, pair_species, args = self._prepare(atoms, n_threads)
+        nt = threads_for(nt, self._work(len(nl.centers), gradients))
         n_atoms = len(center_species)
         X = np.empty((n_atoms, self.n_features))
         grad = None
