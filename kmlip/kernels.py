@@ -378,36 +378,38 @@ class SparseBasis:
         v = np.zeros_like(Xh) if grad else None
         K = np.zeros((n, self.n_sparse)) if rows else None
         alpha = np.asarray(alpha, dtype=np.float64)
-        for z in self.species_z:
-            idx = np.flatnonzero(Z == z)
-            if idx.size == 0:
-                continue
-            every = idx.size == n
-            Xz = Xh if every else np.ascontiguousarray(Xh[idx])
-            Sh = self.points_hat[z]
-            cols = self.columns(z)
-            C = np.empty((idx.size, Sh.shape[0]))
-            _contract.gemm(Xz, Sh, C, True, n_threads)
-            cz1 = _ipow(C, self.zeta - 1)
-            if rows:
-                if every:
-                    np.multiply(cz1, C, out=K[:, cols])
-                else:
-                    K[idx, cols] = cz1 * C
-            w = cz1
-            w *= alpha[cols][None, :]
-            e = _contract.rowwise_dot(w, C, n_threads)
-            eps[idx] = e
-            if grad:
-                G = np.empty_like(Xz)
-                _contract.gemm(w, Sh, G, False, n_threads)
-                G -= e[:, None] * Xz
-                G *= (self.zeta * inv[idx])[:, None]
-                if every:
-                    v = G
-                else:
-                    v[idx] = G
+        with serial_blas():  # the blocked products call BLAS from every OpenMP thread
+            for z in self.species_z:
+                self._evaluate_species(z, Xh, inv, Z, alpha, eps, v, K, n_threads)
         return eps, v, K
+
+    def _evaluate_species(self, z, Xh, inv, Z, alpha, eps, v, K, n_threads):
+        """One species block of :meth:`evaluate`: fills eps, v (if not None), K (if not None)
+        in place."""
+        idx = np.flatnonzero(Z == z)
+        if idx.size == 0:
+            return
+        every = idx.size == Xh.shape[0]
+        Xz = Xh if every else np.ascontiguousarray(Xh[idx])
+        Sh = self.points_hat[z]
+        cols = self.columns(z)
+        C = np.empty((idx.size, Sh.shape[0]))
+        _contract.gemm(Xz, Sh, C, True, n_threads)
+        w = _ipow(C, self.zeta - 1)
+        if K is not None:
+            if every:
+                np.multiply(w, C, out=K[:, cols])
+            else:
+                K[idx, cols] = w * C
+        w *= alpha[cols][None, :]
+        e = _contract.rowwise_dot(w, C, n_threads)
+        eps[idx] = e
+        if v is not None:
+            G = np.empty_like(Xz)
+            _contract.gemm(w, Sh, G, False, n_threads)
+            G -= e[:, None] * Xz
+            G *= (self.zeta * inv[idx])[:, None]
+            v[idx] = G
 
     def local_energies(self, X: np.ndarray, Z: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """Unit local energies only, shape (n_atoms,)."""

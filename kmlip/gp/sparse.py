@@ -517,6 +517,7 @@ class PosteriorVariance:
             Variances in eV².
         """
         from kmlip._ext import contract
+        from kmlip._threads import serial_blas
 
         K = np.asarray(K, dtype=np.float64)
         n = K.shape[0]
@@ -535,7 +536,9 @@ class PosteriorVariance:
                 continue
             Kz = K[:, sl] if idx.size == n else K[idx, sl]
             Kz = np.ascontiguousarray(Kz)
-            w2, g2 = contract.tri_square_norms(Kz, self._packed[key], self.BLOCK, n_threads)
+            with serial_blas():  # BLAS is called from every OpenMP thread
+                w2, g2 = contract.tri_square_norms(Kz, self._packed[key], self.BLOCK,
+                                                   n_threads)
             var[idx] += g2 - d2 * w2
         return _clip_negative(var, k_ss, d2, what)
 
