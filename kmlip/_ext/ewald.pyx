@@ -32,7 +32,8 @@ cdef extern from "ewald_core.h" nogil:
     int64_t kmlip_ewald_real_atom(int64_t m, const double *cx, const double *cy,
                                   const double *cz, const double *cq, double xi, double yi,
                                   double zi, double alpha, double rc2, double *bx, double *by,
-                                  double *bz, double *bq, double *be, double *bg, double *acc)
+                                  double *bz, double *bq, double *be, double *bg, int64_t *keep,
+                                  int64_t *idx, double *acc)
     void kmlip_coulomb_pair(double qq, double r2, double *e, double *g)
     enum: KMLIP_EWALD_BLOCK
     void kmlip_ewald_phase_table(const double *s, int64_t n1, int64_t n2, int64_t n3,
@@ -59,22 +60,22 @@ cdef inline int64_t _floordiv(int64_t a, int64_t n) noexcept nogil:
 
 cdef int64_t _real_chunk(int64_t cnt, const double *xs, const double *ys, const double *zs,
                          int64_t i0, int64_t i1, double alpha, double rc2, const double *cand,
-                         int64_t cap, double *scr, double *acc) noexcept nogil:
+                         int64_t cap, double *scr, int64_t *iscr, double *acc) noexcept nogil:
     """Pairs of the centre atoms i0..i1 with the cnt gathered candidates of ``cand``."""
     cdef int64_t i, tiny = 0
     for i in range(i0, i1):
         tiny += kmlip_ewald_real_atom(cnt, cand, cand + cap, cand + 2 * cap, cand + 3 * cap,
                                       xs[i], ys[i], zs[i], alpha, rc2, scr, scr + cap,
                                       scr + 2 * cap, scr + 3 * cap, scr + 4 * cap,
-                                      scr + 5 * cap, acc + (i - i0) * _NSUM)
+                                      scr + 5 * cap, iscr, iscr + cap, acc + (i - i0) * _NSUM)
     return tiny
 
 
 cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
                        const int64_t *bin_start, int64_t na, int64_t nb, int64_t nc,
                        const int64_t *stencil, int64_t ns, const double *cell, double alpha,
-                       double rc2, int64_t cap, double *cand, double *scr, double *acc,
-                       double *forces, double *energies, double *virial) noexcept nogil:
+                       double rc2, int64_t cap, double *cand, double *scr, int64_t *iscr,
+                       double *acc, double *forces, double *energies, double *virial) noexcept nogil:
     """Real-space sum for the atoms of centre bin ``b`` over all stencil bins (full list).
 
     ``x`` is (3, n) (SoA). The atoms of the stencil bins, shifted to the images the stencil
@@ -113,7 +114,8 @@ cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
         if m == 0:
             continue
         if cnt + m > cap:
-            tiny += _real_chunk(cnt, xs, ys, zs, i0, i1, alpha, rc2, cand, cap, scr, acc)
+            tiny += _real_chunk(cnt, xs, ys, zs, i0, i1, alpha, rc2, cand, cap, scr, iscr,
+                                acc)
             cnt = 0
         # image shift: d = x_j + shift - x_i
         sx = sa * cell[0] + sb * cell[3] + sc * cell[6]
@@ -126,7 +128,8 @@ cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
             cand[3 * cap + cnt + j] = q[j0 + j]
         cnt += m
     if cnt:
-        tiny += _real_chunk(cnt, xs, ys, zs, i0, i1, alpha, rc2, cand, cap, scr, acc)
+        tiny += _real_chunk(cnt, xs, ys, zs, i0, i1, alpha, rc2, cand, cap, scr, iscr,
+                                acc)
     # reduce the lanes in a fixed order; full list: half of each pair's energy and virial
     # belongs to this centre
     for i in range(i0, i1):
@@ -175,6 +178,7 @@ def real_space(const double[:, ::1] x, const double[::1] q, const int64_t[::1] b
     cdef int tid
     cdef double rc2 = rc * rc
     cdef double[:, ::1] cand, scr, acc
+    cdef int64_t[:, ::1] iscr
     if n == 0:
         return 0
     assert x.shape[0] == 3 and x.shape[1] == n
@@ -186,14 +190,15 @@ def real_space(const double[:, ::1] x, const double[::1] q, const int64_t[::1] b
     nt = max(n_threads, 1)
     cand = np.empty((nt, 4 * cap))
     scr = np.empty((nt, 6 * cap))
+    iscr = np.empty((nt, 2 * cap), dtype=np.int64)
     acc = np.empty((nt, occ * _NSUM))
     with nogil:
         for b in prange(nbins, schedule="dynamic", num_threads=n_threads):
             tid = omp_get_thread_num()
             tiny += _real_bin(b, &x[0, 0], &q[0], n, &bin_start[0], na, nb, nc,
                               &stencil[0, 0], ns, &cell[0, 0], alpha, rc2, cap, &cand[tid, 0],
-                              &scr[tid, 0], &acc[tid, 0], &forces[0, 0], &energies[0],
-                              &virial[0, 0])
+                              &scr[tid, 0], &iscr[tid, 0], &acc[tid, 0], &forces[0, 0],
+                              &energies[0], &virial[0, 0])
     # every atom meets itself once (zero shift); anything more is a coincident pair
     return tiny - n
 

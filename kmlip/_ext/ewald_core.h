@@ -189,20 +189,29 @@ static int64_t kmlip_ewald_real_atom(int64_t m, const double *KMLIP_RESTRICT cx,
                                      double *KMLIP_RESTRICT bx, double *KMLIP_RESTRICT by,
                                      double *KMLIP_RESTRICT bz, double *KMLIP_RESTRICT bq,
                                      double *KMLIP_RESTRICT be, double *KMLIP_RESTRICT bg,
+                                     int64_t *KMLIP_RESTRICT keep, int64_t *KMLIP_RESTRICT idx,
                                      double *KMLIP_RESTRICT acc)
 {
     const double c = KMLIP_TWO_OVER_SQRT_PI * alpha;
     int64_t k, k0, w = 0, near = 0;
-    for (k = 0; k < m; ++k) { /* branch-free compaction of the pairs inside the cutoff */
+    for (k = 0; k < m; ++k) { /* vectorised: which candidates are inside the cutoff */
         const double dx = cx[k] - xi, dy = cy[k] - yi, dz = cz[k] - zi;
         const double r2 = dx * dx + dy * dy + dz * dz;
-        bx[w] = dx;
-        by[w] = dy;
-        bz[w] = dz;
-        bq[w] = cq[k];
-        be[w] = r2;
-        w += (r2 < rc2) & (r2 >= KMLIP_EWALD_TINY_R2);
+        keep[k] = (r2 < rc2) & (r2 >= KMLIP_EWALD_TINY_R2);
         near += r2 < KMLIP_EWALD_TINY_R2;
+    }
+    for (k = 0; k < m; ++k) { /* branch-free compaction of their indices */
+        idx[w] = k;
+        w += keep[k];
+    }
+    for (k = 0; k < w; ++k) { /* gather the kept pairs */
+        const int64_t j = idx[k];
+        const double dx = cx[j] - xi, dy = cy[j] - yi, dz = cz[j] - zi;
+        bx[k] = dx;
+        by[k] = dy;
+        bz[k] = dz;
+        bq[k] = cq[j];
+        be[k] = dx * dx + dy * dy + dz * dz;
     }
     m = w;
     for (k = 0; k < m; ++k) {
