@@ -209,13 +209,16 @@ def test_training_file_defects_name_the_file(tmp_path, capsys):
     write(unlabelled, [bulk("Cu", cubic=True)] * 2, format="extxyz")
     assert main(["fit", str(unlabelled), "-o", str(tmp_path / "m.kmlip")]) == 2
     assert "frame 0" in one_line_error(capsys, "fit", unlabelled)
+    assert not (tmp_path / "m.kmlip").exists()
     dummy = tmp_path / "dummy.xyz"
     a = emt_frames(1)[0]
     a.symbols[0] = "X"
     write(dummy, a, format="extxyz")
-    assert main(["fit", str(dummy), "-o", str(tmp_path / "m.kmlip")]) == 2
+    existing = tmp_path / "m.kmlip"
+    existing.write_bytes(b"an earlier model")
+    assert main(["fit", str(dummy), "-o", str(existing)]) == 2
     assert "'X'" in one_line_error(capsys, "fit", dummy)
-    assert not (tmp_path / "m.kmlip").exists()
+    assert existing.read_bytes() == b"an earlier model"  # a failed fit keeps the old file
 
 
 @pytest.mark.parametrize("option, value, name", [("--n-max", "1000000", "n_max"),
