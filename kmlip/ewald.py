@@ -440,7 +440,13 @@ def _bins(cell: np.ndarray, volume: float, rc: float, n_atoms: int) -> dict[str,
     support = np.abs(u @ h.T).sum(axis=1)
     along = np.where(dist > 0, dist - support, 0.0)
     keep = np.maximum(slab, along) < rc
-    return {"n": nbin, "stencil": np.ascontiguousarray(d[keep], dtype=np.int64)}
+    # half stencil (each pair is met from one end): (0, 0, 0) first, then of each pair of
+    # opposite offsets the one that is positive in lexicographic order
+    zero = np.all(d == 0, axis=1)
+    positive = (d[:, 0] > 0) | ((d[:, 0] == 0) & (d[:, 1] > 0)) | \
+        ((d[:, 0] == 0) & (d[:, 1] == 0) & (d[:, 2] > 0))
+    half = np.concatenate([d[zero], d[keep & positive]])
+    return {"n": nbin, "stencil": np.ascontiguousarray(half, dtype=np.int64)}
 
 
 def _kvectors(cell: np.ndarray, recip: np.ndarray, kc: float, alpha: float) -> dict[str, Any]:

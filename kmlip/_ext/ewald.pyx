@@ -31,9 +31,10 @@ cdef extern from "ewald_core.h" nogil:
     enum: KMLIP_EWALD_NACC
     int64_t kmlip_ewald_real_atom(int64_t m, const double *cx, const double *cy,
                                   const double *cz, const double *cq, double xi, double yi,
-                                  double zi, double alpha, double rc2, double *bx, double *by,
-                                  double *bz, double *bq, double *be, double *bg, int64_t *keep,
-                                  int64_t *idx, double *acc)
+                                  double zi, double qi, double alpha, double rc2, double *bx,
+                                  double *by, double *bz, double *bq, double *be, double *bg,
+                                  int64_t *keep, int64_t *idx, double *acc, double *cfx,
+                                  double *cfy, double *cfz, double *ce)
     void kmlip_coulomb_pair(double qq, double r2, double *e, double *g)
     enum: KMLIP_EWALD_BLOCK
     void kmlip_ewald_phase_table(const double *s, int64_t n1, int64_t n2, int64_t n3,
@@ -49,6 +50,12 @@ cdef extern from "ewald_core.h" nogil:
 cdef double _TINY_R2 = 1e-20
 # Doubles per centre atom of the lane-wise partial sums (kmlip_ewald_real_atom's acc).
 cdef int64_t _NSUM = KMLIP_EWALD_NACC * KMLIP_EWALD_LANES
+# Doubles per candidate of the chunk buffer: x, y, z, q, then the other ends' fx, fy, fz, e.
+cdef int64_t _NCAND = 8
+# Fixed partition of the centre bins into at most this many groups: each group sums the
+# other ends of its pairs into an array of its own, added in group order at the end, so the
+# result is the same for any thread count (and more threads than groups would idle).
+_NGROUPS = 16
 
 
 cdef inline int64_t _floordiv(int64_t a, int64_t n) noexcept nogil:
@@ -58,33 +65,58 @@ cdef inline int64_t _floordiv(int64_t a, int64_t n) noexcept nogil:
     return d
 
 
-cdef int64_t _real_chunk(int64_t cnt, const double *xs, const double *ys, const double *zs,
-                         int64_t i0, int64_t i1, double alpha, double rc2, const double *cand,
-                         int64_t cap, double *scr, int64_t *iscr, double *acc) noexcept nogil:
-    """Pairs of the centre atoms i0..i1 with the cnt gathered candidates of ``cand``."""
-    cdef int64_t i, tiny = 0
+cdef int64_t _real_chunk(int64_t cnt, int64_t first, const double *xs, const double *ys,
+                         const double *zs, const double *q, int64_t i0, int64_t i1,
+                         double alpha, double rc2, double *cand, const int64_t *cidx,
+                         int64_t cap, double *scr, int64_t *iscr, double *acc,
+                         double *other) noexcept nogil:
+    """Pairs of the centre atoms i0..i1 with the cnt gathered candidates of ``cand``.
+
+    ``first``: whether the chunk starts with the centre bin's own atoms (candidate p is atom
+    i0 + p), of which each centre takes only those after itself (half list). The candidates'
+    sums (the other ends of the pairs) are added to ``other`` (n, 4) at the atom indices
+    ``cidx`` and cleared."""
+    cdef int64_t i, c, j, p = 0, tiny = 0
+    cdef double *cf = cand + 4 * cap
+    for c in range(cnt):
+        cf[c] = 0.0
+        cf[cap + c] = 0.0
+        cf[2 * cap + c] = 0.0
+        cf[3 * cap + c] = 0.0
     for i in range(i0, i1):
-        tiny += kmlip_ewald_real_atom(cnt, cand, cand + cap, cand + 2 * cap, cand + 3 * cap,
-                                      xs[i], ys[i], zs[i], alpha, rc2, scr, scr + cap,
-                                      scr + 2 * cap, scr + 3 * cap, scr + 4 * cap,
-                                      scr + 5 * cap, iscr, iscr + cap, acc + (i - i0) * _NSUM)
+        p = i - i0 + 1 if first else 0
+        tiny += kmlip_ewald_real_atom(cnt - p, cand + p, cand + cap + p, cand + 2 * cap + p,
+                                      cand + 3 * cap + p, xs[i], ys[i], zs[i], q[i], alpha,
+                                      rc2, scr, scr + cap, scr + 2 * cap, scr + 3 * cap,
+                                      scr + 4 * cap, scr + 5 * cap, iscr, iscr + cap,
+                                      acc + (i - i0) * _NSUM, cf + p, cf + cap + p,
+                                      cf + 2 * cap + p, cf + 3 * cap + p)
+    for c in range(cnt):
+        j = cidx[c]
+        other[4 * j] += cf[c]
+        other[4 * j + 1] += cf[cap + c]
+        other[4 * j + 2] += cf[2 * cap + c]
+        other[4 * j + 3] += cf[3 * cap + c]
     return tiny
 
 
 cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
                        const int64_t *bin_start, int64_t na, int64_t nb, int64_t nc,
                        const int64_t *stencil, int64_t ns, const double *cell, double alpha,
-                       double rc2, int64_t cap, double *cand, double *scr, int64_t *iscr,
-                       double *acc, double *forces, double *energies, double *virial) noexcept nogil:
-    """Real-space sum for the atoms of centre bin ``b`` over all stencil bins (full list).
+                       double rc2, int64_t cap, double *cand, int64_t *cidx, double *scr,
+                       int64_t *iscr, double *acc, double *forces, double *energies,
+                       double *virial, double *other) noexcept nogil:
+    """Real-space sum for the atoms of centre bin ``b`` over the half stencil.
 
     ``x`` is (3, n) (SoA). The atoms of the stencil bins, shifted to the images the stencil
-    names, are gathered once per centre bin into ``cand`` (4 * cap doubles: x, y, z, q; in
-    chunks of at most ``cap`` atoms), and every centre atom of the bin runs over each chunk
-    with the vectorised loop of ``kmlip_ewald_real_atom`` (``scr``: 6 * cap doubles of scratch;
-    ``acc``: the centre atoms' partial sums, _NSUM doubles each), so the bookkeeping per
-    neighbour bin is paid once per centre bin, not once per centre atom.
-    Returns the number of pairs closer than 1e-10 Å, the atom with itself included."""
+    names, are gathered once per centre bin into ``cand`` (``_NCAND * cap`` doubles; in chunks
+    of at most ``cap`` atoms, ``cidx`` their indices), and every centre atom of the bin runs over
+    each chunk with the vectorised loop of ``kmlip_ewald_real_atom`` (``scr``: 6 * cap doubles,
+    ``iscr``: 2 * cap int64 of scratch; ``acc``: the centre atoms' partial sums, _NSUM doubles
+    each), so the bookkeeping per neighbour bin is paid once per centre bin, not once per centre
+    atom. The stencil is a half stencil starting with (0, 0, 0): each pair is met once, and
+    the neighbour's end of it goes to ``other`` (n, 4: force, energy).
+    Returns the number of pairs closer than 1e-10 Å."""
     cdef int64_t ia = b // (nb * nc), ib = (b // nc) % nb, ic = b % nc
     cdef int64_t s, ja, jb, jc, sa, sb, sc, i, j, j0, m, k, l, cnt = 0
     cdef int64_t i0 = bin_start[b], i1 = bin_start[b + 1]
@@ -93,6 +125,7 @@ cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
     cdef const double *ys = x + n
     cdef const double *zs = x + 2 * n
     cdef int64_t tiny = 0
+    cdef bint first = True
     cdef double *a
     if i0 == i1:
         return 0
@@ -114,8 +147,9 @@ cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
         if m == 0:
             continue
         if cnt + m > cap:
-            tiny += _real_chunk(cnt, xs, ys, zs, i0, i1, alpha, rc2, cand, cap, scr, iscr,
-                                acc)
+            tiny += _real_chunk(cnt, first, xs, ys, zs, q, i0, i1, alpha, rc2, cand, cidx, cap,
+                                scr, iscr, acc, other)
+            first = False
             cnt = 0
         # image shift: d = x_j + shift - x_i
         sx = sa * cell[0] + sb * cell[3] + sc * cell[6]
@@ -126,12 +160,13 @@ cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
             cand[cap + cnt + j] = ys[j0 + j] + sy
             cand[2 * cap + cnt + j] = zs[j0 + j] + sz
             cand[3 * cap + cnt + j] = q[j0 + j]
+            cidx[cnt + j] = j0 + j
         cnt += m
     if cnt:
-        tiny += _real_chunk(cnt, xs, ys, zs, i0, i1, alpha, rc2, cand, cap, scr, iscr,
-                                acc)
-    # reduce the lanes in a fixed order; full list: half of each pair's energy and virial
-    # belongs to this centre
+        tiny += _real_chunk(cnt, first, xs, ys, zs, q, i0, i1, alpha, rc2, cand, cidx, cap,
+                            scr, iscr, acc, other)
+    # reduce the lanes in a fixed order; half list: the whole strain derivative of each pair
+    # and the centre's half of its energy
     for i in range(i0, i1):
         qi = q[i]
         a = acc + (i - i0) * _NSUM
@@ -144,7 +179,7 @@ cdef int64_t _real_bin(int64_t b, const double *x, const double *q, int64_t n,
             elif k < 4:
                 forces[3 * i + k - 1] += qi * t
             else:
-                virial[6 * i + k - 4] += 0.5 * qi * t
+                virial[6 * i + k - 4] += qi * t
     return tiny
 
 
@@ -152,7 +187,7 @@ def real_space(const double[:, ::1] x, const double[::1] q, const int64_t[::1] b
                int64_t na, int64_t nb, int64_t nc, const int64_t[:, ::1] stencil,
                const double[:, ::1] cell, double alpha, double rc, int n_threads,
                double[:, ::1] forces, double[::1] energies, double[:, ::1] virial) -> int:
-    """Screened real-space sum over all pairs closer than ``rc`` (linked cells, full list).
+    """Screened real-space sum over all pairs closer than ``rc`` (linked cells, half list).
 
     Parameters
     ----------
@@ -160,47 +195,63 @@ def real_space(const double[:, ::1] x, const double[::1] q, const int64_t[::1] b
     q : (n,) charges (e) in the same order.
     bin_start : (na*nb*nc + 1,) CSR start of each bin's atoms, bins in C order (a, b, c).
     na, nb, nc : number of bins along each cell vector.
-    stencil : (ns, 3) bin offsets to visit (already pruned to those that can hold a pair < rc);
-        must include (0, 0, 0).
+    stencil : (ns, 3) bin offsets to visit: (0, 0, 0) first, then one of each pair of opposite
+        offsets (pruned to those that can hold a pair < rc).
     cell : (3, 3) cell vectors as rows (Å).
     alpha : splitting parameter (1/Å); rc : cutoff (Å).
-    forces, energies, virial : (n, 3), (n,), (n, 6) outputs in e^2/Å units, *added to*.
+    forces, energies, virial : (n, 3), (n,), (n, 6) outputs in e^2/Å units, *added to*
+        (virial: each pair's whole strain derivative at one of its ends; only the sum over
+        atoms has a meaning).
 
     Returns
     -------
     int : number of coincident pairs (distance < 1e-10 Å); the caller raises on > 0.
 
-    Scratch per thread: 10 chunks of candidates (``_CHUNK`` doubles each) and the partial sums
-    of one bin's atoms.
+    Memory: per thread, ``_CHUNK`` candidates (16 doubles each) and the partial sums of one
+    bin's atoms; for the other ends of the pairs, min(16, bins) arrays of 4 n doubles.
     """
     cdef int64_t n = q.shape[0], nbins = na * nb * nc, ns = stencil.shape[0], b, cap, occ
-    cdef int64_t tiny = 0
+    cdef int64_t tiny = 0, ngrp, grp, b0, b1, j, g
     cdef int tid
     cdef double rc2 = rc * rc
     cdef double[:, ::1] cand, scr, acc
-    cdef int64_t[:, ::1] iscr
+    cdef int64_t[:, ::1] iscr, cidx
+    cdef double[:, :, ::1] other
     if n == 0:
         return 0
     assert x.shape[0] == 3 and x.shape[1] == n
     assert bin_start.shape[0] == nbins + 1 and stencil.shape[1] == 3
+    assert stencil[0, 0] == 0 and stencil[0, 1] == 0 and stencil[0, 2] == 0
     assert forces.shape[0] == n and energies.shape[0] == n and virial.shape[0] == n
     assert virial.shape[1] == 6 and forces.shape[1] == 3
     occ = int(np.diff(np.asarray(bin_start)).max())
     cap = max(_CHUNK, occ)
     nt = max(n_threads, 1)
-    cand = np.empty((nt, 4 * cap))
+    ngrp = min(_NGROUPS, nbins)
+    cand = np.empty((nt, _NCAND * cap))
+    cidx = np.empty((nt, cap), dtype=np.int64)
     scr = np.empty((nt, 6 * cap))
     iscr = np.empty((nt, 2 * cap), dtype=np.int64)
     acc = np.empty((nt, occ * _NSUM))
+    other = np.zeros((ngrp, n, 4))
     with nogil:
-        for b in prange(nbins, schedule="dynamic", num_threads=n_threads):
+        for grp in prange(ngrp, schedule="dynamic", num_threads=n_threads):
             tid = omp_get_thread_num()
-            tiny += _real_bin(b, &x[0, 0], &q[0], n, &bin_start[0], na, nb, nc,
-                              &stencil[0, 0], ns, &cell[0, 0], alpha, rc2, cap, &cand[tid, 0],
-                              &scr[tid, 0], &iscr[tid, 0], &acc[tid, 0], &forces[0, 0],
-                              &energies[0], &virial[0, 0])
-    # every atom meets itself once (zero shift); anything more is a coincident pair
-    return tiny - n
+            b0 = grp * nbins // ngrp
+            b1 = (grp + 1) * nbins // ngrp
+            for b in range(b0, b1):
+                tiny += _real_bin(b, &x[0, 0], &q[0], n, &bin_start[0], na, nb, nc,
+                                  &stencil[0, 0], ns, &cell[0, 0], alpha, rc2, cap,
+                                  &cand[tid, 0], &cidx[tid, 0], &scr[tid, 0], &iscr[tid, 0],
+                                  &acc[tid, 0], &forces[0, 0], &energies[0], &virial[0, 0],
+                                  &other[grp, 0, 0])
+        for j in prange(n, schedule="static", num_threads=n_threads):
+            for g in range(ngrp):
+                forces[j, 0] += other[g, j, 0]
+                forces[j, 1] += other[g, j, 1]
+                forces[j, 2] += other[g, j, 2]
+                energies[j] += other[g, j, 3]
+    return tiny
 
 
 cdef int _direct_atom(int64_t i, int64_t n, const double *x, const double *q, double *forces,

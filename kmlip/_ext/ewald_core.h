@@ -3,15 +3,15 @@
  * Plain C (C99 or later; also valid C++), no Python, no allocation: included by
  * kmlip/_ext/ewald.pyx and meant to be included unchanged by a future LAMMPS pair-style plugin
  * (C++), which owns its own loop over local atoms and calls kmlip_ewald_real_atom() with the
- * (image) positions of each atom's neighbours. Sizes and indices are int64_t throughout.
+ * (image) positions of each atom's neighbours in a half list (LAMMPS's "newton on"). Sizes and indices are int64_t throughout.
  *
  * Conventions (shared with kmlip/ewald.py):
  *   - charges in units of e, lengths in Å; every energy here is in e^2/Å, multiply by
  *     k_e = 14.399645 eV·Å to get eV.
  *   - pair vector d = r_j + S·cell - r_i (from the centre i to its neighbour j).
- *   - g = (1/r) dE_pair/dr, so the force on the centre from one pair is F_i = g d, and the
- *     pair's contribution to the strain derivative dE/de_ab is g d_a d_b (half of it per centre
- *     when the list is full, i.e. every pair is seen from both ends).
+ *   - g = (1/r) dE_pair/dr, so the force on the centre from one pair is F_i = g d, on the
+ *     neighbour F_j = -g d, and the pair's contribution to the strain derivative dE/de_ab is
+ *     g d_a d_b. Pair lists are half lists: each pair once.
  *   - virial arrays are Voigt-ordered: xx yy zz yz xz xy.
  *   - E = E_real + E_recip + E_self + E_background with
  *       E_real  = 1/2 sum_{i,j,S}' q_i q_j erfc(alpha r)/r
@@ -168,31 +168,39 @@ static inline void kmlip_ewald_lanes(int64_t nl, int64_t k0, const double *KMLIP
     }
 }
 
-/* The real-space pairs of one centre at (xi, yi, zi) with m candidate neighbours at
- * (cx, cy, cz) (periodic images already applied) of charges cq.
+/* The real-space pairs of one centre i at (xi, yi, zi), charge qi, with m candidate neighbours
+ * at (cx, cy, cz) (periodic images already applied) of charges cq: one half of a pair list
+ * (each pair once, from one of its two ends; Newton's third law gives the other end).
  *
- * Candidates with 1e-10 Å <= r < rc (rc2 = rc^2; needs alpha*rc <= KMLIP_ERFC_XMAX) are added,
- * without the centre's charge, to lane-wise partial sums acc[s * KMLIP_EWALD_LANES + lane] for
- *   s = 0: sum e, 1-3: sum g d_a (a = x, y, z), 4-9: sum g d_a d_b (Voigt xx yy zz yz xz xy),
- * with e = q_j erfc(alpha r)/r and g = (1/r) de/dr; the return value counts candidates closer
- * than 1e-10 Å (the centre itself, or a coincident atom). bx, by, bz, bq, be, bg (m doubles
- * each) are scratch. The candidates inside the cutoff are first compacted (branch-free), then
- * evaluated and summed by loops that vectorise; the lanes are independent sums in a fixed
- * order, so nothing is reassociated and the result does not depend on how the caller shares
- * the work among threads. Compile with -fno-math-errno so that sqrt vectorises. */
+ * Candidates with 1e-10 Å <= r < rc (rc2 = rc^2; needs alpha*rc <= KMLIP_ERFC_XMAX) count:
+ *   - for the centre, they are added, without qi, to lane-wise partial sums
+ *     acc[s * KMLIP_EWALD_LANES + lane] for s = 0: sum e, 1-3: sum g d_a (a = x, y, z),
+ *     4-9: sum g d_a d_b (Voigt xx yy zz yz xz xy), with e = q_j erfc(alpha r)/r and
+ *     g = (1/r) de/dr; so the centre's force is qi (acc 1-3), the pairs' whole strain
+ *     derivative qi (acc 4-9) and the centre's half of the pair energies qi/2 (acc 0);
+ *   - for each candidate j, its force -qi g d is added to (cfx, cfy, cfz)[j] and its half of the
+ *     pair energy qi e/2 to ce[j].
+ * The return value counts candidates closer than 1e-10 Å (coincident atoms). bx, by, bz, bq, be,
+ * bg (doubles) and keep, idx (int64_t), m each, are scratch. The candidates inside the cutoff
+ * are found by a vectorised pass and compacted by index (branch-free), then evaluated and
+ * summed by loops that vectorise; the lanes are independent sums in a fixed order, so nothing is
+ * reassociated and the result does not depend on how the caller shares the work among threads.
+ * Compile with -fno-math-errno so that sqrt vectorises. */
 KMLIP_CLONES
 static int64_t kmlip_ewald_real_atom(int64_t m, const double *KMLIP_RESTRICT cx,
                                      const double *KMLIP_RESTRICT cy,
                                      const double *KMLIP_RESTRICT cz,
                                      const double *KMLIP_RESTRICT cq, double xi, double yi,
-                                     double zi, double alpha, double rc2,
+                                     double zi, double qi, double alpha, double rc2,
                                      double *KMLIP_RESTRICT bx, double *KMLIP_RESTRICT by,
                                      double *KMLIP_RESTRICT bz, double *KMLIP_RESTRICT bq,
                                      double *KMLIP_RESTRICT be, double *KMLIP_RESTRICT bg,
                                      int64_t *KMLIP_RESTRICT keep, int64_t *KMLIP_RESTRICT idx,
-                                     double *KMLIP_RESTRICT acc)
+                                     double *KMLIP_RESTRICT acc, double *KMLIP_RESTRICT cfx,
+                                     double *KMLIP_RESTRICT cfy, double *KMLIP_RESTRICT cfz,
+                                     double *KMLIP_RESTRICT ce)
 {
-    const double c = KMLIP_TWO_OVER_SQRT_PI * alpha;
+    const double c = KMLIP_TWO_OVER_SQRT_PI * alpha, hq = 0.5 * qi;
     int64_t k, k0, w = 0, near = 0;
     for (k = 0; k < m; ++k) { /* vectorised: which candidates are inside the cutoff */
         const double dx = cx[k] - xi, dy = cy[k] - yi, dz = cz[k] - zi;
@@ -204,7 +212,8 @@ static int64_t kmlip_ewald_real_atom(int64_t m, const double *KMLIP_RESTRICT cx,
         idx[w] = k;
         w += keep[k];
     }
-    for (k = 0; k < w; ++k) { /* gather the kept pairs */
+    m = w;
+    for (k = 0; k < m; ++k) { /* gather the kept pairs */
         const int64_t j = idx[k];
         const double dx = cx[j] - xi, dy = cy[j] - yi, dz = cz[j] - zi;
         bx[k] = dx;
@@ -213,7 +222,6 @@ static int64_t kmlip_ewald_real_atom(int64_t m, const double *KMLIP_RESTRICT cx,
         bq[k] = cq[j];
         be[k] = dx * dx + dy * dy + dz * dz;
     }
-    m = w;
     for (k = 0; k < m; ++k) {
         const double inv_r = 1.0 / sqrt(be[k]);
         double gauss, erfc_x, er;
@@ -222,6 +230,14 @@ static int64_t kmlip_ewald_real_atom(int64_t m, const double *KMLIP_RESTRICT cx,
         be[k] = er;
         /* d/dr [erfc(a r)/r] = -erfc(a r)/r^2 - (2a/sqrt(pi)) exp(-a^2 r^2)/r */
         bg[k] = -(er + bq[k] * c * gauss) * inv_r * inv_r;
+    }
+    for (k = 0; k < m; ++k) { /* the other end of each pair (indices distinct) */
+        const int64_t j = idx[k];
+        const double f = qi * bg[k];
+        cfx[j] -= f * bx[k];
+        cfy[j] -= f * by[k];
+        cfz[j] -= f * bz[k];
+        ce[j] += hq * be[k];
     }
     for (k0 = 0; k0 < m; k0 += KMLIP_EWALD_LANES) {
         if (m - k0 >= KMLIP_EWALD_LANES) /* constant trip count after inlining: vectorised */
