@@ -98,13 +98,15 @@ def package_version(dist: str) -> str | None:
         return None
 
 
-def thread_env(n_threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
+def thread_env(n_threads: int | None, base: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of the environment with every thread-count variable set to ``n_threads``.
 
     Parameters
     ----------
-    n_threads : int
-        Thread count for OpenMP, BLAS and Rayon.
+    n_threads : int or None
+        Thread count for OpenMP, BLAS and Rayon; None removes the variables, so that every
+        library runs with its default (what a user gets without setting anything: one thread
+        per core for OpenMP and OpenBLAS).
     base : dict, optional
         Environment to start from (default ``os.environ``).
 
@@ -115,9 +117,19 @@ def thread_env(n_threads: int, base: dict[str, str] | None = None) -> dict[str, 
     """
     env = dict(os.environ if base is None else base)
     for name in THREAD_VARIABLES:
-        env[name] = str(n_threads)
+        if n_threads is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(n_threads)
     env.setdefault("PYTHONHASHSEED", "0")
     return env
+
+
+def threads_label(n_threads: int | None) -> str:
+    """``"1 thread"``, ``"2 threads"`` or ``"default threads (N cores)"``."""
+    if n_threads is None:
+        return f"default threads ({os.cpu_count()} cores)"
+    return f"{n_threads} thread" + ("s" if n_threads != 1 else "")
 
 
 def machine_info() -> dict[str, Any]:
@@ -387,7 +399,7 @@ def run_child(
 def run_worker(
     script: str | os.PathLike,
     task: dict[str, Any],
-    n_threads: int,
+    n_threads: int | None,
     timeout: float | None = None,
 ) -> ChildResult:
     """Run ``python script --_worker TASK_JSON --_report FILE`` with ``n_threads`` threads.
@@ -398,8 +410,8 @@ def run_worker(
         The benchmark script (it must handle ``--_worker``).
     task : dict
         JSON-serialisable description of the measurement.
-    n_threads : int
-        Thread count exported to the child's environment.
+    n_threads : int or None
+        Thread count exported to the child's environment (None: the libraries' defaults).
     timeout : float, optional
         Seconds before the child is killed.
 
@@ -687,6 +699,62 @@ def emt_cu_dataset(
             emt_cu_trajectory(repeat, temperature, strain, take, seed=int(rng.integers(2**31)))
         )
         run += 1
+    return frames
+
+
+def emt_alloy_dataset(
+    n_cells: int,
+    seed: int,
+    symbols: tuple[str, str] = ("Cu", "Au"),
+    repeat: int = 2,
+    a: float = 3.85,
+    rattle: float = 0.1,
+    max_strain: float = 0.03,
+):
+    """``n_cells`` random substitutional fcc alloys (50/50 on average), rattled and strained,
+    labelled by ASE's EMT (energy, forces, stress).
+
+    Parameters
+    ----------
+    n_cells : int
+        Number of cells.
+    seed : int
+        Seed of every random choice.
+    symbols : (str, str)
+        The two species (EMT knows Al, Cu, Ag, Au, Ni, Pd, Pt).
+    repeat : int
+        Cubic 4-atom fcc cell repeated ``repeat``³ (2: 32 atoms).
+    a : float
+        Lattice constant in Å (3.85: between Cu's 3.61 and Au's 4.08).
+    rattle : float
+        Standard deviation of the Gaussian displacements in Å.
+    max_strain : float
+        Bound of the random symmetric strain components.
+
+    Returns
+    -------
+    list of ase.Atoms
+        Each with a SinglePointCalculator holding energy, forces and stress.
+    """
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n_cells):
+        atoms = bulk(symbols[0], "fcc", a=a, cubic=True).repeat(repeat)
+        other = rng.random(len(atoms)) < 0.5
+        atoms.symbols[other] = symbols[1]
+        cell = atoms.cell.array @ (np.eye(3) + random_strain(rng, max_strain))
+        atoms.set_cell(cell, scale_atoms=True)
+        atoms.positions += rng.normal(0.0, rattle, atoms.positions.shape)
+        atoms.calc = EMT()
+        snap = atoms.copy()
+        snap.calc = SinglePointCalculator(snap, energy=atoms.get_potential_energy(),
+                                          forces=atoms.get_forces().copy(),
+                                          stress=atoms.get_stress(voigt=True).copy())
+        frames.append(snap)
     return frames
 
 

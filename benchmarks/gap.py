@@ -1,29 +1,40 @@
-"""GAP benchmark: kmlip's sparse GP against ``gap_fit`` (quippy-ase) on the same EMT Cu data.
+"""GAP benchmark: kmlip's sparse GP against ``gap_fit`` (quippy-ase) on the same EMT data.
 
-Data (fixed seeds, generated on first use and cached as extxyz in ``benchmarks/out/``):
-fcc Cu cells of 32 and 108 atoms from short Langevin MD runs under ASE's EMT, each run at a
-temperature drawn from 300–1500 K and with a random ±3% strain, a few decorrelated frames per
-run (100 fs apart, after 200 fs of equilibration; 4 fs steps); 200 training cells, and 50 test
-cells from independent runs (other seeds).
+Two settings (``--settings``):
 
-Both fits use the same SOAP (cutoff 5 Å with a 0.5 Å smooth transition, n_max 8, l_max 6, atom
-width 0.5 Å), the same kernel (dot product, ζ = 4, δ = 0.2), the same number of sparse points
-(1000, CUR) and the same noise σ's (energy 0.002 eV/atom, force 0.02 eV/Å, virial 0.02 eV/atom),
-e0 from the average energy per atom. Reported for each, and as ratios kmlip/GAP in one run:
-fit CPU and wall time and peak memory (each fit in a child process of its own: ``wait4``
-resource usage for ``gap_fit``, the child's own timers and high-water mark for kmlip), test
-energy and force MAE/RMSE and stress RMSE, and the speed of energy + forces through each
-one's ASE calculator (``quippy.potential.Potential``, ``KMLIPCalculator``) on 108- and
-1008-atom cells.
+``cu`` (issue 3): fcc Cu cells of 32 and 108 atoms from short Langevin MD runs under ASE's EMT,
+each run at a temperature drawn from 300–1500 K and with a random ±3% strain, a few
+decorrelated frames per run (100 fs apart, after 200 fs of equilibration; 4 fs steps); 200
+training cells, and 50 test cells from independent runs (other seeds). SOAP cutoff 5 Å with a
+0.5 Å smooth transition, n_max 8, l_max 6, atom width 0.5 Å; 1000 sparse points (CUR);
+predictions on rattled 108- and 1008-atom cells.
 
-``gap_fit`` takes about ten minutes at the full settings; ``--reuse-gap`` reuses the fit and
-figures recorded by an earlier run with identical data and settings (printed as such).
-``--quick`` (20 training / 10 test cells, n_sparse 100) runs in well under a minute.
+``cuau`` (issue 9's smaller setting): random 50/50 Cu–Au fcc cells of 32 atoms (a = 3.85 Å,
+rattled 0.1 Å, ±3% strain), EMT-labelled; 100 training and 20 test cells. SOAP n_max 6,
+l_max 4 (same cutoff and width), 200 sparse points per species; predictions on a rattled
+500-atom random Cu–Au cell.
+
+Both codes use the same kernel (dot product, ζ = 4, δ = 0.2) and noise σ's (energy 0.002
+eV/atom, force 0.02 eV/Å, virial 0.02 eV/atom), e0 from the average energy per atom. Reported
+for each, and as ratios kmlip/GAP in one run: fit CPU and wall time and peak memory (each fit in
+a child process of its own: ``wait4`` resource usage for ``gap_fit``, the child's own timers and
+high-water mark for kmlip), test energy and force MAE/RMSE and stress RMSE, and the speed of
+energy + forces + stress through each one's ASE calculator (``quippy.potential.Potential``,
+``KMLIPCalculator``); for kmlip also with the local-energy variances (``energies_var``) on
+every call, and NVE molecular dynamics (ASE ``VelocityVerlet``, 108-atom Cu, ``energies_var``
+on every call). Every kmlip figure and GAP's predictions are measured with ``--threads``
+threads (default 1) and with the libraries' default thread count (no thread variable set: one
+thread per core), so the table shows what threads buy.
+
+``gap_fit`` takes about half an hour at the full ``cu`` settings; ``--reuse-gap`` reuses the fit
+and figures recorded by an earlier run with identical data and settings (printed as such).
+``--quick`` (small data and n_sparse, short MD) runs in about a minute.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -38,6 +49,7 @@ import numpy as np
 from _common import (
     OUT_DIR,
     cached_frames,
+    emt_alloy_dataset,
     emt_cu_dataset,
     fmt,
     format_table,
@@ -53,6 +65,7 @@ from _common import (
     run_worker,
     save_json,
     thread_env,
+    threads_label,
     time_calls,
     use_repo_kmlip,
     verdict,
@@ -65,8 +78,6 @@ KMLIP_PATH = use_repo_kmlip()
 # Shared model settings.
 R_CUT = 5.0
 TRANSITION_WIDTH = 0.5
-N_MAX = 8
-L_MAX = 6
 ATOM_SIGMA = 0.5
 ZETA = 4
 DELTA = 0.2
@@ -76,7 +87,20 @@ SIGMA_VIRIAL = 0.02  # eV/atom
 
 TRAIN_SEED = 20240
 TEST_SEED = 90731
-PREDICT_CELLS = {108: (3, 3, 3), 1008: (6, 6, 7)}  # cubic 4-atom fcc cell repeats
+MD_TIMESTEP_FS = 2.0
+MD_TEMPERATURE_K = 600.0
+
+# The settings: species, SOAP size, sparse points per species, data and prediction cells
+# (full, quick).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "cu": {"species": ("Cu",), "n_max": 8, "l_max": 6, "n_sparse": (1000, 100),
+           "n_train": (200, 20), "n_test": (50, 10), "predict": ((108, 1008), (108,)),
+           "what": "EMT fcc Cu MD, 32/108-atom cells"},
+    "cuau": {"species": ("Cu", "Au"), "n_max": 6, "l_max": 4, "n_sparse": (200, 50),
+             "n_train": (100, 20), "n_test": (20, 5), "predict": ((500,), (500,)),
+             "what": "EMT random Cu-Au, 32-atom cells"},
+}
+PREDICT_CELLS = {108: (3, 3, 3), 500: (5, 5, 5), 1008: (6, 6, 7)}  # cubic fcc cell repeats
 
 # The figures issue 3 quotes for GAP on this kind of data, and its targets for kmlip.
 ISSUE_GAP = {"fit_cpu_s": 635.0, "fit_peak_mb": 3.1 * 1024, "force_mae": 10.2,
@@ -88,18 +112,31 @@ GAP_REF_KEYS = {"energy": "REF_energy", "forces": "REF_forces", "virial": "REF_v
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-def dataset_paths(n_train: int, n_test: int) -> tuple[Path, Path]:
+def dataset_paths(setting: str, n_train: int, n_test: int) -> tuple[Path, Path]:
     """Cache files of the training and test frames."""
-    return (OUT_DIR / f"emt_cu_train_n{n_train}_s{TRAIN_SEED}.xyz",
-            OUT_DIR / f"emt_cu_test_n{n_test}_s{TEST_SEED}.xyz")
+    tag = "emt_cu" if setting == "cu" else f"emt_{setting}"
+    return (OUT_DIR / f"{tag}_train_n{n_train}_s{TRAIN_SEED}.xyz",
+            OUT_DIR / f"{tag}_test_n{n_test}_s{TEST_SEED}.xyz")
 
 
-def load_data(n_train: int, n_test: int) -> tuple[list, list]:
+def load_data(setting: str, n_train: int, n_test: int) -> tuple[list, list]:
     """Training and test frames (generated with EMT on first use, then read from the cache)."""
-    train_path, test_path = dataset_paths(n_train, n_test)
-    train = cached_frames(train_path, lambda: emt_cu_dataset(n_train, TRAIN_SEED, 4))
-    test = cached_frames(test_path, lambda: emt_cu_dataset(n_test, TEST_SEED, 2))
-    return train, test
+    train_path, test_path = dataset_paths(setting, n_train, n_test)
+    if setting == "cu":
+        def make_train():
+            return emt_cu_dataset(n_train, TRAIN_SEED, 4)
+
+        def make_test():
+            return emt_cu_dataset(n_test, TEST_SEED, 2)
+    else:
+        symbols = SETTINGS[setting]["species"]
+
+        def make_train():
+            return emt_alloy_dataset(n_train, TRAIN_SEED, symbols)
+
+        def make_test():
+            return emt_alloy_dataset(n_test, TEST_SEED, symbols)
+    return cached_frames(train_path, make_train), cached_frames(test_path, make_test)
 
 
 def write_gap_xyz(frames: list, path: Path) -> None:
@@ -121,11 +158,17 @@ def write_gap_xyz(frames: list, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prediction_cell(n_atoms: int, seed: int = 5):
-    """Rattled fcc Cu cell of ``n_atoms`` (108 or 1008) for the prediction speed."""
+def prediction_cell(setting: str, n_atoms: int, seed: int = 5):
+    """Rattled fcc cell of ``n_atoms`` for the prediction speed (random 50/50 alloy for a
+    two-species setting)."""
     from ase.build import bulk
 
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(PREDICT_CELLS[n_atoms])
+    species = SETTINGS[setting]["species"]
+    a = 3.61 if len(species) == 1 else 3.85
+    atoms = bulk(species[0], "fcc", a=a, cubic=True).repeat(PREDICT_CELLS[n_atoms])
+    if len(species) > 1:
+        rng = np.random.default_rng(seed)
+        atoms.symbols[rng.random(len(atoms)) < 0.5] = species[1]
     atoms.rattle(stdev=0.08, seed=seed + n_atoms)
     return atoms
 
@@ -157,12 +200,15 @@ def gap_fit_executable() -> str | None:
     return shutil.which("gap_fit")
 
 
-def gap_fit_args(train_xyz: Path, gp_file: Path, n_sparse: int, seed: int = 1) -> list[str]:
-    """gap_fit command-line arguments for the shared settings."""
-    soap = (f"soap cutoff={R_CUT} cutoff_transition_width={TRANSITION_WIDTH} n_max={N_MAX} "
-            f"l_max={L_MAX} atom_sigma={ATOM_SIGMA} zeta={ZETA} delta={DELTA} "
-            f"n_sparse={n_sparse} sparse_method=cur_points covariance_type=dot_product "
-            f"add_species=T")
+def gap_fit_args(setting: str, train_xyz: Path, gp_file: Path, n_sparse: int,
+                 seed: int = 1) -> list[str]:
+    """gap_fit command-line arguments for the shared settings (``add_species=T``: one SOAP
+    per centre species, each with ``n_sparse`` points)."""
+    st = SETTINGS[setting]
+    soap = (f"soap cutoff={R_CUT} cutoff_transition_width={TRANSITION_WIDTH} "
+            f"n_max={st['n_max']} l_max={st['l_max']} atom_sigma={ATOM_SIGMA} zeta={ZETA} "
+            f"delta={DELTA} n_sparse={n_sparse} sparse_method=cur_points "
+            f"covariance_type=dot_product add_species=T")
     return [
         f"at_file={train_xyz}",
         f"gap={{{soap}}}",
@@ -192,18 +238,19 @@ def gap_targets(log: Path) -> dict[str, int]:
     return counts
 
 
-def fit_gap(train_frames: list, n_sparse: int, threads: int, reuse: bool,
+def fit_gap(setting: str, train_frames: list, n_sparse: int, threads: int, reuse: bool,
             timeout: float) -> dict[str, Any]:
     """Run gap_fit in a child; returns its figures (or the recorded ones with ``reuse``)."""
     exe = gap_fit_executable()
     if exe is None:
         return {"status": "skipped", "reason": "gap_fit not found (quippy-ase not installed)"}
-    work = OUT_DIR / f"gap_n{len(train_frames)}_m{n_sparse}"
+    tag = "" if setting == "cu" else f"{setting}_"
+    work = OUT_DIR / f"gap_{tag}n{len(train_frames)}_m{n_sparse}"
     work.mkdir(parents=True, exist_ok=True)
     train_xyz = work / "train.xyz"
     write_gap_xyz(train_frames, train_xyz)
     gp_file = work / "gap.xml"
-    args = gap_fit_args(train_xyz.name, gp_file.name, n_sparse)
+    args = gap_fit_args(setting, train_xyz.name, gp_file.name, n_sparse)
     key = hashlib.sha256(json.dumps([file_digest(train_xyz), args, threads,
                                      package_version("quippy-ase")]).encode()).hexdigest()[:16]
     record = work / f"fit_{key}.json"
@@ -234,12 +281,14 @@ def fit_gap(train_frames: list, n_sparse: int, threads: int, reuse: bool,
 # --------------------------------------------------------------------------------------------
 # workers (child processes)
 # --------------------------------------------------------------------------------------------
-def kmlip_model(n_sparse: int):
+def kmlip_model(setting: str, n_sparse: int):
     """The kmlip estimator with the shared settings."""
     from kmlip import SOAP, KernelPotential
 
+    st = SETTINGS[setting]
     return KernelPotential(
-        descriptor=SOAP(species=["Cu"], r_cut=R_CUT, n_max=N_MAX, l_max=L_MAX, sigma=ATOM_SIGMA),
+        descriptor=SOAP(species=list(st["species"]), r_cut=R_CUT, n_max=st["n_max"],
+                        l_max=st["l_max"], sigma=ATOM_SIGMA),
         zeta=ZETA, delta=DELTA, n_sparse=n_sparse, sparse_method="cur",
         sigma_energy=SIGMA_ENERGY, sigma_force=SIGMA_FORCE, sigma_stress=SIGMA_VIRIAL,
         energy_key="energy", forces_key="forces", stress_key="stress", random_state=0,
@@ -251,7 +300,7 @@ def worker_kmlip_fit(task: dict[str, Any]) -> dict[str, Any]:
     from ase.io import read
 
     frames = read(task["train"], index=":")
-    model = kmlip_model(int(task["n_sparse"]))
+    model = kmlip_model(task["setting"], int(task["n_sparse"]))
     rss0 = rss_mb()
     reset_peak_rss()
     timing, _ = time_calls(lambda: model.fit(frames), repeat=1, warmup=0)
@@ -262,15 +311,40 @@ def worker_kmlip_fit(task: dict[str, Any]) -> dict[str, Any]:
             "version": package_version("kmlip")}
 
 
-def make_calculator(code: str, model_path: str):
-    """ASE calculator of a fitted model."""
+def _plain_kmlip_calculator(model):
+    """An ASE calculator of energy, forces and stress only, for a kmlip whose
+    ``KMLIPCalculator`` still computes the variances on every call (before issue 9)."""
+    from ase.calculators.calculator import Calculator
+
+    class Plain(Calculator):
+        implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+        def calculate(self, atoms=None, properties=None, system_changes=None):
+            super().calculate(atoms, properties, system_changes)
+            periodic = bool(np.all(self.atoms.pbc))
+            r = model._evaluate(self.atoms, forces=True, stress=periodic)
+            self.results = {"energy": r["energy"], "free_energy": r["energy"],
+                            "forces": r["forces"]}
+            if periodic:
+                self.results["stress"] = r["stress"]
+
+    return Plain()
+
+
+def make_calculator(code: str, model_path: str, variances: bool = False):
+    """ASE calculator of a fitted model; ``variances`` asks kmlip's for ``energies_var`` on
+    every call."""
     if code == "gap":
         from quippy.potential import Potential
 
         return Potential(param_filename=model_path)
     from kmlip import KMLIPCalculator, load
 
-    return KMLIPCalculator(load(model_path))
+    model = load(model_path)
+    if "variances" in inspect.signature(KMLIPCalculator).parameters:
+        return KMLIPCalculator(model, variances=("energies",)) if variances \
+            else KMLIPCalculator(model)
+    return KMLIPCalculator(model) if variances else _plain_kmlip_calculator(model)
 
 
 def test_errors(calc, frames: list) -> dict[str, float]:
@@ -304,22 +378,24 @@ def test_errors(calc, frames: list) -> dict[str, float]:
     }
 
 
-def prediction_speed(calc, n_atoms: int, repeat: int) -> dict[str, float]:
-    """Energy + forces through ``calc.calculate``; atoms per wall/CPU second.
+def prediction_speed(calc, setting: str, n_atoms: int, repeat: int,
+                     properties: tuple[str, ...] = ("energy", "forces", "stress")
+                     ) -> dict[str, float]:
+    """``properties`` through ``calc.calculate``; atoms per wall/CPU second.
 
     Every call sees new positions (calculators, quippy's among them, return cached results for
     unchanged atoms): a rattled cell, displaced by a fresh random 0.01 Å each time.
     """
     from ase.calculators.calculator import all_changes
 
-    atoms = prediction_cell(n_atoms)
+    atoms = prediction_cell(setting, n_atoms)
     base = atoms.positions.copy()
     rng = np.random.default_rng(n_atoms)
     moves = iter([base + rng.normal(scale=0.01, size=base.shape) for _ in range(repeat + 1)])
 
     def run():
         atoms.positions = next(moves)
-        calc.calculate(atoms, properties=["energy", "forces"], system_changes=all_changes)
+        calc.calculate(atoms, properties=list(properties), system_changes=all_changes)
         return np.array(calc.results["forces"])
 
     timing, forces = time_calls(run, repeat=repeat, warmup=1)
@@ -329,15 +405,60 @@ def prediction_speed(calc, n_atoms: int, repeat: int) -> dict[str, float]:
             "atoms_per_cpu_s": n_atoms / timing.cpu_median}
 
 
+def md_speed(calc, n_steps: int) -> dict[str, float]:
+    """NVE velocity-Verlet MD of 108-atom Cu (600 K start, 2 fs steps) with ``calc``:
+    atom-steps per CPU- and wall-second, and the relative energy drift over the run."""
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = prediction_cell("cu", 108)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=MD_TEMPERATURE_K,
+                                 rng=np.random.default_rng(7))
+    Stationary(atoms)
+    atoms.calc = calc
+    dyn = VelocityVerlet(atoms, timestep=MD_TIMESTEP_FS * units.fs)
+    dyn.run(2)  # warm-up (first calls, caches)
+    e0 = atoms.get_total_energy()
+    w0, c0 = time.perf_counter(), time.process_time()
+    dyn.run(n_steps)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    drift = abs(atoms.get_total_energy() - e0) / len(atoms)
+    return {"steps": n_steps, "cpu_s": cpu, "wall_s": wall,
+            "atom_steps_per_cpu_s": len(atoms) * n_steps / cpu,
+            "atom_steps_per_wall_s": len(atoms) * n_steps / wall,
+            "energy_drift_ev_per_atom": float(drift)}
+
+
 def worker_eval(task: dict[str, Any]) -> dict[str, Any]:
-    """Test-set errors and prediction speed of a fitted model (GAP or kmlip)."""
+    """Test-set errors, prediction speed (with and without variances) and MD speed of a
+    fitted model (GAP or kmlip)."""
     from ase.io import read
 
-    calc = make_calculator(task["code"], task["model"])
-    test = read(task["test"], index=":")
-    out: dict[str, Any] = {"status": "ok", **test_errors(calc, test)}
+    code, setting = task["code"], task["setting"]
+    calc = make_calculator(code, task["model"])
+    out: dict[str, Any] = {"status": "ok"}
+    if task.get("errors"):
+        out.update(test_errors(calc, read(task["test"], index=":")))
+    var_calc = make_calculator(code, task["model"], variances=True) \
+        if code == "kmlip" and task.get("variance") else None
     for n in task["predict_sizes"]:
-        out[f"predict_{n}"] = prediction_speed(calc, int(n), int(task["repeat"]))
+        # interleaved: with and without variances alternate, so that a change in the
+        # machine's speed during the run affects both alike
+        rows: dict[str, list] = {"plain": [], "var": []}
+        for _ in range(int(task.get("rounds", 1))):
+            rows["plain"].append(prediction_speed(calc, setting, int(n), int(task["repeat"])))
+            if var_calc is not None:
+                rows["var"].append(prediction_speed(
+                    var_calc, setting, int(n), int(task["repeat"]),
+                    properties=("energy", "forces", "stress", "energies_var")))
+        for name, key in (("plain", f"predict_{n}"), ("var", f"predict_{n}_var")):
+            if rows[name]:
+                best = sorted(rows[name], key=lambda r: r["cpu_s"])[len(rows[name]) // 2]
+                out[key] = best
+    if task.get("md_steps") and code == "kmlip":
+        out["md"] = md_speed(make_calculator(code, task["model"], variances=True),
+                             int(task["md_steps"]))
     out["eval_peak_mb"] = peak_rss_mb()
     return out
 
@@ -353,7 +474,7 @@ def worker(task: dict[str, Any], report_path: str) -> int:
     return 0
 
 
-def child(task: dict[str, Any], threads: int, timeout: float) -> dict[str, Any]:
+def child(task: dict[str, Any], threads: int | None, timeout: float) -> dict[str, Any]:
     """Run a worker task in a child process; its report plus the child's resource usage."""
     res = run_worker(SCRIPT, task, threads, timeout=timeout)
     if not res.ok:
@@ -384,62 +505,241 @@ def flat(rec: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
     """Flatten the nested prediction figures of a result."""
     out = dict(rec)
     for n in sizes:
-        p = rec.get(f"predict_{n}") or {}
-        out[f"pred{n}_cpu"] = p.get("atoms_per_cpu_s")
-        out[f"pred{n}_wall"] = p.get("atoms_per_wall_s")
+        for suffix in ("", "_var"):
+            p = rec.get(f"predict_{n}{suffix}") or {}
+            out[f"pred{n}{suffix}_cpu"] = p.get("atoms_per_cpu_s")
+            out[f"pred{n}{suffix}_wall"] = p.get("atoms_per_wall_s")
+            out[f"pred{n}{suffix}_cpu_s"] = p.get("cpu_s")
+            out[f"pred{n}{suffix}_wall_s"] = p.get("wall_s")
     return out
 
 
-def print_report(gap: dict[str, Any], km: dict[str, Any], sizes: list[int],
-                 n_sparse: int, quick: bool) -> None:
-    """Side-by-side table, ratios and the targets of issue 3."""
+def print_comparison(gap: dict[str, Any], km: dict[str, Any], sizes: list[int],
+                     threads: str) -> None:
+    """Side-by-side table of GAP and kmlip with ratios."""
     g, k = flat(gap, sizes), flat(km, sizes)
     metrics = list(METRICS)
     for n in sizes:
-        metrics.append((f"pred{n}_cpu", f"E+F atoms/CPU-s, {n} atoms", True))
-        metrics.append((f"pred{n}_wall", f"E+F atoms/wall-s, {n} atoms", True))
+        metrics.append((f"pred{n}_cpu", f"E+F+S atoms/CPU-s, {n} atoms", True))
+        metrics.append((f"pred{n}_wall", f"E+F+S atoms/wall-s, {n} atoms", True))
     rows = []
     for key, label, higher in metrics:
         gv, kv = g.get(key), k.get(key)
-        rows.append({"what": label, "gap": gv, "kmlip": kv, "ratio": ratio(kv, gv),
-                     "better": ("kmlip" if (ratio(kv, gv) > 1) == higher else "GAP")
-                     if not math.isnan(ratio(kv, gv)) and ratio(kv, gv) != 1 else "-"})
+        r = ratio(kv, gv)
+        rows.append({"what": label, "gap": gv, "kmlip": kv, "ratio": r,
+                     "better": ("kmlip" if (r > 1) == higher else "GAP")
+                     if not math.isnan(r) and r != 1 else "-"})
+    print(f"GAP vs kmlip, {threads}:")
     print(format_table(rows, [("what", "figure"), ("gap", "GAP"), ("kmlip", "kmlip"),
                               ("ratio", "kmlip/GAP"), ("better", "better")]))
-    for name, rec in (("GAP", gap), ("kmlip", km)):
+
+
+def print_threads(km1: dict[str, Any], kmd: dict[str, Any], gap1: dict[str, Any],
+                  gapd: dict[str, Any], sizes: list[int], t1: str) -> None:
+    """CPU and wall time of kmlip (and GAP's predictions) with ``t1`` and default threads."""
+    a, b = flat(km1, sizes), flat(kmd, sizes)
+    ga, gb = flat(gap1, sizes), flat(gapd, sizes)
+    rows = [{"what": "kmlip fit", "cpu1": a.get("fit_cpu_s"), "wall1": a.get("fit_wall_s"),
+             "cpud": b.get("fit_cpu_s"), "walld": b.get("fit_wall_s"),
+             "speedup": ratio(a.get("fit_wall_s"), b.get("fit_wall_s"))}]
+    for n in sizes:
+        for suffix, label in (("", "E+F+S"), ("_var", "E+F+S+energies_var")):
+            if a.get(f"pred{n}{suffix}_cpu_s") is None:
+                continue
+            rows.append({"what": f"kmlip {label}, {n} atoms (s/call)",
+                         "cpu1": a.get(f"pred{n}{suffix}_cpu_s"),
+                         "wall1": a.get(f"pred{n}{suffix}_wall_s"),
+                         "cpud": b.get(f"pred{n}{suffix}_cpu_s"),
+                         "walld": b.get(f"pred{n}{suffix}_wall_s"),
+                         "speedup": ratio(a.get(f"pred{n}{suffix}_wall_s"),
+                                          b.get(f"pred{n}{suffix}_wall_s"))})
+        if ga.get(f"pred{n}_cpu_s") is not None:
+            rows.append({"what": f"GAP E+F+S, {n} atoms (s/call)",
+                         "cpu1": ga.get(f"pred{n}_cpu_s"), "wall1": ga.get(f"pred{n}_wall_s"),
+                         "cpud": gb.get(f"pred{n}_cpu_s"), "walld": gb.get(f"pred{n}_wall_s"),
+                         "speedup": ratio(ga.get(f"pred{n}_wall_s"), gb.get(f"pred{n}_wall_s"))})
+    md1, mdd = km1.get("md") or {}, kmd.get("md") or {}
+
+    def per_step(md, key):
+        return md[key] / md["steps"] if md else None
+
+    if md1 or mdd:
+        rows.append({"what": "kmlip MD 108 Cu + energies_var (s/step)",
+                     "cpu1": per_step(md1, "cpu_s"), "wall1": per_step(md1, "wall_s"),
+                     "cpud": per_step(mdd, "cpu_s"), "walld": per_step(mdd, "wall_s"),
+                     "speedup": ratio(per_step(md1, "wall_s"), per_step(mdd, "wall_s"))})
+    print(f"\nThreads: {t1} vs default ({os.cpu_count()} cores); speed-up = wall({t1}) / "
+          "wall(default):")
+    print(format_table(rows, [("what", "figure"), ("cpu1", f"CPU s, {t1}"),
+                              ("wall1", f"wall s, {t1}"), ("cpud", "CPU s, default"),
+                              ("walld", "wall s, default"), ("speedup", "speed-up")]))
+
+
+def target_lines(setting: str, gap: dict, km: dict, gapd: dict, kmd: dict, sizes: list[int],
+                 quick: bool) -> list[tuple[str, Any, str, str]]:
+    """(what, measured, wanted, verdict) rows of issues 3 and 9 for one setting."""
+    g, k, gd, kd = (flat(r, sizes) for r in (gap, km, gapd, kmd))
+    lines = []
+    if setting == "cu":
+        lines += [
+            ("test energy MAE kmlip/GAP", ratio(k.get("energy_mae"), g.get("energy_mae")),
+             "<= 1", verdict(ratio(k.get("energy_mae"), g.get("energy_mae")), 1.0, False)),
+            ("test force MAE kmlip/GAP", ratio(k.get("force_mae"), g.get("force_mae")), "<= 1",
+             verdict(ratio(k.get("force_mae"), g.get("force_mae")), 1.0, False)),
+            ("fit CPU time GAP/kmlip", ratio(g.get("fit_cpu_s"), k.get("fit_cpu_s")), ">= 20x",
+             verdict(ratio(g.get("fit_cpu_s"), k.get("fit_cpu_s")), 20.0)),
+            ("fit peak memory kmlip (MB)", k.get("fit_peak_mb"), "<= 2,048",
+             verdict(k.get("fit_peak_mb"), 2048.0, False)),
+        ]
+    want = 15.0 if setting == "cu" else 8.0
+    for n in sizes:
+        r = ratio(kd.get(f"pred{n}_cpu"), gd.get(f"pred{n}_cpu"))
+        lines.append((f"E+F+S atoms/CPU-s kmlip/GAP, {n} atoms, default threads", r,
+                      f">= {want:g}x", verdict(r, want)))
+        r1 = ratio(k.get(f"pred{n}_cpu"), g.get(f"pred{n}_cpu"))
+        lines.append(("  the same with 1 thread each", r1, f"(>= {want:g}x)",
+                      verdict(r1, want)))
+    fit_su = ratio(km.get("fit_wall_s"), kmd.get("fit_wall_s"))
+    lines.append(("fit wall speed-up, default threads vs 1", fit_su, ">= 1.6x",
+                  verdict(fit_su, 1.6)))
+    for n in sizes:
+        for suffix in ("", "_var"):
+            su = ratio(k.get(f"pred{n}{suffix}_wall_s"), kd.get(f"pred{n}{suffix}_wall_s"))
+            if math.isnan(su):
+                continue
+            label = "E+F+S" + (" + energies_var" if suffix else "")
+            want_su = 1.6 if n >= 1000 else 1.0
+            lines.append((f"{label} wall speed-up default vs 1 thread, {n} atoms", su,
+                          f">= {want_su:g}x", verdict(su, want_su)))
+    for n in sizes:
+        for name, rec in (("1 thread", k), ("default", kd)):
+            ov = ratio(rec.get(f"pred{n}_var_cpu_s"), rec.get(f"pred{n}_cpu_s"))
+            if not math.isnan(ov):
+                lines.append((f"energies_var overhead, {n} atoms, {name} (CPU)", ov, "<= 1.25x",
+                              verdict(ov, 1.25, False)))
+    for name, rec in (("1 thread", km), ("default", kmd)):
+        md = rec.get("md") or {}
+        if md:
+            lines.append((f"MD 108 Cu, energies_var, atom-steps/CPU-s ({name})",
+                          md["atom_steps_per_cpu_s"], ">= 2,500",
+                          verdict(md["atom_steps_per_cpu_s"], 2500.0)))
+    return lines
+
+
+def run_setting(setting: str, args, codes: list[str]) -> dict[str, Any]:
+    """Fits, evaluations and report of one setting; returns the results."""
+    st = SETTINGS[setting]
+    q = 1 if args.quick else 0
+    n_train = args.n_train or st["n_train"][q]
+    n_test = args.n_test or st["n_test"][q]
+    n_sparse = args.n_sparse or st["n_sparse"][q]
+    sizes = [int(x) for x in args.predict_sizes.split(",")] if args.predict_sizes \
+        else list(st["predict"][q])
+    bad = [x for x in sizes if x not in PREDICT_CELLS]
+    if bad:
+        raise SystemExit(f"--predict-sizes: choose from {sorted(PREDICT_CELLS)}")
+    t1 = args.threads
+    modes: list[int | None] = [t1] + ([] if args.no_default_threads else [None])
+    md_steps = args.md_steps if args.md_steps is not None else (10 if args.quick else 60)
+    print(f"\n# setting {setting}: {st['what']}; species {'-'.join(st['species'])}; SOAP "
+          f"cutoff {R_CUT} Å (transition {TRANSITION_WIDTH} Å), n_max {st['n_max']}, l_max "
+          f"{st['l_max']}, atom_sigma {ATOM_SIGMA} Å; zeta {ZETA}, delta {DELTA}, n_sparse "
+          f"{n_sparse} per species (CUR); sigma E/F/V {SIGMA_ENERGY}/{SIGMA_FORCE}/"
+          f"{SIGMA_VIRIAL}", flush=True)
+    t0 = time.perf_counter()
+    train, test = load_data(setting, n_train, n_test)
+    train_path, test_path = dataset_paths(setting, n_train, n_test)
+    print(f"# data: {len(train)} training cells ({sum(len(a) for a in train)} atoms), "
+          f"{len(test)} test cells ({sum(len(a) for a in test)} atoms); "
+          f"{time.perf_counter() - t0:.1f} s (cached in {OUT_DIR})", flush=True)
+
+    skipped = {"status": "skipped", "reason": "not requested"}
+    gap = {m: dict(skipped) for m in modes}
+    km = {m: dict(skipped) for m in modes}
+    eval_task = {"kind": "eval", "setting": setting, "test": str(test_path),
+                 "predict_sizes": sizes, "repeat": args.repeat, "rounds": args.rounds}
+    if "gap" in codes:
+        if not installed("quippy"):
+            gap = {m: {"status": "skipped", "reason": "quippy-ase not installed"} for m in modes}
+        else:
+            print("fitting GAP (gap_fit) ...", flush=True)
+            rec = fit_gap(setting, train, n_sparse, t1, args.reuse_gap, args.timeout)
+            if rec.get("status") == "ok":
+                print(f"  gap_fit: {fmt(rec['fit_cpu_s'])} CPU-s, {fmt(rec['fit_wall_s'])} s "
+                      f"wall, {fmt(rec['fit_peak_mb'])} MB peak"
+                      + (" (reused)" if rec.get("reused") else ""), flush=True)
+                t = rec.get("targets", {})
+                print(f"  labels gap_fit read: {t.get('energies', '?')} energies, "
+                      f"{t.get('forces', '?')} force components, {t.get('virials', '?')} virial "
+                      "components", flush=True)
+                if rec.get("warning"):
+                    print(f"  WARNING: {rec['warning']}", flush=True)
+                for m in modes:
+                    ev = child({**eval_task, "code": "gap", "model": rec["model"],
+                                "errors": m == t1}, m, args.timeout)
+                    gap[m] = {**(rec if m == t1 else {}), **ev, "status": ev.get("status"),
+                              "reason": ev.get("reason", "")}
+            else:
+                print(f"  gap_fit: {rec.get('status')}: {rec.get('reason', '')}"[:800])
+                gap = {m: rec for m in modes}
+    if "kmlip" in codes:
+        if KMLIP_PATH is None:
+            km = {m: {"status": "skipped", "reason": "kmlip not importable"} for m in modes}
+        else:
+            tag = "" if setting == "cu" else f"{setting}_"
+            for m in modes:
+                print(f"fitting kmlip ({threads_label(m)}) ...", flush=True)
+                mname = "default" if m is None else f"t{m}"
+                model_path = OUT_DIR / f"kmlip_{tag}n{n_train}_m{n_sparse}_{mname}.kmlip"
+                rec = child({"kind": "kmlip_fit", "setting": setting, "train": str(train_path),
+                             "model": str(model_path), "n_sparse": n_sparse}, m, args.timeout)
+                if rec.get("status") != "ok":
+                    print(f"  kmlip fit: {rec.get('status')}: {rec.get('reason', '')}"[:800])
+                    km[m] = rec
+                    continue
+                print(f"  kmlip fit: {fmt(rec['fit_cpu_s'])} CPU-s, {fmt(rec['fit_wall_s'])} s "
+                      f"wall, {fmt(rec['fit_peak_mb'])} MB peak", flush=True)
+                km[m] = rec
+            first = km[t1]
+            if first.get("status") == "ok":
+                for m in modes:
+                    if km[m].get("status") != "ok":
+                        continue
+                    # every thread setting evaluates the same model (the first fit's)
+                    ev = child({**eval_task, "code": "kmlip", "model": first["model"],
+                                "errors": m == t1, "variance": True,
+                                "md_steps": md_steps if setting == "cu" else 0},
+                               m, args.timeout)
+                    km[m] = {**km[m], **ev, "status": ev.get("status"),
+                             "reason": ev.get("reason", "")}
+    print()
+    print_comparison(gap[t1], km[t1], sizes, threads_label(t1))
+    if None in modes:
+        print()
+        print_comparison(gap[None], km[None], sizes, threads_label(None))
+        print_threads(km[t1], km[None], gap[t1], gap[None], sizes, threads_label(t1))
+    for name, rec in (("GAP", gap[t1]), ("kmlip", km[t1])):
         if rec.get("status") != "ok":
             print(f"{name}: {rec.get('status')}: {rec.get('reason', '')}"[:1200])
-    if gap.get("reused"):
-        print(f"(GAP fit figures reused from the run of {gap.get('measured_at')}; --reuse-gap)")
-
-    print("\n## Targets (issue 3)")
-    print("issue 3's GAP figures (n_sparse 1000, full data): gap_fit 635 CPU-s, 3.1 GB; test force "
-          "MAE 10.2 meV/Å, energy MAE 0.27 meV/atom; prediction 194 atoms/CPU-s")
-    if quick:
+    if gap[t1].get("reused"):
+        print(f"(GAP fit figures reused from the run of {gap[t1].get('measured_at')}; "
+              "--reuse-gap)")
+    md = (km[None] if None in modes else km[t1]).get("md")
+    if md:
+        print(f"MD: {md['steps']} NVE steps of 108-atom Cu, energy drift "
+              f"{md['energy_drift_ev_per_atom']:.1e} eV/atom")
+    print(f"\n## Targets ({setting}; issues 3 and 9)")
+    if setting == "cu":
+        print("issue 3's GAP figures (n_sparse 1000, full data): gap_fit 635 CPU-s, 3.1 GB; "
+              "test force MAE 10.2 meV/Å, energy MAE 0.27 meV/atom; prediction 194 atoms/CPU-s")
+    if args.quick:
         print("(--quick: small data and n_sparse; the targets refer to the full settings)")
-    big = max(sizes) if sizes else None
-
-    def rt(a, b):
-        return ratio(k.get(a), g.get(b if b else a))
-
-    lines = [
-        ("test energy MAE kmlip/GAP", rt("energy_mae", None), "<= 1",
-         verdict(rt("energy_mae", None), 1.0, False)),
-        ("test force MAE kmlip/GAP", rt("force_mae", None), "<= 1",
-         verdict(rt("force_mae", None), 1.0, False)),
-        ("fit CPU time GAP/kmlip", ratio(g.get("fit_cpu_s"), k.get("fit_cpu_s")), ">= 20x",
-         verdict(ratio(g.get("fit_cpu_s"), k.get("fit_cpu_s")), 20.0)),
-        ("fit peak memory kmlip (MB)", k.get("fit_peak_mb"), "<= 2,048",
-         verdict(k.get("fit_peak_mb"), 2048.0, False)),
-    ]
-    for n in sizes:
-        lines.append((f"prediction E+F atoms/CPU-s kmlip/GAP, {n} atoms",
-                      rt(f"pred{n}_cpu", None), ">= 10x", verdict(rt(f"pred{n}_cpu", None), 10.0)))
-    if big is not None:
-        v = k.get(f"pred{big}_cpu")
-        lines.append((f"kmlip prediction E+F atoms/CPU-s, {big} atoms", v, ">= 2,000",
-                      verdict(v, 2000.0)))
-    print_target_rows(lines)
+    dflt = None if None in modes else t1
+    print_target_rows(target_lines(setting, gap[t1], km[t1], gap[dflt], km[dflt], sizes,
+                                   args.quick))
+    return {"n_train": n_train, "n_test": n_test, "n_sparse": n_sparse, "sizes": sizes,
+            "gap": {str(m): r for m, r in gap.items()},
+            "kmlip": {str(m): r for m, r in km.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,15 +747,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="20 training / 10 test cells, n_sparse 100, prediction on 108 atoms")
-    p.add_argument("--n-train", type=int, default=None, help="training cells (default 200)")
-    p.add_argument("--n-test", type=int, default=None, help="test cells (default 50)")
-    p.add_argument("--n-sparse", type=int, default=None, help="sparse points (default 1000)")
-    p.add_argument("--threads", type=int, default=1, help="threads of both codes (default 1)")
+                   help="small data and n_sparse, 108- and 500-atom predictions, short MD")
+    p.add_argument("--settings", default="cu,cuau", help="comma-separated: cu, cuau")
+    p.add_argument("--n-train", type=int, default=None, help="training cells (per setting)")
+    p.add_argument("--n-test", type=int, default=None, help="test cells (per setting)")
+    p.add_argument("--n-sparse", type=int, default=None, help="sparse points per species")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of both codes (default 1); the default thread count is "
+                        "measured as well unless --no-default-threads")
+    p.add_argument("--no-default-threads", action="store_true",
+                   help="skip the runs with the libraries' default thread count")
     p.add_argument("--codes", default="kmlip,gap", help="comma-separated: kmlip, gap")
-    p.add_argument("--predict-sizes", default=None, help="cells for the prediction speed "
-                   "(default 108,1008; 108 with --quick)")
-    p.add_argument("--repeat", type=int, default=3, help="timed prediction calls (median)")
+    p.add_argument("--predict-sizes", default=None,
+                   help=f"cells for the prediction speed (from {sorted(PREDICT_CELLS)})")
+    p.add_argument("--repeat", type=int, default=5, help="timed prediction calls (median)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds of the with/without-variance timings (median)")
+    p.add_argument("--md-steps", type=int, default=None, help="MD steps (default 60; 10 quick)")
     p.add_argument("--reuse-gap", action="store_true",
                    help="reuse a recorded gap_fit run with identical data and settings")
     p.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds per child")
@@ -466,80 +774,20 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker is not None:
         return worker(json.loads(args._worker), args._report)
 
-    n_train = args.n_train or (20 if args.quick else 200)
-    n_test = args.n_test or (10 if args.quick else 50)
-    n_sparse = args.n_sparse or (100 if args.quick else 1000)
-    sizes = [int(s) for s in (args.predict_sizes or ("108" if args.quick else "108,1008"))
-             .split(",")]
-    bad = [s for s in sizes if s not in PREDICT_CELLS]
-    if bad:
-        p.error(f"--predict-sizes: choose from {sorted(PREDICT_CELLS)}")
+    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+    unknown = [x for x in settings if x not in SETTINGS]
+    if unknown:
+        p.error(f"--settings: choose from {sorted(SETTINGS)}")
     codes = [c.strip() for c in args.codes.split(",") if c.strip()]
-
     info = machine_info()
-    print(f"# GAP benchmark: EMT fcc Cu, {n_train} training / {n_test} test cells (32 and 108 "
-          f"atoms); SOAP cutoff {R_CUT} Å (transition {TRANSITION_WIDTH} Å), n_max {N_MAX}, "
-          f"l_max {L_MAX}, atom_sigma {ATOM_SIGMA} Å; zeta {ZETA}, delta {DELTA}, n_sparse "
-          f"{n_sparse} (CUR); sigma E/F/V {SIGMA_ENERGY}/{SIGMA_FORCE}/{SIGMA_VIRIAL}")
-    print(f"# machine: {info.get('cpu', '?')}, {info.get('cpu_count')} CPUs, "
-          f"{info.get('mem_gb', '?')} GB; threads {args.threads}; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    t0 = time.perf_counter()
-    train, test = load_data(n_train, n_test)
-    train_path, test_path = dataset_paths(n_train, n_test)
-    n_atoms = sum(len(a) for a in train)
-    print(f"# data: {len(train)} training cells ({n_atoms} atoms), {len(test)} test cells "
-          f"({sum(len(a) for a in test)} atoms); {time.perf_counter() - t0:.1f} s "
-          f"(cached in {OUT_DIR})", flush=True)
-
-    gap: dict[str, Any] = {"status": "skipped", "reason": "not requested"}
-    km: dict[str, Any] = {"status": "skipped", "reason": "not requested"}
-    if "gap" in codes:
-        if not installed("quippy"):
-            gap = {"status": "skipped", "reason": "quippy-ase not installed"}
-        else:
-            print("fitting GAP (gap_fit) ...", flush=True)
-            gap = fit_gap(train, n_sparse, args.threads, args.reuse_gap, args.timeout)
-            if gap.get("status") == "ok":
-                print(f"  gap_fit: {fmt(gap['fit_cpu_s'])} CPU-s, {fmt(gap['fit_wall_s'])} s "
-                      f"wall, {fmt(gap['fit_peak_mb'])} MB peak"
-                      + (" (reused)" if gap.get("reused") else ""), flush=True)
-                t = gap.get("targets", {})
-                print(f"  labels gap_fit read: {t.get('energies', '?')} energies, "
-                      f"{t.get('forces', '?')} force components, {t.get('virials', '?')} virial "
-                      "components", flush=True)
-                if gap.get("warning"):
-                    print(f"  WARNING: {gap['warning']}", flush=True)
-                ev = child({"kind": "eval", "code": "gap", "model": gap["model"],
-                            "test": str(test_path), "predict_sizes": sizes,
-                            "repeat": args.repeat}, args.threads, args.timeout)
-                gap = {**gap, **ev, "status": ev.get("status"),
-                       "reason": ev.get("reason", "")}
-            else:
-                print(f"  gap_fit: {gap.get('status')}: {gap.get('reason', '')}"[:800])
-    if "kmlip" in codes:
-        if KMLIP_PATH is None:
-            km = {"status": "skipped", "reason": "kmlip not importable"}
-        else:
-            print("fitting kmlip ...", flush=True)
-            model_path = OUT_DIR / f"kmlip_n{n_train}_m{n_sparse}.kmlip"
-            km = child({"kind": "kmlip_fit", "train": str(train_path), "model": str(model_path),
-                        "n_sparse": n_sparse}, args.threads, args.timeout)
-            if km.get("status") == "ok":
-                print(f"  kmlip fit: {fmt(km['fit_cpu_s'])} CPU-s, {fmt(km['fit_wall_s'])} s "
-                      f"wall, {fmt(km['fit_peak_mb'])} MB peak", flush=True)
-                ev = child({"kind": "eval", "code": "kmlip", "model": str(model_path),
-                            "test": str(test_path), "predict_sizes": sizes,
-                            "repeat": args.repeat}, args.threads, args.timeout)
-                km = {**km, **ev, "status": ev.get("status"), "reason": ev.get("reason", "")}
-            else:
-                print(f"  kmlip fit: {km.get('status')}: {km.get('reason', '')}"[:800])
-    print()
-    print_report(gap, km, sizes, n_sparse, args.quick)
+    print(f"# GAP benchmark; machine: {info.get('cpu', '?')}, {info.get('cpu_count')} CPUs, "
+          f"{info.get('mem_gb', '?')} GB; threads {args.threads}"
+          + ("" if args.no_default_threads else " and default")
+          + f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    results = {s: run_setting(s, args, codes) for s in settings}
     out = Path(args.json) if args.json else OUT_DIR / ("gap_quick.json" if args.quick else
                                                         "gap.json")
-    save_json(out, {"machine": info, "args": vars(args), "n_train": n_train, "n_test": n_test,
-                    "n_sparse": n_sparse, "gap": gap, "kmlip": km})
+    save_json(out, {"machine": info, "args": vars(args), "settings": results})
     print(f"\nresults: {out}")
     return 0
 

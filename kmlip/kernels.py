@@ -22,8 +22,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from kmlip._threads import serial_blas  # first: it sets the OpenMP wait policy
+
+# isort: split
 from kmlip._ext import contract as _contract
-from kmlip._threads import serial_blas
 
 #: "auto" precision runs the training GEMM in float32 only for species whose normalised sparse
 #: points lie within this distance of their mean direction (fcc Cu MD data: 0.15; a random

@@ -127,7 +127,7 @@ def scatter_force_rows(const double[:, ::1] H, const double[:, ::1] A, const dou
     cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
     cdef Py_ssize_t b, m0, m1
     cdef int nt = _scatter_threads(n_threads, n_e * Mz)
-    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
+    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
         m0 = b * COL_BLOCK
         m1 = min(m0 + COL_BLOCK, Mz)
         kmlip_scatter_force_rows(&H[0, 0], Mz, &A[0, 0], &AC[0, 0], &pv[0, 0], &cl[0], &nb[0],
@@ -154,7 +154,7 @@ def scatter_force_rows_f32(const float[:, ::1] H, const double[:, ::1] hu,
     cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
     cdef Py_ssize_t b, m0, m1
     cdef int nt = _scatter_threads(n_threads, n_e * Mz)
-    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
+    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
         m0 = b * COL_BLOCK
         m1 = min(m0 + COL_BLOCK, Mz)
         kmlip_scatter_force_rows_f(&H[0, 0], &hu[0, 0], Mz, &A[0, 0], &AC[0, 0], &pv[0, 0], &cl[0],
@@ -183,7 +183,7 @@ def pair_forces(const double[:, :, ::1] values, const int64_t[::1] centers,
     cdef int nt = _threads(n_threads)
     if n_e * F < MIN_PARALLEL_WORK:
         nt = 1
-    for c in prange(n_chunks, nogil=True, num_threads=nt, schedule="static"):
+    for c in prange(n_chunks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=4):
         e0 = c * chunk
         e1 = min(e0 + chunk, n_e)
         kmlip_pair_forces(&values[0, 0, 0], &centers[0], &v[0, 0], F, e0, e1, &f[0, 0])
@@ -386,7 +386,7 @@ def gemm(const double[:, ::1] A, const double[:, ::1] B, double[:, ::1] out, bin
     cdef double one = 1.0, zero = 0.0
     cdef char *ta = "T" if trans_b else "N"
     ldb = <int>K if trans_b else <int>m
-    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="static"):
+    for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
         r0 = b * GEMM_ROW_BLOCK
         gr = <int>(min(r0 + GEMM_ROW_BLOCK, n) - r0)
         # column-major: out^T[:, rows] = op(B)^T . A[rows]^T
@@ -405,7 +405,7 @@ def rowwise_dot(const double[:, ::1] A, const double[:, ::1] B, n_threads=None):
     cdef int nt = _threads(n_threads)
     if n * K < MIN_PARALLEL_WORK:
         nt = 1
-    for i in prange(n, nogil=True, num_threads=nt, schedule="static"):
+    for i in prange(n, nogil=True, num_threads=nt, schedule="dynamic", chunksize=64):
         s = 0.0
         for k in range(K):
             s = s + A[i, k] * B[i, k]
@@ -464,7 +464,7 @@ def tri_square_norms(const double[:, ::1] K, const double[:, ::1] P, Py_ssize_t 
     cdef int tid, gm, gn, gk, ldk = <int>M, ldp = <int>(2 * M), ldc
     cdef double one = 1.0, zero = 0.0, sw, sg, x
     cdef double *out
-    for rb in prange(n_rb, nogil=True, num_threads=nt, schedule="static"):
+    for rb in prange(n_rb, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
         tid = threadid()
         r0 = rb * TRI_ROW_BLOCK
         gn = <int>(min(r0 + TRI_ROW_BLOCK, n) - r0)
