@@ -3,7 +3,8 @@
  * Plain C (C99 or later; also valid C++), no Python, no allocation: included by
  * kmlip/_ext/ewald.pyx and meant to be included unchanged by a future LAMMPS pair-style plugin
  * (C++), which owns its own loop over local atoms and calls kmlip_ewald_real_atom() with the
- * (image) positions of each atom's neighbours in a half list (LAMMPS's "newton on"). Sizes and indices are int64_t throughout.
+ * (image) positions of each atom's neighbours in a half list (LAMMPS's "newton on"). Sizes and
+ * indices are int64_t throughout.
  *
  * Conventions (shared with kmlip/ewald.py):
  *   - charges in units of e, lengths in Å; every energy here is in e^2/Å, multiply by
@@ -88,8 +89,8 @@ static inline double kmlip_exp_neg(double z)
     return p * scale.d;
 }
 
-/* erfc(x) for 0 <= x <= KMLIP_ERFC_XMAX, returning its derivative's Gaussian exp(-x^2) as well
- * (d erfc/dx = -(2/sqrt(pi)) exp(-x^2); the force needs it, and it is the costly part):
+/* erfc(x) for 0 <= x <= KMLIP_ERFC_XMAX, returning its derivative's Gaussian exp(-x^2) as
+ * well (d erfc/dx = -(2/sqrt(pi)) exp(-x^2); the force needs it, and it is the costly part):
  * erfc(x) = exp(-x^2) t Q(t), t = 2/(2 + x), with Q a degree-18 polynomial fitted (in Chebyshev
  * nodes, against 40-digit values) on x in [0, 6.5]; relative error < 5e-15 there, which covers
  * every accuracy kmlip accepts (alpha r_c = sqrt(-ln(eps/5)) <= 6.43 for eps >= 1e-17). One
