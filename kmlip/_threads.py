@@ -101,10 +101,24 @@ def blas_limited(n_threads: int | None):
         yield
 
 
+_serial = threading.local()
+
+
+@contextlib.contextmanager
 def serial_blas():
     """Context in which BLAS runs on the calling thread only (see the module docstring).
 
     Use it around anything that mixes kmlip's OpenMP kernels with NumPy/SciPy products:
     prediction, the data pass of a fit. kmlip's own parallel products keep using every thread.
+    Nested contexts cost nothing (only the outermost one talks to threadpoolctl, ~50 µs).
     """
-    return blas_limited(1)
+    depth = getattr(_serial, "depth", 0)
+    _serial.depth = depth + 1
+    try:
+        if depth:
+            yield
+        else:
+            with blas_limited(1):
+                yield
+    finally:
+        _serial.depth = depth

@@ -40,12 +40,13 @@ def test_tri_square_norms_skip_only_zero_triangles():
     K = rng.standard_normal((n, M))
     W = np.tril(rng.standard_normal((M, M)))
     G = np.tril(rng.standard_normal((M, M)))
-    P = contract.pack_lower_pair(W, G, 128)
     with serial_blas():
-        w2, g2 = contract.tri_square_norms(K, P, 128, 1)
-        w2b, g2b = contract.tri_square_norms(K, P, 128, 2)
+        w2, g2 = contract.tri_square_norms(K, contract.pack_lower([W, G], 128), 128, 1)
+        w2b, g2b = contract.tri_square_norms(K, contract.pack_lower([W, G], 128), 128, 2)
+        (w2c,) = contract.tri_square_norms(K, contract.pack_lower([W], 100), 100, 2)
     assert np.allclose(w2, np.sum((K @ W.T) ** 2, axis=1), rtol=1e-12, atol=0)
     assert np.allclose(g2, np.sum((K @ G.T) ** 2, axis=1), rtol=1e-12, atol=0)
+    assert np.allclose(w2c, w2, rtol=1e-12, atol=0)
     assert np.array_equal(w2, w2b) and np.array_equal(g2, g2b)
 
 

@@ -420,49 +420,49 @@ cdef enum:
 
 def tri_square_norms(const double[:, ::1] K, const double[:, ::1] P, Py_ssize_t block,
                      n_threads=None):
-    """Squared norms ``|W k|^2`` and ``|G k|^2`` of every row ``k`` of K, for two lower
-    triangular (M, M) matrices W and G packed by :func:`pack_lower_pair`.
+    """Squared norms ``|T_t k|^2`` of every row ``k`` of K for one or two lower triangular
+    (M, M) matrices T_t packed by :func:`pack_lower`.
 
-    The products skip the zero triangles: output column block j of ``K W^T`` needs only the
-    first ``(j + 1) block`` columns of K, so both products cost about ``n M^2 (1 + block/M)``
+    The products skip the zero triangles: output column block j of ``K T^T`` needs only the
+    first ``(j + 1) block`` columns of K, so each product costs about ``n M^2 (1 + block/M)``
     flops in GEMM calls (one single-threaded BLAS call per (row block, column block), fixed
-    blocks: the same bits for any thread count), against ``n M^2`` each for triangular solves
-    at a lower rate.
+    blocks: the same bits for any thread count), against ``n M^2`` for a triangular solve at a
+    lower rate.
 
     Parameters
     ----------
     K : (n, M) float64
-    P : (M, 2 M) float64
-        ``[W^T block 0 | G^T block 0 | W^T block 1 | G^T block 1 | ...]`` (column blocks of
-        width ``block``, the last one narrower).
+    P : (M, t M) float64, t = 1 or 2
+        ``[T_1^T block 0 | T_2^T block 0 | T_1^T block 1 | ...]`` (column blocks of width
+        ``block``, the last one narrower).
     block : int
         Column block width used in P.
     n_threads : int or None
 
     Returns
     -------
-    w2, g2 : ndarray, shape (n,)
+    ndarray, shape (t, n)
+        ``|T_t k_i|^2``.
     """
     cdef Py_ssize_t n = K.shape[0], M = K.shape[1]
-    if P.shape[0] != M or P.shape[1] != 2 * M or block < 1:
+    cdef Py_ssize_t t = P.shape[1] // M if M else 1
+    if P.shape[0] != M or t < 1 or t > 2 or P.shape[1] != t * M or block < 1:
         raise ValueError("tri_square_norms: inconsistent K / P shapes or block")
-    w2_a = np.zeros(n)
-    g2_a = np.zeros(n)
+    res = np.zeros((t, n))
     if n == 0 or M == 0:
-        return w2_a, g2_a
+        return res
     if M > 2147483647 or n > 2147483647:
         raise ValueError("tri_square_norms: matrix too large")
-    cdef double[::1] w2 = w2_a
-    cdef double[::1] g2 = g2_a
+    cdef double[:, ::1] sq = res
     cdef Py_ssize_t n_rb = (n + TRI_ROW_BLOCK - 1) // TRI_ROW_BLOCK
     cdef Py_ssize_t n_cb = (M + block - 1) // block
     cdef int nt = _threads(n_threads)
     if n * M * M < 2 * MIN_PARALLEL_WORK or n_rb < 2:
         nt = 1
-    cdef double[:, ::1] buf = np.empty((nt, TRI_ROW_BLOCK * 2 * block))
-    cdef Py_ssize_t rb, r0, r, j, c, c0, wdt
-    cdef int tid, gm, gn, gk, ldk = <int>M, ldp = <int>(2 * M), ldc
-    cdef double one = 1.0, zero = 0.0, sw, sg, x
+    cdef double[:, ::1] buf = np.empty((nt, TRI_ROW_BLOCK * t * block))
+    cdef Py_ssize_t rb, r0, r, j, c, c0, wdt, q
+    cdef int tid, gm, gn, gk, ldk = <int>M, ldp = <int>(t * M), ldc
+    cdef double one = 1.0, zero = 0.0, acc, x
     cdef double *out
     for rb in prange(n_rb, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
         tid = threadid()
@@ -472,36 +472,34 @@ def tri_square_norms(const double[:, ::1] K, const double[:, ::1] P, Py_ssize_t 
         for j in range(n_cb):
             c0 = j * block
             wdt = min(block, M - c0)
-            gm = <int>(2 * wdt)
+            gm = <int>(t * wdt)
             gk = <int>(c0 + wdt)
             ldc = gm
-            # column-major: out^T (2 wdt x rows) = P[:gk, 2 c0 : 2 c0 + 2 wdt]^T . K[rows, :gk]^T
-            _dgemm("N", "N", &gm, &gn, &gk, &one, <double *>&P[0, 2 * c0], &ldp,
+            # column-major: out^T (t wdt x rows) = P[:gk, t c0 : t (c0 + wdt)]^T . K[rows, :gk]^T
+            _dgemm("N", "N", &gm, &gn, &gk, &one, <double *>&P[0, t * c0], &ldp,
                    <double *>&K[r0, 0], &ldk, &zero, out, &ldc)
             for r in range(gn):
-                sw = 0.0
-                sg = 0.0
-                for c in range(wdt):
-                    x = out[r * gm + c]
-                    sw = sw + x * x
-                    x = out[r * gm + wdt + c]
-                    sg = sg + x * x
-                w2[r0 + r] += sw
-                g2[r0 + r] += sg
-    return w2_a, g2_a
+                for q in range(t):
+                    acc = 0.0
+                    for c in range(wdt):
+                        x = out[r * gm + q * wdt + c]
+                        acc = acc + x * x
+                    sq[q, r0 + r] += acc
+    return res
 
 
-def pack_lower_pair(const double[:, ::1] W, const double[:, ::1] G, Py_ssize_t block):
-    """Packs two lower triangular (M, M) matrices for :func:`tri_square_norms`."""
-    cdef Py_ssize_t M = W.shape[0], j, c0, wdt
-    if W.shape[1] != M or G.shape[0] != M or G.shape[1] != M or block < 1:
-        raise ValueError("pack_lower_pair: W and G must be square of the same size")
-    Wn = np.asarray(W)
-    Gn = np.asarray(G)
-    P = np.zeros((M, 2 * M))
+def pack_lower(mats, Py_ssize_t block):
+    """Packs one or two lower triangular (M, M) matrices for :func:`tri_square_norms`."""
+    mats = [np.asarray(T, dtype=np.float64) for T in mats]
+    if not 1 <= len(mats) <= 2:
+        raise ValueError("pack_lower: one or two matrices")
+    cdef Py_ssize_t M = mats[0].shape[0], t = len(mats), j, c0, wdt, q
+    if block < 1 or any(T.shape != (M, M) for T in mats):
+        raise ValueError("pack_lower: matrices must be square of the same size")
+    P = np.zeros((M, t * M))
     for j in range((M + block - 1) // block):
         c0 = j * block
         wdt = min(block, M - c0)
-        P[:, 2 * c0:2 * c0 + wdt] = Wn[c0:c0 + wdt, :].T
-        P[:, 2 * c0 + wdt:2 * c0 + 2 * wdt] = Gn[c0:c0 + wdt, :].T
+        for q in range(t):
+            P[:, t * c0 + q * wdt:t * c0 + (q + 1) * wdt] = mats[q][c0:c0 + wdt, :].T
     return P
