@@ -26,7 +26,7 @@ import numpy as np
 from ase import Atoms
 
 from kmlip import kernels
-from kmlip._threads import blas_limited
+from kmlip._threads import serial_blas
 from kmlip.labels import check_species, is_periodic, voigt
 
 #: Property names :func:`compute` understands.
@@ -116,7 +116,9 @@ def compute(state, atoms: Atoms, properties: Iterable[str] = ("energy",),
     if not isinstance(atoms, Atoms):
         raise TypeError(f"expected an ase.Atoms, got {type(atoms).__name__}")
     check_species(atoms, state.species_z, "", "model")
-    with blas_limited(n_threads):
+    # kmlip's big products run inside its own OpenMP loops; idle BLAS threads would spin
+    # beside them
+    with serial_blas():
         return _compute(state, atoms, props, n_threads, reuse)
 
 
@@ -142,14 +144,14 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     if want_fvar:
         # the exact force variance needs the pair gradients themselves
         X, G = desc.transform(atoms, gradients=True, n_threads=nt)
-        eps, v, K = basis.evaluate(X, Z, alpha, grad=need_grad, rows=rows)
+        eps, v, K = basis.evaluate(X, Z, alpha, grad=need_grad, rows=rows, n_threads=nt)
         if need_grad:
             f, W = kernels.contract_forces(G, d2 * v, n, n_threads=nt)
     elif need_grad:
         held = {}
 
         def grad_fn(X):
-            held["eval"] = basis.evaluate(X, Z, alpha, grad=True, rows=rows)
+            held["eval"] = basis.evaluate(X, Z, alpha, grad=True, rows=rows, n_threads=nt)
             return d2 * held["eval"][1]
 
         X, _, f, W = desc.backprop(atoms, grad_fn, n_threads=nt)
@@ -159,7 +161,7 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
         X, K, eps = reuse.features, reuse.kernel_rows, reuse.unit_local_energies
     else:
         X = desc.transform(atoms, gradients=False, n_threads=nt)
-        eps, _, K = basis.evaluate(X, Z, alpha, grad=False, rows=rows)
+        eps, _, K = basis.evaluate(X, Z, alpha, grad=False, rows=rows, n_threads=nt)
     if rows and K is None:
         K = basis.local_rows(X, Z)
     out.features, out.kernel_rows, out.unit_local_energies = X, K, eps
@@ -178,7 +180,7 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     if want_lvar:
         Xh, _ = kernels.normalize(X)
         kss = np.einsum("ij,ij->i", Xh, Xh)  # 1, or 0 for an empty environment
-        out.energies_var = state.variance(K, kss, "local energy")
+        out.energies_var = state.local_variance(K, Z, kss, n_threads=nt)
     if want_evar:
         kss = kernels.energy_prior_variance(X, Z, basis.zeta)
         out.energy_var = float(state.variance(K.sum(0)[None, :], np.array([kss]),
