@@ -143,10 +143,12 @@ static inline void kmlip_soap_solid_harmonics_values_(int64_t l_max, double x, d
             Pi[l * L1 + m] = (a * z * Pi[(l - 1) * L1 + m] - b * r2 * Pi[(l - 2) * L1 + m]) * inv;
         }
     }
-    for (int64_t l = 0; l <= l_max; l++) {
-        const int64_t i0 = l * l + l;
-        S[i0] = norm[i0] * Pi[l * L1];
-        for (int64_t m = 1; m <= l; m++) {
+    /* m outer, l inner: the index l*l + l is not affine in l, so the compiler keeps these short
+     * loops scalar (vectorised over m they cost more in set-up than they save) */
+    for (int64_t l = 0; l <= l_max; l++) S[l * l + l] = norm[l * l + l] * Pi[l * L1];
+    for (int64_t m = 1; m <= l_max; m++) {
+        for (int64_t l = m; l <= l_max; l++) {
+            const int64_t i0 = l * l + l;
             const double Nm = norm[i0 + m], P = Pi[l * L1 + m];
             S[i0 + m] = Nm * P * Am[m];
             S[i0 - m] = Nm * P * Bm[m];
