@@ -520,14 +520,25 @@ static inline void kmlip_soap_adjoint_(const kmlip_soap_params *p, const double 
                 U[r1 * R + r2] += u;
                 U[r2 * R + r1] += u;
             }
+        /* Hm[r] = sum_rp U[r][rp] Cm[rp], summed over rp in order; U is symmetric (bit for bit),
+         * so the sums read the rows U[rp][.], four consecutive r at a time in registers */
         for (int64_t m = 0; m < w; m++) {
             const double *Cm = Cl + m * R;
             double *Hm = Hl + m * R;
-            for (int64_t r = 0; r < R; r++) {
-                const double *Ur = U + r * R;
-                double acc = 0.0;
-                for (int64_t rp = 0; rp < R; rp++) acc += Ur[rp] * Cm[rp];
-                Hm[r] = acc;
+            int64_t r = 0;
+            for (; r + 4 <= R; r += 4) {
+                double h0 = 0.0, h1 = 0.0, h2 = 0.0, h3 = 0.0;
+                for (int64_t rp = 0; rp < R; rp++) {
+                    const double c = Cm[rp];
+                    const double *Ur = U + rp * R + r;
+                    h0 += Ur[0] * c; h1 += Ur[1] * c; h2 += Ur[2] * c; h3 += Ur[3] * c;
+                }
+                Hm[r] = h0; Hm[r + 1] = h1; Hm[r + 2] = h2; Hm[r + 3] = h3;
+            }
+            for (; r < R; r++) {
+                double h0 = 0.0;
+                for (int64_t rp = 0; rp < R; rp++) h0 += U[rp * R + r] * Cm[rp];
+                Hm[r] = h0;
             }
         }
     }
