@@ -253,12 +253,13 @@ def test_threads_give_identical_results():
     molecule = Atoms("NaCl" * 20, positions=np.random.default_rng(9).uniform(0, 12, (40, 3)))
     for system in (atoms, molecule):
         r1 = Ewald(charges=NACL, n_threads=1).evaluate(system)
-        r2 = Ewald(charges=NACL, n_threads=2).evaluate(system)
-        assert r1["energy"] == r2["energy"]
-        assert np.array_equal(r1["forces"], r2["forces"])
-        assert np.array_equal(r1["energies"], r2["energies"])
-        if system.pbc.all():
-            assert np.array_equal(r1["stress"], r2["stress"])
+        for nt in (2, 3):  # 27 bins in 16 groups: the groups are shared out differently
+            r2 = Ewald(charges=NACL, n_threads=nt).evaluate(system)
+            assert r1["energy"] == r2["energy"]
+            assert np.array_equal(r1["forces"], r2["forces"])
+            assert np.array_equal(r1["energies"], r2["energies"])
+            if system.pbc.all():
+                assert np.array_equal(r1["stress"], r2["stress"])
 
 
 # ----------------------------------------------------------------------------- ASE and protocol
