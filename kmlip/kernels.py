@@ -197,9 +197,10 @@ class SparseBasis:
     def kmm(self) -> np.ndarray:
         """Unit kernel among sparse points, shape (M, M) (block diagonal by species)."""
         K = np.zeros((self.n_sparse, self.n_sparse))
-        for z in self.species_z:
-            s = self.columns(z)
-            K[s, s] = kernel(self.points_hat[z], self.points_hat[z], self.zeta)
+        with serial_blas():  # the same bits for any thread count
+            for z in self.species_z:
+                s = self.columns(z)
+                K[s, s] = kernel(self.points_hat[z], self.points_hat[z], self.zeta)
         return K
 
     def local_rows(self, X: np.ndarray, Z: np.ndarray) -> np.ndarray:

@@ -25,17 +25,24 @@ ctypedef void (*dgemm_t)(char *transa, char *transb, int *m, int *n, int *k, dou
 ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
                          float *a, int *lda, float *b, int *ldb, float *beta, float *c,
                          int *ldc) noexcept nogil
+ctypedef void (*dtpqrt_t)(int *m, int *n, int *l, int *nb, double *a, int *lda, double *b,
+                          int *ldb, double *t, int *ldt, double *work, int *info) noexcept nogil
 cdef dgemm_t _dgemm = NULL
 cdef sgemm_t _sgemm = NULL
+cdef dtpqrt_t _dtpqrt = NULL
 
 
 def _load_blas():
-    global _dgemm, _sgemm
+    global _dgemm, _sgemm, _dtpqrt
     from scipy.linalg import cython_blas
 
     caps = cython_blas.__pyx_capi__
     _dgemm = <dgemm_t>PyCapsule_GetPointer(caps["dgemm"], PyCapsule_GetName(caps["dgemm"]))
     _sgemm = <sgemm_t>PyCapsule_GetPointer(caps["sgemm"], PyCapsule_GetName(caps["sgemm"]))
+    from scipy.linalg import cython_lapack
+
+    caps = cython_lapack.__pyx_capi__
+    _dtpqrt = <dtpqrt_t>PyCapsule_GetPointer(caps["dtpqrt"], PyCapsule_GetName(caps["dtpqrt"]))
 
 
 _load_blas()
@@ -503,3 +510,68 @@ def pack_lower(mats, Py_ssize_t block):
         for q in range(t):
             P[:, t * c0 + q * wdt:t * c0 + (q + 1) * wdt] = mats[q][c0:c0 + wdt, :].T
     return P
+
+
+def tpqrt_many(list tops, list bottoms, list tri_rows, int nb, n_threads=None):
+    """Triangular-pentagonal QR updates (LAPACK dtpqrt), several at once in an OpenMP loop:
+    for each k, the upper triangular ``tops[k]`` (n, n) becomes the R factor of
+    ``[tops[k]; bottoms[k]]`` (``bottoms[k]`` (m_k, n) is overwritten). Independent updates of
+    a streaming QR run in parallel this way (SciPy's wrapper holds the GIL), each with
+    single-threaded BLAS (the caller's ``serial_blas``).
+
+    Parameters
+    ----------
+    tops : list of (n, n) float64 Fortran-ordered arrays, updated in place
+    bottoms : list of (m_k, n) float64 Fortran-ordered arrays, overwritten
+    tri_rows : list of int
+        ``l`` of dtpqrt: the last ``l`` rows of ``bottoms[k]`` are upper trapezoidal (0 for a
+        full block, n for an upper triangular one).
+    nb : int
+        Block size of dtpqrt.
+    n_threads : int or None
+    """
+    cdef Py_ssize_t K = len(tops), k
+    if len(bottoms) != K or len(tri_rows) != K:
+        raise ValueError("tpqrt_many: tops, bottoms and tri_rows differ in length")
+    if K == 0:
+        return
+    cdef int n = tops[0].shape[1]
+    if nb < 1:
+        raise ValueError("tpqrt_many: nb must be >= 1")
+    nb = min(nb, max(n, 1))
+    cdef int[::1] ms = np.empty(K, dtype=np.intc)
+    cdef int[::1] ls = np.empty(K, dtype=np.intc)
+    cdef int[::1] info = np.zeros(K, dtype=np.intc)
+    ptr_a = np.empty(K, dtype=np.uintp)
+    ptr_b = np.empty(K, dtype=np.uintp)
+    for k in range(K):
+        a, b = tops[k], bottoms[k]
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) \
+                or a.dtype != np.float64 or b.dtype != np.float64 \
+                or not a.flags.f_contiguous or not b.flags.f_contiguous or not a.flags.writeable \
+                or not b.flags.writeable:
+            raise ValueError("tpqrt_many: arrays must be writeable Fortran-ordered float64")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != n or a.shape[1] != n or b.shape[1] != n:
+            raise ValueError("tpqrt_many: tops must be (n, n) and bottoms (m, n)")
+        if b.shape[0] > 2147483647 or not 0 <= tri_rows[k] <= min(b.shape[0], n):
+            raise ValueError("tpqrt_many: bad bottom block or tri_rows")
+        ms[k] = b.shape[0]
+        ls[k] = tri_rows[k]
+        ptr_a[k] = a.ctypes.data
+        ptr_b[k] = b.ctypes.data
+    cdef size_t[::1] pa = ptr_a
+    cdef size_t[::1] pb = ptr_b
+    cdef int nt = _threads(n_threads)
+    nt = min(nt, <int>K)
+    cdef double[:, ::1] tbuf = np.empty((nt, nb * n + 1))
+    cdef double[:, ::1] wbuf = np.empty((nt, nb * n + 1))
+    cdef int tid, lda = n, ldt = nb, ldb
+    for k in prange(K, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
+        tid = threadid()
+        ldb = max(ms[k], 1)
+        if ms[k] > 0:
+            _dtpqrt(&ms[k], &n, &ls[k], &nb, <double *>pa[k], &lda, <double *>pb[k], &ldb,
+                    &tbuf[tid, 0], &ldt, &wbuf[tid, 0], &info[k])
+    for k in range(K):
+        if info[k] != 0:
+            raise np.linalg.LinAlgError(f"dtpqrt failed (info={info[k]})")

@@ -84,13 +84,25 @@ class StreamingQR:
         Number of columns M.
     block_rows : int
         Rows buffered per class before a QR update (memory ~ 8 (block_rows + M) (M + 1) bytes).
+    n_threads : int or None
+        Threads of the QR updates (None: OMP_NUM_THREADS).
+
+    Notes
+    -----
+    Once a class has M + 1 rows, a full buffer is split into two halves folded into two
+    triangular accumulators at once (LAPACK dtpqrt in kmlip's OpenMP loop, single-threaded
+    BLAS each); :meth:`finalize` merges the second into the first. The split does not depend
+    on the thread count, so neither do the bits of the factors; threaded LAPACK would round
+    differently for each thread count and, on a busy machine, wait on its spinning threads.
     """
 
     n_sparse: int
     block_rows: int = 8192
+    n_threads: int | None = None
     factors: dict = field(default_factory=dict)
     _buf: dict = field(default_factory=dict)
     _buf_n: dict = field(default_factory=dict)
+    _extra: dict = field(default_factory=dict)
 
     def add(self, cls: str, K_rows: np.ndarray, y: np.ndarray, scale: np.ndarray) -> None:
         """Adds labels of class ``cls``.
@@ -146,34 +158,63 @@ class StreamingQR:
             if self._buf_n[cls] == self.block_rows:
                 self._flush(cls)
 
+    #: Fewest rows per half for a split update (below, one update: the split would not pay).
+    SPLIT_MIN_ROWS = 256
+
     def _flush(self, cls: str) -> None:
+        from kmlip._ext import contract
+        from kmlip._threads import serial_blas
+
         buf = self._buf.get(cls)
         r = self._buf_n.get(cls, 0)
         if buf is None or r == 0:
             return
         f = self.factors[cls]
         n1 = self.n_sparse + 1
+        k = f.T.shape[0]
         B = buf if r == buf.shape[0] else np.asfortranarray(buf[:r])
-        if f.T.shape[0] == n1:
-            # [T; B] with T upper triangular: LAPACK's triangular-pentagonal QR (dtpqrt)
-            # updates T in place and skips the zeros below its diagonal.
-            A = np.asfortranarray(f.T)
-            A, _, _, info = sla.lapack.dtpqrt(0, min(64, n1), A, B, overwrite_a=1,
-                                              overwrite_b=1)
-            if info != 0:
-                raise np.linalg.LinAlgError(f"dtpqrt failed (info={info})")
-            f.T = np.ascontiguousarray(np.triu(A))
-        else:
-            S = np.empty((f.T.shape[0] + r, n1), order="F")
-            S[: f.T.shape[0]] = f.T
-            S[f.T.shape[0]:] = B
+        if k + r < n1:
+            # a class with fewer labels than columns keeps a trapezoidal factor
+            S = np.empty((k + r, n1), order="F")
+            S[:k] = f.T
+            S[k:] = B
             f.T = np.ascontiguousarray(_qr_r(S))
+        else:
+            # [T; B] with T upper triangular (zero-padded to n1 rows): LAPACK's
+            # triangular-pentagonal QR (dtpqrt) updates T in place and skips its zeros.
+            A = np.zeros((n1, n1), order="F")
+            A[:k] = f.T
+            if r >= 2 * self.SPLIT_MIN_ROWS:
+                h = r // 2
+                E = self._extra.get(cls)
+                if E is None:
+                    E = np.zeros((n1, n1), order="F")
+                with serial_blas():
+                    contract.tpqrt_many([A, E], [np.asfortranarray(B[:h]),
+                                                 np.asfortranarray(B[h:])],
+                                        [0, 0], 64, self.n_threads)
+                self._extra[cls] = E
+            else:
+                with serial_blas():
+                    contract.tpqrt_many([A], [B], [0], 64, 1)
+            f.T = np.ascontiguousarray(np.triu(A))
         self._buf_n[cls] = 0  # the buffer (overwritten by dtpqrt) is reused for the next rows
 
     def finalize(self) -> dict:
-        """Flushes all buffers, frees them and returns ``{class: ClassFactor}``."""
+        """Flushes all buffers, merges the accumulators, frees them and returns
+        ``{class: ClassFactor}``."""
+        from kmlip._ext import contract
+        from kmlip._threads import serial_blas
+
         for cls in list(self._buf):
             self._flush(cls)
+        for cls, E in self._extra.items():
+            f = self.factors[cls]
+            A = np.asfortranarray(f.T)
+            with serial_blas():
+                contract.tpqrt_many([A], [np.asfortranarray(np.triu(E))], [E.shape[0]], 64, 1)
+            f.T = np.ascontiguousarray(np.triu(A))
+        self._extra.clear()
         self._buf.clear()
         self._buf_n.clear()
         return self.factors
@@ -188,6 +229,13 @@ def cholesky_jitter(K: np.ndarray, jitter: float) -> tuple[np.ndarray, float]:
     jitter : float
         The jitter actually used.
     """
+    from kmlip._threads import serial_blas
+
+    with serial_blas():  # the same bits for any thread count
+        return _cholesky_jitter(K, jitter)
+
+
+def _cholesky_jitter(K: np.ndarray, jitter: float) -> tuple[np.ndarray, float]:
     M = K.shape[0]
     jit = float(jitter)
     for _ in range(8):
@@ -196,7 +244,7 @@ def cholesky_jitter(K: np.ndarray, jitter: float) -> tuple[np.ndarray, float]:
         except np.linalg.LinAlgError:
             new = max(jit * 10.0, 1e-10)
             warnings.warn(f"K_MM + {jit:g} I is not positive definite; raising jitter to {new:g}",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=4)
             jit = new
     raise np.linalg.LinAlgError("K_MM is not positive definite even with large jitter")
 
@@ -226,6 +274,20 @@ class Solution:
 
 def solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
                 gradient: bool = False) -> Solution:
+    """Weights, posterior factor and log marginal likelihood for given hyperparameters.
+
+    Runs with single-threaded BLAS: its O(M^3) products then give the same bits for any thread
+    count (threaded LAPACK rounds differently per thread count), and no BLAS threads are left
+    spinning beside kmlip's OpenMP kernels. See :func:`_solve_stack` for the parameters.
+    """
+    from kmlip._threads import serial_blas
+
+    with serial_blas():
+        return _solve_stack(factors, L_hat, delta, sigmas, gradient)
+
+
+def _solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
+                 gradient: bool = False) -> Solution:
     """Weights, posterior factor and log marginal likelihood for given hyperparameters.
 
     Parameters
