@@ -4,7 +4,6 @@ cdef extern from "kmlip_omp.h" nogil:
     int64_t kmlip_compiled_openmp()
     int64_t kmlip_omp_get_max_threads()
     int64_t kmlip_omp_get_thread_num()
-    # The former Cython names, kept as aliases of the prefixed C functions so that modules not
-    # yet renamed still build (the C header no longer defines omp_* fallbacks).
-    int64_t omp_get_max_threads "kmlip_omp_get_max_threads"()
+    # Former Cython name, an alias of the prefixed C function while ewald.pyx still uses it (the
+    # C header no longer defines an omp_get_thread_num fallback).
     int64_t omp_get_thread_num "kmlip_omp_get_thread_num"()
