@@ -52,7 +52,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.data import atomic_numbers, chemical_symbols
 
-from kmlip._threads import resolve_threads
+from kmlip._threads import resolve_threads, threads_for
 
 __all__ = ["Ewald", "K_E"]
 
@@ -81,8 +81,10 @@ class Ewald(Calculator):
         r_c = √(-ln(ε/5))/α (Å) and k_c = 2α√(-ln(ε/5)) (1/Å). Forces come out accurate to
         ε k_e q²/r_nn² (eV/Å); see the module notes for the measured errors.
     n_threads : int or None, default None
-        OpenMP threads; ``None`` follows ``OMP_NUM_THREADS``. Results are identical for any
-        thread count.
+        OpenMP threads; ``None`` follows ``OMP_NUM_THREADS``. A structure with less than
+        ~1 ms of work (below ~300 ions at the default accuracy) runs on one thread, where a
+        parallel region would cost more than it saves. Results are identical for any thread
+        count.
     alpha : float or None, default None
         Splitting parameter α (1/Å). ``None`` chooses it per structure for the fastest sum;
         an explicit value keeps the accuracy (the cutoffs follow α) but not the speed.
@@ -273,6 +275,7 @@ class Ewald(Calculator):
             x = np.ascontiguousarray(pos[idx])
             f = np.empty((m, 3))
             e = np.empty(m)
+            n_threads = threads_for(n_threads, _DIRECT_WORK * m * m)
             if _core.direct_sum(x, q, n_threads, f, e):
                 raise ValueError("two charged atoms are at the same position: infinite energy")
             energies[idx] = K_E * e
@@ -296,8 +299,12 @@ class Ewald(Calculator):
             self._geometry = (key, _bins(cell, volume, rc, m), recip,
                               _kvectors(cell, recip, kc, alpha))
         _, bins, recip, kv = self._geometry
+        # a structure too small for the parallel regions to pay for their start-up runs on one
+        # thread (estimated half pairs, and atoms x half-space k vectors)
+        n_pairs = m * m * (2.0 * math.pi / 3.0) * rc**3 / volume
+        n_threads = threads_for(n_threads, _PAIR_WORK * n_pairs + _KVEC_WORK * m * kv["w"].size)
 
-        # ---- real space: linked cells, full list, per-centre sums
+        # ---- real space: linked cells, half list, per-centre sums
         nbin = bins["n"]
         bidx = np.minimum((frac * nbin).astype(np.int64), nbin - 1)
         flat = (bidx[:, 0] * nbin[1] + bidx[:, 1]) * nbin[2] + bidx[:, 2]
@@ -414,6 +421,13 @@ def _check_cell(cell: np.ndarray) -> float:
                          "cell, or pbc=False for a molecule")
     return volume
 
+
+# Work estimates in the units of kmlip._threads.threads_for (200,000 ~ 1 ms on one thread),
+# measured: ~14 ns per real-space pair, ~1.25 ns per atom and k vector (structure factor and
+# forces), ~5 ns per pair of the direct sum.
+_PAIR_WORK = 2.8
+_KVEC_WORK = 0.25
+_DIRECT_WORK = 1.0
 
 # Largest stencil of bin offsets or box of (h, k, l) indices set up (a too small or too large
 # explicit alpha would otherwise exhaust memory).

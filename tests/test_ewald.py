@@ -248,9 +248,10 @@ def test_non_periodic_direct_sum():
 
 # ----------------------------------------------------------------------------- threads
 def test_threads_give_identical_results():
-    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(3)
+    # large enough for more than one thread to be used (smaller calls run on one)
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(5)
     atoms.rattle(0.1, seed=9)
-    molecule = Atoms("NaCl" * 20, positions=np.random.default_rng(9).uniform(0, 12, (40, 3)))
+    molecule = Atoms("NaCl" * 300, positions=np.random.default_rng(9).uniform(0, 40, (600, 3)))
     for system in (atoms, molecule):
         r1 = Ewald(charges=NACL, n_threads=1).evaluate(system)
         for nt in (2, 3):  # 27 bins in 16 groups: the groups are shared out differently
