@@ -511,6 +511,6 @@ def _kvectors(cell: np.ndarray, recip: np.ndarray, kc: float, alpha: float) -> d
     k = hkl.astype(np.float64) @ recip
     k2 = np.einsum("ij,ij->i", k, k)
     inv4a2 = 0.25 / (alpha * alpha)
-    w = np.exp(-k2 * inv4a2) / k2          # see kmlip_ewald_kweight in ewald_core.h
-    c = 2.0 * (1.0 / k2 + inv4a2)          # strain factor of w
+    w = np.exp(-k2 * inv4a2) / k2          # E_recip = (4π/V) Σ_half w |S|²
+    c = 2.0 * (1.0 / k2 + inv4a2)          # strain factor: dw/dε_ab = w c k_a k_b
     return {"rows": np.ascontiguousarray(rows), "n": (n1, n2, n3), "k": k, "w": w, "c": c}

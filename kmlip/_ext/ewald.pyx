@@ -7,7 +7,8 @@ LAMMPS plugin); this module owns the OpenMP loops and the thread-local scratch m
 output array is allocated by NumPy in the caller.
 
 Every loop is written so that each output element is summed by one thread in a fixed order
-(per-centre sums over a full pair list, in lanes whose partial sums are added in order; structure
+(real space over a half pair list: each centre's sums in lanes whose partial sums are added in
+order, the far ends of the pairs per fixed group of bins, the groups added in order; structure
 factors summed per fixed chunk of atoms, the chunks added in order), so results are bitwise
 identical for any number of threads.
 
