@@ -311,26 +311,6 @@ def worker_kmlip_fit(task: dict[str, Any]) -> dict[str, Any]:
             "version": package_version("kmlip")}
 
 
-def _plain_kmlip_calculator(model):
-    """An ASE calculator of energy, forces and stress only, for a kmlip whose
-    ``KMLIPCalculator`` still computes the variances on every call (before issue 9)."""
-    from ase.calculators.calculator import Calculator
-
-    class Plain(Calculator):
-        implemented_properties = ["energy", "free_energy", "forces", "stress"]
-
-        def calculate(self, atoms=None, properties=None, system_changes=None):
-            super().calculate(atoms, properties, system_changes)
-            periodic = bool(np.all(self.atoms.pbc))
-            r = model._evaluate(self.atoms, forces=True, stress=periodic)
-            self.results = {"energy": r["energy"], "free_energy": r["energy"],
-                            "forces": r["forces"]}
-            if periodic:
-                self.results["stress"] = r["stress"]
-
-    return Plain()
-
-
 def make_calculator(code: str, model_path: str, variances: bool = False):
     """ASE calculator of a fitted model; ``variances`` asks kmlip's for ``energies_var`` on
     every call."""
@@ -341,10 +321,10 @@ def make_calculator(code: str, model_path: str, variances: bool = False):
     from kmlip import KMLIPCalculator, load
 
     model = load(model_path)
-    if "variances" in inspect.signature(KMLIPCalculator).parameters:
-        return KMLIPCalculator(model, variances=("energies",)) if variances \
-            else KMLIPCalculator(model)
-    return KMLIPCalculator(model) if variances else _plain_kmlip_calculator(model)
+    if variances and "variances" in inspect.signature(KMLIPCalculator).parameters:
+        return KMLIPCalculator(model, variances=("energies",))
+    # (a kmlip before issue 9 computes the variances on every call anyway)
+    return KMLIPCalculator(model)
 
 
 def test_errors(calc, frames: list) -> dict[str, float]:
