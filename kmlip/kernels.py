@@ -294,20 +294,25 @@ class SparseBasis:
                     vals = values[part]
                     ce, nb, vec = centers[part], neighbors[part], vectors[part]
                 vals = np.ascontiguousarray(vals)
-                pv = np.ascontiguousarray(np.matmul(vals, Xh[ce][:, :, None])[:, :, 0])
+                ce = np.ascontiguousarray(ce)
+                V2 = vals.reshape(-1, F)
+                pv = np.empty((ce.size, 3))
+                # pv (and in mixed precision hu and the float32 copy) in one parallel pass
+                if mixed:
+                    u, D32 = self._centred32(z)
+                    hu = np.empty((ce.size, 3))
+                    V32 = self._scratch("v32", V2.shape, np.float32)
+                    _contract.row_prep(vals, Xh, ce, u, pv, hu, V32, n_threads)
+                else:
+                    _contract.row_prep(vals, Xh, ce, None, pv, None, None, n_threads)
                 args = (A, AC, pv, np.ascontiguousarray(cl_map[ce]), np.ascontiguousarray(nb),
                         np.ascontiguousarray(vec), self.offsets[z], outF, outW, n_threads)
-                V2 = vals.reshape(-1, F)
                 # GEMM and scatter in one OpenMP loop over blocks of sparse points, each block
                 # multiplied by a single-threaded BLAS call (fixed blocks: the same bits for
                 # any thread count; no BLAS threads spinning beside the OpenMP team).
                 with serial_blas():
                     if mixed:
-                        u, D32 = self._centred32(z)
-                        V32 = self._scratch("v32", V2.shape, np.float32)
-                        np.copyto(V32, V2, casting="same_kind")
                         H = self._scratch("h32", (V2.shape[0], Sh.shape[0]), np.float32)
-                        hu = np.ascontiguousarray((vals @ u).reshape(-1, 3))
                         _contract.gemm_scatter_force_rows_f32(V32, D32, H, hu, *args)
                     else:
                         H = self._scratch("h64", (V2.shape[0], Sh.shape[0]), np.float64)

@@ -575,3 +575,61 @@ def tpqrt_many(list tops, list bottoms, list tri_rows, int nb, n_threads=None):
     for k in range(K):
         if info[k] != 0:
             raise np.linalg.LinAlgError(f"dtpqrt failed (info={info[k]})")
+
+
+def row_prep(const double[:, :, ::1] values, const double[:, ::1] Xh,
+             const int64_t[::1] centers, const double[::1] u, double[:, ::1] pv,
+             double[:, ::1] hu, float[:, ::1] V32, n_threads=None):
+    """One parallel pass over a chunk of pair gradients for the training rows:
+    ``pv[e, a] = values[e, a] . Xh[centers[e]]`` and, when ``V32`` is given (mixed
+    precision), ``hu[e, a] = values[e, a] . u`` and ``V32[3 e + a] = float32(values[e, a])``.
+
+    Parameters
+    ----------
+    values : (n_e, 3, F) float64
+    Xh : (n_atoms, F) float64
+        Normalised features.
+    centers : (n_e,) int64
+        Row of Xh of every entry.
+    u : (F,) float64
+        Mean sparse direction (ignored without V32).
+    pv, hu : (n_e, 3) float64, written
+    V32 : (3 n_e, F) float32 or None, written
+    n_threads : int or None
+    """
+    cdef Py_ssize_t n_e = values.shape[0], F = values.shape[2], e, a, k
+    cdef bint mixed = V32 is not None
+    if values.shape[1] != 3 or Xh.shape[1] != F or centers.shape[0] != n_e \
+            or pv.shape[0] != n_e or pv.shape[1] != 3:
+        raise ValueError("row_prep: inconsistent shapes")
+    if mixed and (u.shape[0] != F or hu.shape[0] != n_e or hu.shape[1] != 3
+                  or V32.shape[0] != 3 * n_e or V32.shape[1] != F):
+        raise ValueError("row_prep: inconsistent mixed-precision shapes")
+    for e in range(n_e):
+        if centers[e] < 0 or centers[e] >= Xh.shape[0]:
+            raise ValueError("row_prep: centre index out of range")
+    if n_e == 0:
+        return
+    cdef int nt = _threads(n_threads)
+    if n_e * F * 3 < MIN_PARALLEL_WORK:
+        nt = 1
+    cdef double s, t, x
+    cdef const double *xp
+    cdef const double *vp
+    for e in prange(n_e, nogil=True, num_threads=nt, schedule="dynamic", chunksize=64):
+        xp = &Xh[centers[e], 0]
+        for a in range(3):
+            vp = &values[e, a, 0]
+            s = 0.0
+            if mixed:
+                t = 0.0
+                for k in range(F):
+                    x = vp[k]
+                    s = s + x * xp[k]
+                    t = t + x * u[k]
+                    V32[3 * e + a, k] = <float>x
+                hu[e, a] = t
+            else:
+                for k in range(F):
+                    s = s + vp[k] * xp[k]
+            pv[e, a] = s
