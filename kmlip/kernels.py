@@ -217,10 +217,12 @@ class SparseBasis:
         """Unit kernel row of a total energy: sum over atoms of :meth:`local_rows`, shape (M,)."""
         Xh, _ = normalize(X)
         out = np.zeros(self.n_sparse)
-        for z in self.species_z:
-            rows = np.flatnonzero(Z == z)
-            if rows.size:
-                out[self.columns(z)] = kernel(Xh[rows], self.points_hat[z], self.zeta).sum(0)
+        with serial_blas():  # no BLAS threads left spinning beside the OpenMP kernels
+            for z in self.species_z:
+                rows = np.flatnonzero(Z == z)
+                if rows.size:
+                    out[self.columns(z)] = kernel(Xh[rows], self.points_hat[z],
+                                                  self.zeta).sum(0)
         return out
 
     def derivative_rows(self, X: np.ndarray, Z: np.ndarray, G, n_threads: int | None = None,
@@ -276,7 +278,9 @@ class SparseBasis:
                                              and self.spread(z) <= MIXED_MAX_SPREAD)
             cl_map = np.full(n, -1, dtype=np.int64)
             cl_map[rows] = np.arange(rows.size)
-            C = Xh[rows] @ Sh.T
+            C = np.empty((rows.size, Sh.shape[0]))
+            with serial_blas():
+                _contract.gemm(np.ascontiguousarray(Xh[rows]), Sh, C, True, n_threads)
             A = zeta * _ipow(C, zeta - 1) * inv[rows, None]
             AC = A * C
             idx = np.flatnonzero(Zc == z)
