@@ -40,6 +40,10 @@ from kmlip._ext.openmp import max_threads  # noqa: E402 - after the wait policy 
 MIN_PARALLEL_WORK = 200_000
 
 
+#: Largest explicit thread count accepted (as the descriptors' validation).
+MAX_THREADS = 4096
+
+
 def resolve_threads(n_threads: int | None) -> int:
     """Returns the number of OpenMP threads to use.
 
@@ -52,8 +56,8 @@ def resolve_threads(n_threads: int | None) -> int:
         return max(1, max_threads())
     if isinstance(n_threads, bool) or not isinstance(n_threads, int):
         raise TypeError(f"n_threads must be an int or None, got {type(n_threads).__name__}")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    if not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"n_threads must be in [1, {MAX_THREADS}], got {n_threads}")
     return n_threads
 
 

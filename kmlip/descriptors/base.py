@@ -14,6 +14,9 @@ import numpy as np
 #: atom, 24 MB per neighbour pair for gradients). Far above useful sizes (SOAP with 4 species,
 #: n_max 12, l_max 12 has 15,288); it turns a typo into a ValueError instead of a MemoryError.
 MAX_FEATURES = 1_000_000
+#: Largest cutoff a descriptor accepts, Å: far beyond any local environment, and a bound that
+#: keeps a damaged model file from asking the neighbour list for the whole universe.
+MAX_CUTOFF = 100.0
 
 
 @dataclass(frozen=True)

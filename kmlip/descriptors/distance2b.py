@@ -20,7 +20,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from kmlip._validate import check_int, check_real, check_species
-from kmlip.descriptors.base import MAX_FEATURES, Descriptor, PairGradients
+from kmlip.descriptors.base import MAX_CUTOFF, MAX_FEATURES, Descriptor, PairGradients
 
 #: Upper bound of n_max (see :class:`Distance2B`).
 MAX_N_MAX = 1000
@@ -89,10 +89,11 @@ class Distance2B(Descriptor):
 
     def _setup(self) -> None:
         zs = check_species(self.species)
-        r_cut = check_real("r_cut", self.r_cut, low=0.5, low_open=True, unit="Å")
+        r_cut = check_real("r_cut", self.r_cut, low=0.5, low_open=True, high=MAX_CUTOFF,
+                           unit="Å")
         n_max = check_int("n_max", self.n_max, low=2, high=MAX_N_MAX)
         width = None if self.width is None else check_real(
-            "width", self.width, low=0.0, low_open=True, unit="Å")
+            "width", self.width, low=0.0, low_open=True, high=r_cut, unit="Å")
         cw = check_real("cutoff_width", self.cutoff_width, low=0.0, low_open=True, unit="Å")
         if cw > r_cut:
             raise ValueError(f"cutoff_width must be in (0, r_cut={r_cut:g}] Å, got "

@@ -47,7 +47,7 @@ from kmlip._validate import (
     check_species,
     checked_system,
 )
-from kmlip.descriptors.base import MAX_FEATURES, Descriptor, PairGradients
+from kmlip.descriptors.base import MAX_CUTOFF, MAX_FEATURES, Descriptor, PairGradients
 from kmlip.neighbors import neighbor_list_arrays
 
 DSCRIBE_DECAY = 1e-3
@@ -150,12 +150,13 @@ class SOAP(Descriptor):
         # Validate everything, in plain Python types, before allocating anything: the sizes
         # below are bounded so that no parameter set can exhaust memory in the basis or tables.
         zs = check_species(self.species)
-        r_cut = check_real("r_cut", self.r_cut, low=1.0, unit="Å")
+        r_cut = check_real("r_cut", self.r_cut, low=1.0, high=MAX_CUTOFF, unit="Å")
         N = check_int("n_max", self.n_max, low=1, high=MAX_N_MAX, why_high=(
             "DScribe's GTO radial basis is numerically linearly dependent beyond ~16 functions "
             "for any r_cut (overlap condition number > 1e15), so more cannot add information"))
         l_max = check_int("l_max", self.l_max, low=0, high=MAX_L_MAX)
-        sigma = check_real("sigma", self.sigma, low=0.0, low_open=True, unit="Å")
+        sigma = check_real("sigma", self.sigma, low=0.0, low_open=True, high=MAX_CUTOFF,
+                           unit="Å")
         check_choice("convention", self.convention, ("smooth", "dscribe"))
         width = check_real("cutoff_width", self.cutoff_width, low=0.0, unit="Å")
         if width > r_cut:
