@@ -14,6 +14,10 @@ It computes what ASE asks for, through the model's one prediction path
     (``calc.get_property("energies_var", atoms)``), or on every call for those named in
     ``variances``. A variance requested after the forces at the same positions reuses that
     call's features and kernel rows (no new descriptor pass).
+``novelty`` (n_atoms,), ``uncertainty`` (n_atoms,)
+    The projected-process term of ``energies_var`` (eV²) and the calibrated per-atom
+    uncertainty (eV/Å, an estimate of the atom's force error; see :mod:`kmlip.uncertainty`),
+    on request or on every call when named in ``variances``.
 ``energy_noise_var``, ``forces_noise_var``, ``stress_noise_var``
     The aleatoric noise variances the model was trained with (sigma_energy² n_atoms,
     sigma_force², sigma_stress² n_atoms / V²), reported apart from the epistemic part; None
@@ -26,7 +30,8 @@ from collections.abc import Iterable
 from ase.calculators.calculator import Calculator, all_changes
 
 #: names accepted in ``variances`` and the result each one adds
-VARIANCES = {"energy": "energy_var", "energies": "energies_var", "forces": "forces_var"}
+VARIANCES = {"energy": "energy_var", "energies": "energies_var", "forces": "forces_var",
+             "novelty": "novelty", "uncertainty": "uncertainty"}
 
 
 class KMLIPCalculator(Calculator):
@@ -39,7 +44,8 @@ class KMLIPCalculator(Calculator):
     variances : iterable of str
         Variances computed on every call: any of ``"energy"`` (``energy_var``),
         ``"energies"`` (``energies_var``), ``"forces"`` (``forces_var``; costs an exact
-        per-component prior variance, O(sum_j n_j² F)). Others are computed on request only.
+        per-component prior variance, O(sum_j n_j² F)), ``"novelty"``, ``"uncertainty"``
+        (per-atom, eV/Å; what gates use). Others are computed on request only.
     forces_var : bool
         Shorthand for adding ``"forces"`` to ``variances`` (earlier versions' name).
     **kwargs
@@ -47,7 +53,8 @@ class KMLIPCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
-                              "energy_var", "energies_var", "forces_var"]
+                              "energy_var", "energies_var", "forces_var", "novelty",
+                              "uncertainty"]
 
     def __init__(self, model, variances: Iterable[str] = (), forces_var: bool = False,
                  **kwargs):

@@ -10,6 +10,11 @@
 ``forces`` (n_atoms, 3); ``stress`` (6,) Voigt eV/Å³, ASE sign (periodic structures only).
 ``energy_var``, ``energies_var`` (n_atoms,), ``forces_var`` (n_atoms, 3)
     Epistemic (posterior) variances, eV² and eV²/Å²; each only when requested.
+``novelty`` (n_atoms,)
+    The projected-process term of ``energies_var`` (eV²): distance from the sparse set.
+``uncertainty`` (n_atoms,)
+    The calibrated per-atom uncertainty (eV/Å), an estimate of each atom's force error
+    (:mod:`kmlip.uncertainty`).
 
 Forces and stress come from the descriptor's ``backprop`` (a descriptor without a fast one
 falls back to its pair gradients through the protocol's default), except when ``forces_var``
@@ -31,7 +36,7 @@ from kmlip.labels import check_species, is_periodic, voigt
 
 #: Property names :func:`compute` understands.
 PROPERTIES = ("energy", "free_energy", "energies", "forces", "stress", "energy_var",
-              "energies_var", "forces_var")
+              "energies_var", "forces_var", "novelty", "uncertainty")
 
 
 @dataclass
@@ -45,6 +50,8 @@ class Prediction:
     energy_var: float | None = None
     energies_var: np.ndarray | None = None
     forces_var: np.ndarray | None = None
+    novelty: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
     baseline_energy: float | None = None
     #: features (n_atoms, F) and unit kernel rows (n_atoms, M) kept for later variances
     features: np.ndarray | None = field(default=None, repr=False)
@@ -60,7 +67,7 @@ class Prediction:
         """The non-None quantities as an ASE ``results`` dict (``free_energy`` = ``energy``)."""
         out = {}
         for name in ("energy", "energies", "forces", "stress", "energy_var", "energies_var",
-                     "forces_var"):
+                     "forces_var", "novelty", "uncertainty"):
             v = getattr(self, name)
             if v is not None:
                 out[name] = v
@@ -130,9 +137,12 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     want_s = "stress" in props and periodic
     want_fvar = "forces_var" in props
     want_e = bool(props & {"energy", "free_energy"}) or want_f or want_s
-    want_lvar = "energies_var" in props
+    want_unc = "uncertainty" in props
+    measure = state.uncertainty_map.measure if want_unc else None
+    want_lvar = "energies_var" in props or measure == "energies_var"
+    want_nov = "novelty" in props or measure == "novelty"
     want_evar = "energy_var" in props
-    rows = want_lvar or want_evar
+    rows = want_lvar or want_evar or want_nov
     need_grad = want_f or want_s
     d2 = state.hyper.delta ** 2
     basis = state.basis
@@ -177,10 +187,16 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
         if want_s:
             s = kernels.virial_voigt(np.asarray(W).reshape(9)) / atoms.get_volume()
             out.stress = s if S_b is None else s + S_b
-    if want_lvar:
+    if want_lvar or want_nov:
         Xh, _ = kernels.normalize(X)
         kss = np.einsum("ij,ij->i", Xh, Xh)  # 1, or 0 for an empty environment
-        out.energies_var = state.local_variance(K, Z, kss, n_threads=nt)
+        if want_lvar:
+            out.energies_var = state.local_variance(K, Z, kss, n_threads=nt)
+        if want_nov:
+            out.novelty = state.local_novelty(K, Z, kss, n_threads=nt)
+        if want_unc:
+            cal = state.uncertainty_map
+            out.uncertainty = cal.uncertainty(getattr(out, cal.measure))
     if want_evar:
         kss = kernels.energy_prior_variance(X, Z, basis.zeta)
         out.energy_var = float(state.variance(K.sum(0)[None, :], np.array([kss]),

@@ -32,6 +32,7 @@ from kmlip.gp.sparse import (
     PosteriorVariance,
     predictive_variance,
 )
+from kmlip.uncertainty import Calibration, default_calibration
 
 #: Largest kernel exponent a model file may carry (ζ is a small integer in practice).
 MAX_ZETA = 64
@@ -182,6 +183,8 @@ class FittedState:
         Outcome of the last hyperparameter optimisation.
     fit_timings : mapping
         Wall seconds per fit phase.
+    calibration : Calibration or None
+        Map from a per-atom measure to the per-atom uncertainty (None: uncalibrated).
     """
 
     descriptor: Any
@@ -200,6 +203,7 @@ class FittedState:
     n_labels: Mapping[str, int]
     optimization: dict | None = None
     fit_timings: Mapping[str, float] = field(default_factory=dict)
+    calibration: Calibration | None = None
     _derived: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -219,7 +223,13 @@ class FittedState:
                    log_marginal_likelihood=float(sol.log_marginal_likelihood),
                    n_labels=MappingProxyType(n_labels), **kw)
 
+    @property
+    def uncertainty_map(self) -> Calibration:
+        """The calibration, or the uncalibrated default (see :mod:`kmlip.uncertainty`)."""
+        return self.calibration or default_calibration(self.hyper.sigma_force)
+
     def _rebuilt(self, **changes) -> FittedState:
+        # a calibration maps a measure to a force error; it stays until the next calibrate()
         kw = {f: getattr(self, f) for f in self.__dataclass_fields__
               if f not in ("_derived", "alpha", "R", "log_marginal_likelihood", "n_labels")}
         kw.update(changes)
@@ -269,6 +279,36 @@ class FittedState:
             self._derived["posterior_variance"] = pv
         return pv.local(K, numbers, k_ss, n_threads=n_threads)
 
+    def local_novelty(self, K: np.ndarray, numbers: np.ndarray, k_ss: np.ndarray,
+                      n_threads: int | None = None) -> np.ndarray:
+        """Projected-process term of the local-energy variance, ``delta^2 (k** - |L^-1 k|^2)``
+        (eV²): how far each environment is from the span of its species' sparse points (0 on
+        a sparse point, ``delta^2`` far from all). One GEMM per species against the inverse
+        Cholesky factor of its K_MM block, built once per state."""
+        from kmlip._ext import contract
+        from kmlip._threads import serial_blas
+        from kmlip.gp.sparse import _triangular_inverse
+
+        packed = self._derived.get("novelty")
+        b = self.basis
+        if packed is None:
+            packed = {}
+            for z in b.species_z:
+                sl = b.columns(z)
+                W = _triangular_inverse(self.L_hat[sl, sl], lower=True)
+                packed[z] = contract.pack_lower([W], PosteriorVariance.BLOCK)
+            self._derived["novelty"] = packed
+        K = np.asarray(K, dtype=np.float64)
+        explained = np.zeros(K.shape[0])
+        for z in b.species_z:
+            idx = np.flatnonzero(numbers == z)
+            if idx.size:
+                Kz = np.ascontiguousarray(K[idx, b.columns(z)])
+                with serial_blas():
+                    explained[idx] = contract.tri_square_norms(
+                        Kz, packed[z], PosteriorVariance.BLOCK, n_threads)[0]
+        return self.hyper.delta ** 2 * np.maximum(np.asarray(k_ss) - explained, 0.0)
+
     def variance(self, K_star: np.ndarray, k_ss: np.ndarray, what: str) -> np.ndarray:
         """Epistemic variance of predictions with unit kernel rows ``K_star`` (n, M) and unit
         prior variances ``k_ss`` (n,): ``delta^2 k** - |L^-1 k*|^2 + |R^-T k*|^2`` (eV²...)."""
@@ -303,6 +343,8 @@ class FittedState:
             "factors_included": bool(include_factors and factors),
             "optimization": jsonable(self.optimization),
             "fit_timings": jsonable(dict(self.fit_timings)),
+            "calibration": None if self.calibration is None
+            else jsonable(self.calibration.to_dict()),
         }
         return {k: np.ascontiguousarray(v) for k, v in arrays.items()}, meta
 
@@ -423,13 +465,15 @@ class FittedState:
         if not isinstance(timings, Mapping) or not (optimization is None
                                                     or isinstance(optimization, Mapping)):
             raise ValueError("'fit_timings' / 'optimization' must be dicts")
+        cal = v.get("calibration", None)
+        calibration = None if cal is None else Calibration.from_dict(cal)
         return cls(descriptor=descriptor, baseline=baseline, basis=basis,
                    sparse_indices=MappingProxyType(indices) if indices else None,
                    species=tuple(species), e0=MappingProxyType(e0), L_hat=L_hat, jitter=jitter,
                    factors=MappingProxyType(factors), hyper=hyper, alpha=alpha, R=R,
                    log_marginal_likelihood=lml, n_labels=MappingProxyType(dict(n_labels)),
                    optimization=dict(optimization) if optimization else None,
-                   fit_timings=MappingProxyType(dict(timings)))
+                   fit_timings=MappingProxyType(dict(timings)), calibration=calibration)
 
     def replace(self, **changes) -> FittedState:
         """A copy with fields replaced (no re-solve; for bookkeeping fields)."""
