@@ -119,12 +119,13 @@ class Ewald(Calculator):
                  alpha: float | None = None) -> None:
         super().__init__()
         self._charges = _check_charges(charges)
+        self._charges_arg = charges  # as passed: get_params returns it (scikit-learn's clone)
         if isinstance(accuracy, bool) or not isinstance(accuracy, numbers.Real):
             raise TypeError(f"accuracy must be a float, got {type(accuracy).__name__}")
         if not (_MIN_ACCURACY <= float(accuracy) < 1.0):
             raise ValueError(f"accuracy must be in [{_MIN_ACCURACY:g}, 1), got {accuracy!r} "
                              "(double precision cannot do better than ~1e-16 anyway)")
-        self.accuracy = float(accuracy)
+        self.accuracy = accuracy
         resolve_threads(n_threads)  # validates the type and value now, not at the first call
         self.n_threads = n_threads
         if alpha is not None:
@@ -132,10 +133,9 @@ class Ewald(Calculator):
                 raise TypeError(f"alpha must be a float or None, got {type(alpha).__name__}")
             if not (math.isfinite(alpha) and alpha > 0):
                 raise ValueError(f"alpha must be a finite positive number (1/Å), got {alpha!r}")
-            alpha = float(alpha)
         self.alpha = alpha
         self._geometry: tuple | None = None  # cache of the last cell's stencil and k vectors
-        self.parameters.update(self.get_params())
+        self.parameters.update(self.to_dict())
 
     # ----------------------------------------------------------------------------- protocol
     @property
@@ -143,14 +143,17 @@ class Ewald(Calculator):
         """The per-species charges (a copy), or None for per-atom initial charges."""
         return None if self._charges is None else dict(self._charges)
 
-    def get_params(self) -> dict[str, Any]:
-        """Constructor arguments: ``charges``, ``accuracy``, ``n_threads``, ``alpha``."""
-        return {"charges": self.charges, "accuracy": self.accuracy,
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor arguments as passed: ``charges``, ``accuracy``, ``n_threads``,
+        ``alpha`` (so that scikit-learn's ``clone`` of a model with this baseline works)."""
+        return {"charges": self._charges_arg, "accuracy": self.accuracy,
                 "n_threads": self.n_threads, "alpha": self.alpha}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings; :meth:`from_dict` rebuilds an equal object."""
-        return {"type": "Ewald", "format_version": _FORMAT_VERSION, **self.get_params()}
+        return {"type": "Ewald", "format_version": _FORMAT_VERSION, "charges": self.charges,
+                "accuracy": float(self.accuracy), "n_threads": self.n_threads,
+                "alpha": None if self.alpha is None else float(self.alpha)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Ewald:
@@ -229,9 +232,9 @@ class Ewald(Calculator):
         return self._splitting(int(np.count_nonzero(q)), volume)
 
     def _splitting(self, n_charged: int, volume: float) -> dict[str, float]:
-        p = math.sqrt(-math.log(self.accuracy / _ACCURACY_MARGIN))
+        p = math.sqrt(-math.log(float(self.accuracy) / _ACCURACY_MARGIN))
         if self.alpha is not None:
-            alpha = self.alpha
+            alpha = float(self.alpha)
         else:
             n = max(n_charged, 1)
             alpha = self.ALPHA_PREFACTOR * math.sqrt(math.pi) * (n / volume**2) ** (1.0 / 6.0)

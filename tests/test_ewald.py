@@ -286,11 +286,16 @@ def test_ase_calculator_interface():
 def test_protocol_round_trip():
     calc = Ewald(charges={"Na": 1, 17: -1}, accuracy=1e-8, n_threads=1, alpha=0.3)
     params = calc.get_params()
-    assert params == {"charges": {"Na": 1.0, "Cl": -1.0}, "accuracy": 1e-8, "n_threads": 1,
-                      "alpha": 0.3}
+    assert params == {"charges": {"Na": 1, 17: -1}, "accuracy": 1e-8, "n_threads": 1,
+                      "alpha": 0.3}  # as passed, so that scikit-learn's clone works
+    assert calc.charges == {"Na": 1.0, "Cl": -1.0}
     d = json.loads(json.dumps(calc.to_dict()))
     back = Ewald.from_dict(d)
-    assert back.get_params() == params
+    assert back.get_params() == {**params, "charges": {"Na": 1.0, "Cl": -1.0}}
+    from sklearn.base import clone
+
+    twin = clone(calc)
+    assert twin is not calc and twin.get_params() == params
     assert Ewald.from_dict(Ewald().to_dict()).get_params()["charges"] is None
     atoms = bulk("NaCl", "rocksalt", a=5.64)
     e, f, s = back.compute(atoms)
