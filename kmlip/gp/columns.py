@@ -1,0 +1,310 @@
+"""New columns (sparse points) and new rows (labels) for a fitted state, without a refit.
+
+The per-class factors ``T_c = R([K_hat_c / s | y_c / s])`` of :mod:`kmlip.gp.sparse` cannot take
+new columns by themselves: the Q of their QR is gone. On-the-fly learning has few labelled
+frames, so the learner keeps their unit kernel rows in a :class:`RowCache` (O(N M) memory, N the
+number of labels) and a new column block costs
+
+* one descriptor pass per stored frame, for the kernel rows against the *new* sparse points only
+  (the old columns' rows come from the cache), and
+* one QR of ``[cached old rows | new rows | y] / s`` per class, O(N (M + ΔM)²),
+
+plus K_MM of the extended basis and its Cholesky factor, O((M + ΔM)³). e0, the hyperparameters,
+the jitter and the calibration are kept. The result equals a fresh fit on the same frames with
+the extended sparse set, e0 fixed and the same hyperparameters (to rounding).
+
+New rows (:func:`add_rows`) are :meth:`~kmlip.model.KernelPotential.partial_fit` that also
+appends the frames' rows to the cache, so the cache stays in step with the factors.
+
+Rows are computed in double precision here (``precision="double"``): the cache is reused for
+every later update, and the data are small.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from ase.data import chemical_symbols
+
+from kmlip import kernels
+from kmlip import labels as lab
+from kmlip.gp import training
+from kmlip.gp.sparse import FIXED_CLASSES, FREE_CLASSES, ClassFactor, _qr_r, cholesky_jitter
+from kmlip.gp.state import FittedState
+
+
+@dataclass(frozen=True)
+class FrameRows:
+    """Unit kernel rows of one structure's labels, by label class.
+
+    Attributes
+    ----------
+    rows : tuple of (str, ndarray (k, M), ndarray (k,), ndarray (k,))
+        ``(class, unit kernel rows K_hat, targets y (minus e0 and baseline), relative noise s)``
+        as returned by :func:`kmlip.gp.training.frame_rows`, columns in the order of the basis
+        they were computed for.
+    """
+
+    rows: tuple
+
+    @property
+    def n_columns(self) -> int:
+        return int(self.rows[0][1].shape[1]) if self.rows else 0
+
+
+@dataclass(frozen=True)
+class RowCache:
+    """The unit kernel rows of every label a state was built from (see the module docstring).
+
+    Immutable: :func:`add_rows` and :func:`add_columns` return a new cache beside the new state,
+    so a step that raises leaves the learner's cache and model in step.
+
+    Attributes
+    ----------
+    frames : tuple of FrameRows
+        One entry per labelled structure, in training order.
+    n_columns : int
+        M of the state the rows belong to.
+    """
+
+    frames: tuple = ()
+    n_columns: int = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def n_labels(self) -> int:
+        return sum(r[1].shape[0] for f in self.frames for r in f.rows)
+
+    def factors(self) -> dict[str, ClassFactor]:
+        """Per-class QR factors of all cached rows, ``{class: ClassFactor}``."""
+        by_class: dict[str, list] = {}
+        for f in self.frames:
+            for cls, K, y, s in f.rows:
+                by_class.setdefault(cls, []).append((K, y, s))
+        out = {}
+        for cls in FREE_CLASSES + FIXED_CLASSES:
+            parts = by_class.get(cls)
+            if not parts:
+                continue
+            K = np.concatenate([p[0] for p in parts])
+            y = np.concatenate([p[1] for p in parts])
+            s = np.concatenate([p[2] for p in parts])
+            A = np.empty((K.shape[0], K.shape[1] + 1), order="F")
+            A[:, :-1] = K / s[:, None]
+            A[:, -1] = y / s
+            out[cls] = ClassFactor(np.ascontiguousarray(_qr_r(A)), int(K.shape[0]),
+                                   float(np.sum(np.log(s))))
+        return out
+
+
+def label_keys(state: FittedState, keys: lab.LabelKeys | None = None) -> lab.LabelKeys:
+    """Label keys whose classes in use follow the state's hyperparameters (as partial_fit)."""
+    k = keys or lab.LabelKeys()
+    h = state.hyper
+    return lab.LabelKeys(k.energy_key, k.forces_key, k.stress_key, h.sigma_energy is not None,
+                         h.sigma_force is not None, h.sigma_stress is not None)
+
+
+def _rows_of(state: FittedState, basis: kernels.SparseBasis, frames: Sequence,
+             keys: lab.LabelKeys, n_threads: int | None) -> list[FrameRows]:
+    from kmlip._threads import resolve_threads
+    from kmlip.model import _baseline_values
+
+    n_threads = resolve_threads(n_threads)
+    out = []
+    try:
+        for k, a in enumerate(frames):
+            lab.check_species(a, state.species_z, f"frame {k}", "model")
+            labels = lab.read_labels(a, k, keys)
+            e0_total = float(np.sum(state.e0_table[a.numbers]))
+            rows = training.frame_rows(state.descriptor, basis, a, labels, e0_total,
+                                       _baseline_values(state.baseline, a), n_threads, "double")
+            out.append(FrameRows(tuple((c, np.array(K), np.array(y, dtype=np.float64),
+                                        np.array(s, dtype=np.float64))
+                                       for c, K, y, s in rows)))
+    finally:
+        basis.release_scratch()
+    return out
+
+
+def build_cache(state: FittedState, frames: Sequence, keys: lab.LabelKeys | None = None,
+                n_threads: int | None = None) -> RowCache:
+    """The row cache of ``frames`` against the state's sparse points (one descriptor pass each).
+
+    Parameters
+    ----------
+    state : FittedState
+    frames : list of ase.Atoms
+        The labelled structures the state was built from, in training order.
+    keys : LabelKeys, optional
+        Where labels are read (classes in use follow the state's σ's).
+    n_threads : int or None
+    """
+    frames = lab.as_frames(frames)
+    rows = _rows_of(state, state.basis, frames, label_keys(state, keys), n_threads)
+    return RowCache(tuple(rows), state.basis.n_sparse)
+
+
+def add_rows(state: FittedState, cache: RowCache, frames: Sequence,
+             keys: lab.LabelKeys | None = None,
+             n_threads: int | None = None) -> tuple[FittedState, RowCache]:
+    """New labels: ``partial_fit`` that keeps the row cache in step.
+
+    The frames' rows (one descriptor pass each) are appended to the cache and folded into the
+    state's per-class factors; sparse points, e0 and hyperparameters are unchanged.
+
+    Returns
+    -------
+    state : FittedState
+    cache : RowCache
+        A new cache (the one passed is not modified).
+    """
+    _check_cache(state, cache)
+    state.require_factors("add_rows")
+    frames = lab.as_frames(frames)
+    new = _rows_of(state, state.basis, frames, label_keys(state, keys), n_threads)
+    factors = {c: ClassFactor(np.array(f.T), f.n_rows, f.log_scale_sum)
+               for c, f in state.factors.items()}
+    n1 = state.basis.n_sparse + 1
+    for fr in new:
+        for cls, K, y, s in fr.rows:
+            A = np.empty((K.shape[0], n1))
+            A[:, :-1] = K / s[:, None]
+            A[:, -1] = y / s
+            f = factors.get(cls)
+            if f is None:
+                f = factors[cls] = ClassFactor(np.zeros((0, n1)))
+            f.T = np.ascontiguousarray(_qr_r(np.asfortranarray(np.vstack([f.T, A]))))
+            f.n_rows += K.shape[0]
+            f.log_scale_sum += float(np.sum(np.log(s)))
+    return state.with_factors(factors), RowCache(cache.frames + tuple(new), cache.n_columns)
+
+
+def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
+                cache: RowCache | None = None, keys: lab.LabelKeys | None = None,
+                n_threads: int | None = None) -> tuple[FittedState, RowCache]:
+    """New sparse points for a fitted state, from its labelled frames and row cache.
+
+    Parameters
+    ----------
+    state : FittedState
+        With its per-class factors.
+    frames : list of ase.Atoms
+        The labelled structures the state was built from, in the cache's order.
+    new_points : mapping
+        ``{symbol or Z: (m, F) raw descriptor vectors}``, appended after the species' existing
+        points (columns stay blocked by species, in the descriptor's species order).
+    cache : RowCache, optional
+        The rows of ``frames`` against the state's current points; None builds it (one more
+        descriptor pass per frame).
+    keys : LabelKeys, optional
+    n_threads : int or None
+
+    Returns
+    -------
+    state : FittedState
+        Extended basis, L_hat of the extended K_MM (the state's jitter), factors refactored from
+        ``[cached rows | new rows | y]``; e0, hyperparameters and calibration kept.
+    cache : RowCache
+        The rows against the extended basis.
+
+    Raises
+    ------
+    ValueError
+        Points of a species the model has no e0 for, wrong feature count, frames that do not
+        match the cache.
+    """
+    state.require_factors("add_columns")
+    frames = lab.as_frames(frames)
+    keys = label_keys(state, keys)
+    if cache is None:
+        cache = build_cache(state, frames, keys, n_threads)
+    _check_cache(state, cache)
+    if len(cache) != len(frames):
+        raise ValueError(f"the row cache holds {len(cache)} frames but {len(frames)} were given")
+    old = state.basis
+    F = int(state.descriptor.n_features)
+    add: dict[int, np.ndarray] = {}
+    for key, P in new_points.items():
+        z = int(key) if isinstance(key, (int, np.integer)) else lab_z(key)
+        if chemical_symbols[z] not in state.e0:
+            raise ValueError(f"new sparse points of {chemical_symbols[z]}, a species the model "
+                             "has no e0 for")
+        P = np.asarray(P, dtype=np.float64)
+        if P.ndim != 2 or P.shape[1] != F:
+            raise ValueError(f"new sparse points of {chemical_symbols[z]} must have shape "
+                             f"(m, {F}), got {P.shape}")
+        if not np.all(np.isfinite(P)):
+            raise ValueError(f"new sparse points of {chemical_symbols[z]} are not finite")
+        if P.shape[0]:
+            add[z] = np.concatenate([add[z], P]) if z in add else P
+    if not add:
+        return state, cache
+    order = [z for z in state.descriptor.species_z if z in old.points or z in add]
+    order += [z for z in old.species_z if z not in order]
+    points = {z: np.concatenate([old.points[z], add[z]]) if z in old.points and z in add
+              else (old.points[z] if z in old.points else add[z]) for z in order}
+    ext = kernels.SparseBasis(points, old.zeta, species_z=order)
+    delta_basis = kernels.SparseBasis(add, old.zeta, species_z=order)
+    # where the old and the new columns go in the extended, species-blocked order
+    old_to_ext = np.concatenate([ext.offsets[z] + np.arange(old.points[z].shape[0])
+                                 for z in old.species_z]).astype(np.int64) \
+        if old.species_z else np.zeros(0, np.int64)
+    new_to_ext = np.concatenate([ext.offsets[z] + (old.points[z].shape[0] if z in old.points
+                                                   else 0) + np.arange(add[z].shape[0])
+                                 for z in delta_basis.species_z]).astype(np.int64)
+    new_rows = _rows_of(state, delta_basis, frames, keys, n_threads)
+    frames_ext = []
+    for k, (fo, fn) in enumerate(zip(cache.frames, new_rows, strict=True)):
+        if [r[0] for r in fo.rows] != [r[0] for r in fn.rows] or any(
+                r0[1].shape[0] != r1[1].shape[0] or not np.array_equal(r0[2], r1[2])
+                for r0, r1 in zip(fo.rows, fn.rows, strict=True)):
+            raise ValueError(f"frame {k} does not match the row cache (other labels)")
+        rows = []
+        for (cls, K0, y, s), (_, K1, _, _) in zip(fo.rows, fn.rows, strict=True):
+            K = np.zeros((K0.shape[0], ext.n_sparse))
+            K[:, old_to_ext] = K0
+            K[:, new_to_ext] = K1
+            rows.append((cls, K, y, s))
+        frames_ext.append(FrameRows(tuple(rows)))
+    cache_ext = RowCache(tuple(frames_ext), ext.n_sparse)
+    factors = cache_ext.factors()
+    L_hat, jit = cholesky_jitter(ext.kmm(), state.jitter)
+    species = tuple(chemical_symbols[z] for z in state.descriptor.species_z
+                    if z in ext.points or chemical_symbols[z] in state.e0)
+    new_state = FittedState.solved(
+        factors=factors, L_hat=L_hat, hyper=state.hyper, descriptor=state.descriptor,
+        baseline=state.baseline, basis=ext, sparse_indices=None, species=species,
+        e0=dict(state.e0), jitter=jit, optimization=state.optimization,
+        calibration=state.calibration)
+    return new_state, cache_ext
+
+
+def lab_z(symbol) -> int:
+    """Atomic number of a chemical symbol (ValueError otherwise)."""
+    from ase.data import atomic_numbers
+
+    if not isinstance(symbol, str) or atomic_numbers.get(symbol, 0) == 0:
+        raise ValueError(f"{symbol!r} is not a chemical symbol")
+    return atomic_numbers[symbol]
+
+
+def _check_cache(state: FittedState, cache: RowCache) -> None:
+    if not isinstance(cache, RowCache):
+        raise TypeError(f"cache must be a RowCache, got {type(cache).__name__}")
+    if cache.n_columns != state.basis.n_sparse:
+        raise ValueError(f"the row cache has {cache.n_columns} columns but the model has "
+                         f"{state.basis.n_sparse} sparse points")
+    n_cache = {}
+    for f in cache.frames:
+        for cls, K, _, _ in f.rows:
+            n_cache[cls] = n_cache.get(cls, 0) + K.shape[0]
+    n_state = {c: n for c, n in state.n_labels.items() if n}
+    if n_cache != n_state:
+        raise ValueError(f"the row cache holds labels {n_cache} but the model {n_state}")
+
+
+__all__ = ["FrameRows", "RowCache", "add_columns", "add_rows", "build_cache", "label_keys"]
