@@ -407,14 +407,10 @@ class SparseBasis:
         cols = self.columns(z)
         C = np.empty((idx.size, Sh.shape[0]))
         _contract.gemm(Xz, Sh, C, True, n_threads)
-        w = _ipow(C, self.zeta - 1)
-        if K is not None:
-            if every:
-                np.multiply(w, C, out=K[:, cols])
-            else:
-                K[idx, cols] = w * C
-        w *= alpha[cols][None, :]
-        e = _contract.rowwise_dot(w, C, n_threads)
+        # w = alpha C^(zeta-1), e = sum w C and the rows C^zeta in one parallel pass
+        w = np.empty_like(C)
+        e = _contract.kernel_weights(C, np.ascontiguousarray(alpha[cols]), self.zeta, K,
+                                     idx.astype(np.int64), cols.start, w, n_threads)
         eps[idx] = e
         if v is not None:
             G = np.empty_like(Xz)

@@ -633,3 +633,59 @@ def row_prep(const double[:, :, ::1] values, const double[:, ::1] Xh,
                 for k in range(F):
                     s = s + vp[k] * xp[k]
             pv[e, a] = s
+
+
+def kernel_weights(const double[:, ::1] C, const double[::1] alpha, int zeta, double[:, ::1] K,
+                   const int64_t[::1] rows, Py_ssize_t col0, double[:, ::1] w,
+                   n_threads=None):
+    """From the cosines ``C = X_hat S_hat^T`` of one species block, in one parallel pass:
+    ``w = alpha * C^(zeta-1)``, the unit local energies ``e = sum_m w C`` (returned, shape
+    (n,)) and, when K is given, the kernel rows ``K[rows[i], col0 + m] = C[i, m]^zeta``.
+
+    Parameters
+    ----------
+    C : (n, M_z) float64
+    alpha : (M_z,) float64
+    zeta : int >= 1
+    K : (n_atoms, M) float64 or None, written at ``rows`` and columns ``col0 .. col0 + M_z``
+    rows : (n,) int64
+        Row of K of every row of C (ignored without K).
+    col0 : int
+    w : (n, M_z) float64, written
+    n_threads : int or None
+    """
+    cdef Py_ssize_t n = C.shape[0], M = C.shape[1], i, m
+    cdef int t
+    if alpha.shape[0] != M or w.shape[0] != n or w.shape[1] != M or zeta < 1:
+        raise ValueError("kernel_weights: inconsistent shapes or zeta < 1")
+    cdef bint want_k = K is not None
+    if want_k:
+        if rows.shape[0] != n or col0 < 0 or col0 + M > K.shape[1]:
+            raise ValueError("kernel_weights: K, rows or col0 do not fit")
+        for i in range(n):
+            if rows[i] < 0 or rows[i] >= K.shape[0]:
+                raise ValueError("kernel_weights: row index out of range")
+    e_a = np.zeros(n)
+    cdef double[::1] e = e_a
+    if n == 0 or M == 0:
+        return e_a
+    cdef int nt = _threads(n_threads)
+    if n * M < MIN_PARALLEL_WORK:
+        nt = 1
+    cdef double c, p, s, wm
+    cdef double *kr
+    for i in prange(n, nogil=True, num_threads=nt, schedule="dynamic", chunksize=16):
+        s = 0.0
+        kr = &K[rows[i], col0] if want_k else NULL
+        for m in range(M):
+            c = C[i, m]
+            p = 1.0
+            for t in range(zeta - 1):
+                p = p * c
+            if want_k:
+                kr[m] = p * c
+            wm = p * alpha[m]
+            w[i, m] = wm
+            s = s + wm * c
+        e[i] = s
+    return e_a
