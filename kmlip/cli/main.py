@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "fit": "fit a SOAP + sparse-GP potential to labelled structures",
     "predict": "predict energies, forces, stress and their uncertainties for structures",
     "info": "describe a saved model file",
+    "eval": "errors of a model on labelled structures and how well its uncertainty predicts them",
+    "md": "molecular dynamics with a model, optionally stopped by an uncertainty gate",
 }
 
 EPILOG = ("Errors are printed as one line on stderr with exit status 2 (1 for an internal error; "
