@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write parity.png (energy per atom and force components, predicted vs "
                         "reference) and calibration.png (force-error components vs uncertainty, "
                         "log-log, with the ±2u line; binned RMS error vs RMS uncertainty) to this "
-                        "directory, created if missing; needs matplotlib (pip install "
-                        "'kmlip[plot]'), otherwise the plots are skipped with a one-line note "
-                        "(default: no plots)")
+                        "directory, created if missing (its parent must exist); needs "
+                        "matplotlib (pip install 'kmlip[plot]'), otherwise the plots are "
+                        "skipped with a one-line note (default: no plots)")
     p.add_argument("--calibrate", action="store_true",
                    help="calibrate the per-atom uncertainty on these structures (they must not "
                         "be training structures), print the figures before and after, and "

@@ -25,7 +25,7 @@ DESCRIPTION = (
     "with status 0: a tripped gate is a result (the model is unsure there: label that frame "
     "and refit), not an error. The trajectory is written to a temporary file beside -o and "
     "renamed to -o only when the run ends (completed or gated); a failed run leaves no file "
-    "at -o, and Ctrl-C keeps the frames so far as <output>.partial.")
+    "at -o, and Ctrl-C keeps the frames so far in <output stem>.partial.extxyz.")
 
 ENSEMBLES = ("nvt", "nve", "npt")
 
@@ -118,6 +118,22 @@ def _check_args(args) -> None:
             raise ValueError(f"{name} applies to --ensemble npt only, not {args.ensemble}")
     if args.threads is not None and args.threads < 1:
         bad("--threads", args.threads, ">= 1")
+
+
+def draw_velocities(atoms, temperature: float, seed: int) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature`` (K) with zero total momentum.
+
+    Each component is ``sqrt(m_i k_B T) N(0, 1)`` from ``numpy.random.default_rng(seed)``
+    (drawn here rather than with ASE's helper, whose name changed in ASE 3.29).
+    """
+    from ase import units
+
+    m = atoms.get_masses()
+    z = np.random.default_rng(seed).standard_normal((len(atoms), 3))
+    p = np.sqrt(m * units.kB * temperature)[:, None] * z
+    if len(atoms) > 1:
+        p -= m[:, None] * (p.sum(0) / m.sum())  # the centre of mass stays at rest
+    atoms.set_momenta(p)
 
 
 def make_dynamics(atoms, args):
@@ -227,14 +243,7 @@ def run(args: argparse.Namespace) -> int:
     if args.keep_velocities:
         atoms.set_momenta(momenta)
     else:
-        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-
-        atoms.set_momenta(np.zeros((len(atoms), 3)))
-        if args.temperature > 0:
-            MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature,
-                                         rng=np.random.default_rng(args.seed))
-            if len(atoms) > 1:
-                Stationary(atoms)
+        draw_velocities(atoms, args.temperature, args.seed)
     dyn, how = make_dynamics(atoms, args)
 
     from tqdm.auto import tqdm
@@ -376,7 +385,7 @@ class _TempBeside:
         if n_frames == 0:
             self.discard()
             return None
-        partial = f"{self.path}.partial"
+        partial = f"{os.path.splitext(self.path)[0]}.partial.extxyz"
         try:
             os.replace(self.tmp, partial)
         except OSError:
