@@ -740,9 +740,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codes", default="kmlip,gap", help="comma-separated: kmlip, gap")
     p.add_argument("--predict-sizes", default=None,
                    help=f"cells for the prediction speed (from {sorted(PREDICT_CELLS)})")
-    p.add_argument("--repeat", type=int, default=5, help="timed prediction calls (median)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="interleaved rounds of the with/without-variance timings (median)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed prediction calls (median; default 5, 3 with --quick)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of the with/without-variance timings (median; "
+                        "default 3, 1 with --quick)")
     p.add_argument("--md-steps", type=int, default=None, help="MD steps (default 60; 10 quick)")
     p.add_argument("--reuse-gap", action="store_true",
                    help="reuse a recorded gap_fit run with identical data and settings")
@@ -754,6 +756,10 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker is not None:
         return worker(json.loads(args._worker), args._report)
 
+    if args.repeat is None:
+        args.repeat = 3 if args.quick else 5
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     settings = [x.strip() for x in args.settings.split(",") if x.strip()]
     unknown = [x for x in settings if x not in SETTINGS]
     if unknown:
