@@ -1,0 +1,792 @@
+"""On-the-fly (active) learning: MD with the model, the reference calculator where it is unsure.
+
+:func:`learn_on_the_fly` runs molecular dynamics with a :class:`~kmlip.model.KernelPotential`
+and watches the per-atom ``uncertainty`` (eV/Å, an estimate of each atom's force error) through
+an :class:`~kmlip.active.gate.UncertaintyGate`. When an atom passes the threshold, the reference
+ASE calculator (EMT, tblite, a DFT code, ...) labels that frame; the model then takes
+
+* its energy, forces and stress as new **rows** of the per-class QR factors, and
+* the environments of its most uncertain atoms as new **columns** (sparse points),
+
+without a refit from scratch (:mod:`kmlip.gp.columns`: the learner keeps the unit kernel rows of
+its few labelled frames in a :class:`~kmlip.gp.columns.RowCache`), re-optimises the
+hyperparameters within bounds, recalibrates the uncertainty on the frame it had not seen, and the
+MD continues from that frame.
+
+Run directory
+-------------
+``model.kmlip`` (the current model, with its QR factors), ``reference.extxyz`` (every labelled
+frame: its labels, momenta, the MD step and the model's uncertainty and errors before the update),
+``trajectory.extxyz`` (every ``trajectory_interval``-th step, with the model's energy and forces
+and the per-atom ``uncertainty``), ``log`` (settings, every reference call, the outcome) and
+``manifest.json`` (MD state and counts, written last). Every file except the appended log and
+trajectory is written to a temporary file and renamed; the trajectory is cut back to the length
+recorded with the MD state on resume. A run killed at any moment (``kill -9``) resumes from its
+last consistent state without losing or repeating a reference call: a labelled frame reaches
+``reference.extxyz`` before the model is updated, and a frame there that the model has not taken
+yet is taken on resume. The only call that can repeat is one that was interrupted before its
+result was written.
+
+Defaults (stated in the log)
+----------------------------
+SOAP with r_cut 4.5 Å, n_max 6, l_max 4 over the elements present, ζ = 4; label noise starting at
+σ_E 2 meV/atom, σ_F 50 meV/Å, σ_V 5 meV/atom (stress only for periodic structures), re-optimised
+within :data:`DEFAULT_BOUNDS` after every update; the gate trips when an atom's uncertainty
+exceeds ``relative_threshold`` (2.5) times the model's noise level (the median uncertainty of the
+last calibration frame, or σ_F before any), and an update adds the environments of up to
+``max_new_points`` (8) atoms whose uncertainty exceeds half the threshold, most uncertain first,
+skipping near-duplicates.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import chemical_symbols
+
+from kmlip import labels as lab
+from kmlip.gp import columns
+
+#: Bounds of the hyperparameter re-optimisation (δ eV; σ_E, σ_V eV/atom; σ_F eV/Å): positive,
+#: and wide enough for any reasonable potential energy surface.
+DEFAULT_BOUNDS = {"delta": (1e-2, 50.0), "sigma_energy": (1e-4, 0.05),
+                  "sigma_force": (2e-3, 1.0), "sigma_stress": (1e-4, 0.05)}
+#: Fewest labelled frames for a hyperparameter optimisation (one frame, e.g. a perfect crystal
+#: with zero forces, drives δ to its lower bound and the gate would never trip).
+MIN_FRAMES_TO_OPTIMIZE = 2
+MANIFEST_VERSION = 1
+_INFO = "kmlip_"  # prefix of the learner's entries in the reference frames' info
+
+
+@dataclass
+class LearningResult:
+    """Outcome of :func:`learn_on_the_fly`.
+
+    Attributes
+    ----------
+    model : KernelPotential
+        The final model.
+    calls : list of dict
+        One record per reference call (``call``, ``step``, ``max_uncertainty`` eV/Å,
+        ``force_mae`` and ``force_max_error`` eV/Å of the model on that frame before the update,
+        ``n_sparse`` after it); the labelling of the start structure has step 0 and no errors.
+    steps : int
+        MD steps completed.
+    stopped : str
+        ``"steps"`` or ``"wall_time"``.
+    directory : str or None
+    cpu_seconds : float
+        CPU time of this call (process time, all threads).
+    """
+
+    model: Any
+    calls: list = field(default_factory=list)
+    steps: int = 0
+    stopped: str = "steps"
+    directory: str | None = None
+    cpu_seconds: float = 0.0
+
+    @property
+    def n_reference_calls(self) -> int:
+        return len(self.calls)
+
+
+def default_descriptor(species: Sequence):
+    """SOAP over ``species`` with the learner's defaults (r_cut 4.5 Å, n_max 6, l_max 4)."""
+    from kmlip.descriptors.soap import SOAP
+
+    return SOAP(sorted(set(species), key=lambda s: lab_z(s)), r_cut=4.5, n_max=6, l_max=4)
+
+
+def lab_z(s) -> int:
+    from ase.data import atomic_numbers
+
+    return int(s) if isinstance(s, (int, np.integer)) else atomic_numbers[s]
+
+
+def _positive_number(v, name: str, allow_none: bool = False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive number, got {v!r}")
+    return float(v)
+
+
+def _count(v, name: str, allow_none: bool = False, minimum: int = 0):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+# -- labelled frames ---------------------------------------------------------------------------
+def label_frame(reference, atoms: Atoms) -> Atoms:
+    """A copy of ``atoms`` labelled by the ASE calculator ``reference``.
+
+    Energy, forces and, for periodic structures, the stress (skipped when the calculator does
+    not provide it) are stored in a :class:`SinglePointCalculator` (extxyz keeps them).
+    """
+    a = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    a.calc = reference
+    energy = float(a.get_potential_energy())
+    forces = np.array(a.get_forces(), dtype=np.float64)
+    stress = None
+    if lab.is_periodic(a):
+        try:
+            stress = np.array(a.get_stress(voigt=True), dtype=np.float64)
+        except Exception:  # noqa: BLE001 - PropertyNotImplementedError and friends
+            stress = None
+    out = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    if atoms.has("momenta"):
+        out.set_momenta(atoms.get_momenta())
+    out.calc = SinglePointCalculator(out, energy=energy, forces=forces,
+                                     **({} if stress is None else {"stress": stress}))
+    if not (math.isfinite(energy) and np.all(np.isfinite(forces))):
+        raise ValueError("the reference calculator returned NaN or inf")
+    return out
+
+
+def _rng_hex(rng: np.random.Generator | None) -> str:
+    return "" if rng is None else json.dumps(rng.bit_generator.state).encode().hex()
+
+
+def _rng_from_hex(h: str, seed: int) -> np.random.Generator:
+    rng = np.random.default_rng(seed)
+    if h:
+        rng.bit_generator.state = json.loads(bytes.fromhex(h).decode())
+    return rng
+
+
+def _n_labels(atoms: Atoms, hyper) -> int:
+    n = 0
+    if hyper.sigma_energy is not None:
+        n += 1
+    if hyper.sigma_force is not None:
+        n += 3 * len(atoms)
+    if hyper.sigma_stress is not None and lab.is_periodic(atoms):
+        n += 6
+    return n
+
+
+# -- sparse points -----------------------------------------------------------------------------
+def pick_environments(X: np.ndarray, order: Sequence[int], limit: int,
+                      existing: np.ndarray | None = None, tol: float = 1e-6) -> list[int]:
+    """Up to ``limit`` atoms in ``order`` whose normalised features are not near-duplicates.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n_atoms, F)
+        Raw descriptor vectors (one species).
+    order : sequence of int
+        Candidate atoms, best first.
+    limit : int
+    existing : ndarray (m, F), optional
+        Sparse points already present (candidates within ``tol`` of one are skipped too).
+    tol : float
+        Atoms with ``1 - x_hat . y_hat < tol`` count as duplicates.
+    """
+    Xh = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+    chosen: list[int] = []
+    ref = [] if existing is None or len(existing) == 0 else \
+        list(existing / np.maximum(np.linalg.norm(existing, axis=1, keepdims=True), 1e-300))
+    for i in order:
+        if len(chosen) >= limit:
+            break
+        if ref and np.max(np.asarray(ref) @ Xh[i]) > 1.0 - tol:
+            continue
+        chosen.append(int(i))
+        ref.append(Xh[i])
+    return chosen
+
+
+# -- the learner -------------------------------------------------------------------------------
+class _Learner:
+    """State of one learning run (see :func:`learn_on_the_fly`)."""
+
+    def __init__(self, reference, settings: dict, directory: str | None, log: TextIO | None):
+        self.reference = reference
+        self.s = settings
+        self.dir = directory
+        self.log_stream = log
+        self.model = None
+        self.cache: columns.RowCache | None = None
+        self.frames: list[Atoms] = []  # labelled frames in the model (training order)
+        self.calls: list[dict] = []
+        self.n_updates = 0
+
+    # -- files --------------------------------------------------------------------------------
+    def path(self, name: str) -> str | None:
+        return None if self.dir is None else os.path.join(self.dir, name)
+
+    def say(self, msg: str) -> None:
+        line = f"[kmlip learn] {msg}"
+        if self.dir is not None:
+            with open(self.path("log"), "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        if self.log_stream is not None:
+            print(line, file=self.log_stream, flush=True)
+
+    def write_references(self, frames: Sequence[Atoms]) -> None:
+        if self.dir is None:
+            return
+        from ase.io import write
+
+        from kmlip.io import atomic_write
+
+        atomic_write(self.path("reference.extxyz"),
+                     lambda fh: write(fh, list(frames), format="extxyz"), text=True)
+
+    def write_manifest(self, md: dict) -> None:
+        if self.dir is None:
+            return
+        from kmlip.io import atomic_write
+
+        data = {"format": "kmlip-learn", "version": MANIFEST_VERSION,
+                "n_model_frames": len(self.frames), "n_reference_calls": len(self.calls),
+                "md": md, "settings": {k: v for k, v in self.s.items()
+                                       if k not in ("descriptor", "n_threads")}}
+        atomic_write(self.path("manifest.json"),
+                     lambda fh: json.dump(data, fh, allow_nan=True), text=True)
+
+    def save_model(self) -> None:
+        if self.dir is not None:
+            self.model.save(self.path("model.kmlip"))
+
+    # -- model --------------------------------------------------------------------------------
+    def initial_fit(self, frames: list[Atoms]) -> None:
+        from kmlip.model import KernelPotential
+
+        s = self.s
+        desc = s["descriptor"]
+        periodic = all(lab.is_periodic(a) for a in frames) and all(
+            "stress" in (a.calc.results if a.calc is not None else {}) or "stress" in a.info
+            for a in frames)
+        points = {}
+        for z in sorted({int(z) for a in frames for z in a.numbers}):
+            feats = [desc.transform(a)[a.numbers == z] for a in frames]
+            X = np.concatenate(feats)
+            idx = pick_environments(X, range(len(X)), s["initial_points"])
+            points[chemical_symbols[z]] = X[idx]
+        self.model = KernelPotential(
+            desc, zeta=s["zeta"], delta=s["delta"], n_sparse={k: len(v) for k, v in points.items()},
+            sparse_method=points, sigma_energy=s["sigma_energy"], sigma_force=s["sigma_force"],
+            sigma_stress=s["sigma_stress"] if periodic else None, precision="double",
+            n_threads=s["n_threads"], progress=False)
+        self.model.fit(frames)
+        self.frames = list(frames)
+        if len(frames) >= MIN_FRAMES_TO_OPTIMIZE:
+            self.optimize()
+        self.cache = columns.build_cache(self.model.fitted_state_, self.frames,
+                                         n_threads=s["n_threads"])
+
+    def optimize(self) -> None:
+        bounds = {k: v for k, v in self.s["bounds"].items()
+                  if k == "delta" or getattr(self.model, k + "_", None) is not None}
+        try:
+            h = self.model.optimize_hyperparameters(bounds=bounds)
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            self.say(f"hyperparameter optimisation failed ({exc}); keeping the previous values")
+            return
+        self.say("hyperparameters: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in h.items()
+            if v is not None and k != "log_marginal_likelihood")
+            + f"; log marginal likelihood {h['log_marginal_likelihood']:.6g}")
+
+    def threshold(self) -> float:
+        s = self.s
+        if s["threshold"] is not None:
+            return s["threshold"]
+        return s["relative_threshold"] * self.model.fitted_state_.uncertainty_map.noise_level
+
+    def update(self, frame: Atoms, record: dict) -> None:
+        """Takes one labelled frame: calibration on it, new rows, new columns, hyperparameters."""
+        s = self.s
+        model = self.model
+        st = model.fitted_state_
+        r = model.compute(frame, ("forces", "uncertainty"))
+        u = np.asarray(r.uncertainty)
+        if s["calibrate"]:
+            try:
+                model.calibrate([frame])
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                self.say(f"calibration on call {record['call']} failed ({exc})")
+            st = model.fitted_state_
+        limit_u = 0.5 * record.get("threshold", self.threshold())
+        X = st.descriptor.transform(frame)
+        new_points = {}
+        taken = 0
+        for z in sorted({int(z) for z in frame.numbers}):
+            idx = np.flatnonzero(frame.numbers == z)
+            order = idx[np.argsort(-u[idx], kind="stable")]
+            order = [i for i in order if u[i] > limit_u]
+            existing = st.basis.points.get(z)
+            pick = pick_environments(X, order, s["max_new_points"] - taken, existing)
+            if pick:
+                new_points[chemical_symbols[z]] = X[pick]
+                taken += len(pick)
+        if taken == 0:
+            # the most uncertain atom at least, so every call adds to the sparse set
+            i = int(np.argmax(u))
+            pick = pick_environments(X, [i], 1, st.basis.points.get(int(frame.numbers[i])))
+            if pick:
+                new_points[chemical_symbols[int(frame.numbers[i])]] = X[pick]
+        frames = self.frames + [frame]
+        new_state, cache = columns.add_rows(st, self.cache, [frame], n_threads=s["n_threads"])
+        new_state, cache = columns.add_columns(new_state, frames, new_points, cache,
+                                               n_threads=s["n_threads"])
+        model.fitted_state_ = new_state
+        self.frames, self.cache = frames, cache
+        self.n_updates += 1
+        if s["optimize_every"] and self.n_updates % s["optimize_every"] == 0 \
+                and len(frames) >= MIN_FRAMES_TO_OPTIMIZE:
+            self.optimize()
+        record["n_sparse"] = int(model.fitted_state_.basis.n_sparse)
+        record["n_new_points"] = int(sum(len(v) for v in new_points.values()))
+
+
+def _md_state(atoms: Atoms, step: int, rng, traj_bytes: int) -> dict:
+    return {"step": int(step), "positions": atoms.positions.tolist(),
+            "momenta": atoms.get_momenta().tolist(), "cell": np.asarray(atoms.cell).tolist(),
+            "pbc": [bool(p) for p in atoms.pbc], "numbers": atoms.numbers.tolist(),
+            "rng": _rng_hex(rng), "traj_bytes": int(traj_bytes)}
+
+
+def _md_from_frame(frame: Atoms) -> dict:
+    info = frame.info
+    return {"step": int(info[_INFO + "step"]), "positions": frame.positions.tolist(),
+            "momenta": frame.get_momenta().tolist(), "cell": np.asarray(frame.cell).tolist(),
+            "pbc": [bool(p) for p in frame.pbc], "numbers": frame.numbers.tolist(),
+            "rng": str(info.get(_INFO + "rng", "")), "traj_bytes": int(info[_INFO + "traj_bytes"])}
+
+
+def _record_from_frame(frame: Atoms) -> dict:
+    info = frame.info
+    rec = {"call": int(info[_INFO + "call"]), "step": int(info[_INFO + "step"])}
+    for k in ("max_uncertainty", "force_mae", "force_max_error", "threshold"):
+        v = info.get(_INFO + k)
+        rec[k] = None if v is None else float(v)
+    return rec
+
+
+def _call_line(rec: dict) -> str:
+    def f(v, unit=""):
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
+            else f"{v:.4g}{unit}"
+
+    return (f"reference call {rec['call']}: step {rec['step']}, max uncertainty "
+            f"{f(rec.get('max_uncertainty'), ' eV/Å')}, model force error before the update: MAE "
+            f"{f(rec.get('force_mae'), ' eV/Å')}, max per atom "
+            f"{f(rec.get('force_max_error'), ' eV/Å')}")
+
+
+def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float = 300.0,
+                     timestep: float = 1.0, ensemble: str = "nvt", friction: float = 0.01,
+                     frames: Sequence[Atoms] | None = None, descriptor=None, zeta: int = 4,
+                     threshold: float | None = None, relative_threshold: float = 2.5,
+                     max_new_points: int = 32, initial_points: int = 8,
+                     max_reference_calls: int | None = None, max_wall_time: float | None = None,
+                     optimize_every: int = 1,
+                     bounds: Mapping[str, tuple[float, float]] | None = None,
+                     calibrate: bool = False, sigma_energy: float = 0.002,
+                     sigma_force: float = 0.05, sigma_stress: float | None = 0.005,
+                     delta: float = 0.5, directory=None, resume: bool = True,
+                     trajectory_interval: int = 1, seed: int = 0, n_threads: int | None = None,
+                     progress: bool | None = None, log: TextIO | None = None,
+                     callback: Callable[[dict], None] | None = None) -> LearningResult:
+    """Learns a potential on the fly from a reference ASE calculator (see the module docstring).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Start structure (not modified).
+    reference : ase.calculators.calculator.Calculator
+        Labels frames (energy eV, forces eV/Å, stress eV/Å³ when periodic).
+    steps : int
+        MD steps in total (a resumed run continues up to this count).
+    temperature : float
+        K: the Langevin thermostat's target and the initial Maxwell-Boltzmann velocities (when
+        ``atoms`` has no momenta).
+    timestep : float
+        fs.
+    ensemble : {"nvt", "nve"}
+        Langevin (``friction`` in 1/fs) or velocity Verlet.
+    frames : list of ase.Atoms, optional
+        Labelled frames to start from; without them the start structure is labelled by the
+        reference (the first reference call, step 0).
+    descriptor : Descriptor, optional
+        Default :func:`default_descriptor` over the elements present.
+    zeta : int
+        Kernel exponent.
+    threshold : float, optional
+        Absolute gate threshold, eV/Å. When None, ``relative_threshold`` times the model's
+        noise level (median calibrated uncertainty, or σ_F before any calibration).
+    relative_threshold : float
+    max_new_points : int
+        Sparse points added per reference call (atoms above half the threshold, most uncertain
+        first, at least one).
+    initial_points : int
+        Sparse points per species of the first model (distinct environments of the start
+        frames).
+    max_reference_calls : int, optional
+        Cap on reference calls (the labelling of the start structure counts); past it the MD
+        goes on with the model.
+    max_wall_time : float, optional
+        Seconds of this call after which the run stops (checkpointed; resumable).
+    optimize_every : int
+        Re-optimise δ and the σ's (within ``bounds``) after every this many updates; 0 never.
+    bounds : dict, optional
+        ``{"delta" | "sigma_energy" | "sigma_force" | "sigma_stress": (low, high)}``, positive;
+        default :data:`DEFAULT_BOUNDS`.
+    calibrate : bool
+        Calibrate the uncertainty on each new frame before taking it.
+    sigma_energy, sigma_force, sigma_stress, delta : float
+        Starting hyperparameters (eV/atom, eV/Å, eV/atom, eV); ``sigma_stress`` None ignores
+        stresses.
+    directory : str or os.PathLike, optional
+        Run directory (created); None keeps everything in memory (no checkpoints).
+    resume : bool
+        Continue the run in ``directory`` when it holds one; False refuses such a directory.
+    trajectory_interval : int
+        Write every this many steps to ``trajectory.extxyz``.
+    seed : int
+        Seed of the initial velocities and the thermostat.
+    n_threads : int or None
+    progress : bool or None
+        tqdm bar over the steps; None shows it when stderr is a terminal.
+    log : file-like, optional
+        Also print the log lines there.
+    callback : callable, optional
+        Called with each reference call's record after its checkpoint.
+
+    Returns
+    -------
+    LearningResult
+    """
+    t_wall0 = time.perf_counter()
+    t_cpu0 = time.process_time()
+    if not isinstance(atoms, Atoms) or len(atoms) == 0:
+        raise TypeError("atoms must be a non-empty ase.Atoms")
+    if not callable(getattr(reference, "get_potential_energy", None)) and \
+            not callable(getattr(reference, "calculate", None)):
+        raise TypeError(f"reference must be an ASE calculator, got {type(reference).__name__}")
+    steps = _count(steps, "steps")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 K, got {temperature!r}")
+    timestep = _positive_number(timestep, "timestep")
+    if ensemble not in ("nvt", "nve"):
+        raise ValueError(f"ensemble must be 'nvt' or 'nve', got {ensemble!r}")
+    friction = _positive_number(friction, "friction")
+    threshold = _positive_number(threshold, "threshold", allow_none=True)
+    relative_threshold = _positive_number(relative_threshold, "relative_threshold")
+    max_new_points = _count(max_new_points, "max_new_points", minimum=1)
+    initial_points = _count(initial_points, "initial_points", minimum=1)
+    max_reference_calls = _count(max_reference_calls, "max_reference_calls", allow_none=True,
+                                 minimum=1)
+    max_wall_time = _positive_number(max_wall_time, "max_wall_time", allow_none=True)
+    optimize_every = _count(optimize_every, "optimize_every")
+    trajectory_interval = _count(trajectory_interval, "trajectory_interval", minimum=1)
+    seed = _count(seed, "seed")
+    b = dict(DEFAULT_BOUNDS)
+    for k, v in (bounds or {}).items():
+        if k not in DEFAULT_BOUNDS:
+            raise ValueError(f"bounds: unknown hyperparameter {k!r}; choose from "
+                             f"{sorted(DEFAULT_BOUNDS)}")
+        lo, hi = (_positive_number(x, f"bounds[{k!r}]") for x in v)
+        if lo > hi:
+            raise ValueError(f"bounds[{k!r}]: low {lo} > high {hi}")
+        b[k] = (lo, hi)
+    species = sorted({chemical_symbols[int(z)] for z in atoms.numbers}, key=lab_z)
+    if frames:
+        frames = lab.as_frames(frames)
+        species = sorted(set(species) | {chemical_symbols[int(z)] for a in frames
+                                         for z in a.numbers}, key=lab_z)
+    if descriptor is None:
+        descriptor = default_descriptor(species)
+    missing = [s for s in species if lab_z(s) not in descriptor.species_z]
+    if missing:
+        raise ValueError(f"the descriptor does not cover species {missing}")
+    settings = {"steps": steps, "temperature": temperature, "timestep_fs": timestep,
+                "ensemble": ensemble, "friction_per_fs": friction, "threshold": threshold,
+                "relative_threshold": relative_threshold, "max_new_points": max_new_points,
+                "initial_points": initial_points, "max_reference_calls": max_reference_calls,
+                "optimize_every": optimize_every, "bounds": b, "calibrate": bool(calibrate),
+                "sigma_energy": _positive_number(sigma_energy, "sigma_energy"),
+                "sigma_force": _positive_number(sigma_force, "sigma_force"),
+                "sigma_stress": _positive_number(sigma_stress, "sigma_stress", allow_none=True),
+                "delta": _positive_number(delta, "delta"), "zeta": _count(zeta, "zeta", minimum=1),
+                "seed": seed, "trajectory_interval": trajectory_interval}
+    directory = None if directory is None else os.fspath(directory)
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    run = _Learner(reference, settings, directory, log)
+    manifest = None
+    refs: list[Atoms] = []
+    if directory is not None:
+        mpath = run.path("manifest.json")
+        rpath = run.path("reference.extxyz")
+        has_run = os.path.exists(mpath) or os.path.exists(rpath)
+        if has_run and not resume:
+            raise ValueError(f"{directory}: holds a learning run; resume it or choose another "
+                             "directory")
+        if os.path.exists(mpath):
+            try:
+                with open(mpath, encoding="utf-8") as fh:
+                    manifest = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{mpath}: unreadable run manifest ({exc})") from None
+            if manifest.get("format") != "kmlip-learn":
+                raise ValueError(f"{mpath}: not a kmlip learning run")
+        if os.path.exists(rpath):
+            from ase.io import read
+
+            try:
+                refs = read(rpath, index=":", format="extxyz")
+            except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file
+                raise ValueError(f"{rpath}: unreadable reference frames ({exc})") from None
+    settings["descriptor"] = descriptor
+    settings["n_threads"] = n_threads
+    desc_info = descriptor.to_dict() if hasattr(descriptor, "to_dict") else repr(descriptor)
+    write_manifest = run.write_manifest
+
+    resuming = bool(refs) or manifest is not None
+    rng = np.random.default_rng(seed)
+    state_atoms = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell,
+                        pbc=atoms.pbc)
+    if atoms.has("momenta") and np.any(atoms.get_momenta() != 0):
+        state_atoms.set_momenta(atoms.get_momenta())
+    elif temperature > 0:
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+        MaxwellBoltzmannDistribution(state_atoms, temperature_K=temperature, rng=rng)
+        Stationary(state_atoms)
+    md = _md_state(state_atoms, 0, rng, 0)
+
+    if not resuming:
+        run.say(f"start: {len(atoms)} atoms ({', '.join(species)}), {steps} steps of "
+                f"{timestep:g} fs, {ensemble.upper()} at {temperature:g} K"
+                + (f" (Langevin friction {friction:g}/fs)" if ensemble == "nvt" else ""))
+        run.say(f"descriptor: {desc_info}; zeta {settings['zeta']}")
+        run.say("gate: " + (f"absolute threshold {threshold:g} eV/Å" if threshold is not None
+                            else f"{relative_threshold:g} × the model's noise level (median "
+                                 "calibrated uncertainty; σ_F before any calibration)")
+                + f"; up to {max_new_points} new sparse points per call (atoms above half the "
+                "threshold); hyperparameters re-optimised "
+                + (f"every {optimize_every} update(s)" if optimize_every else "never")
+                + f" within {b}; reference-call cap {max_reference_calls}, wall-time cap "
+                + (f"{max_wall_time:g} s" if max_wall_time else "none"))
+        init = []
+        for a in frames or []:
+            a = a.copy()
+            a.info[_INFO + "initial"] = True
+            a.info[_INFO + "source"] = "given"
+            init.append(a)
+        if not init:
+            first = label_frame(reference, state_atoms)
+            first.info.update({_INFO + "initial": True, _INFO + "source": "reference",
+                               _INFO + "call": 1, _INFO + "step": 0,
+                               _INFO + "rng": _rng_hex(rng), _INFO + "traj_bytes": 0})
+            init.append(first)
+            run.write_references(init)
+            rec = _record_from_frame(first)
+            run.calls.append(rec)
+            run.say(_call_line(rec) + " (the start structure)")
+        else:
+            run.write_references(init)
+        refs = init
+    else:
+        run.say(f"resuming the run in {directory}")
+
+    # -- the model: from the checkpoint, or fitted on the initial frames ---------------------
+    calls_in_refs = [r for r in refs if r.info.get(_INFO + "source") == "reference"]
+    run.calls = [_record_from_frame(r) for r in calls_in_refs]
+    model_path = run.path("model.kmlip")
+    if manifest is not None and model_path is not None and os.path.exists(model_path):
+        from kmlip.model import load
+
+        run.model = load(model_path)
+        run.model.set_params(n_threads=n_threads)
+        st = run.model.fitted_state_
+        total = sum(st.n_labels.values())
+        k, acc = 0, 0
+        while k < len(refs) and acc < total:
+            acc += _n_labels(refs[k], st.hyper)
+            k += 1
+        if acc != total:
+            raise ValueError(f"{directory}: model.kmlip does not match reference.extxyz "
+                             f"({total} labels in the model)")
+        run.frames = list(refs[:k])
+        run.cache = columns.build_cache(st, run.frames, n_threads=n_threads)
+        run.n_updates = sum(1 for r in run.frames if not r.info.get(_INFO + "initial"))
+        md = manifest["md"]
+    else:
+        init = [r for r in refs if r.info.get(_INFO + "initial")]
+        if not init:
+            raise ValueError(f"{directory}: reference.extxyz has no initial frames")
+        run.initial_fit(init)
+        run.save_model()
+        write_manifest(md)
+    pending = refs[len(run.frames):]
+    if resuming:
+        # log lines lost in a crash (the log is appended after the reference frame is written)
+        logged = set()
+        if run.path("log") and os.path.exists(run.path("log")):
+            with open(run.path("log"), encoding="utf-8") as fh:
+                for line in fh:
+                    if "reference call " in line:
+                        try:
+                            logged.add(int(line.split("reference call ")[1].split(":")[0]))
+                        except (IndexError, ValueError):
+                            pass
+        for rec in run.calls:
+            if rec["call"] not in logged:
+                run.say(_call_line(rec) + " (logged on resume)")
+    for fr in pending:
+        rec = _record_from_frame(fr)
+        run.update(fr, rec)
+        run.save_model()
+        run.say(f"call {rec['call']} taken on resume; {rec['n_sparse']} sparse points")
+        if _md_from_frame(fr)["step"] >= md["step"]:
+            md = _md_from_frame(fr)
+        write_manifest(md)
+
+    # -- MD ----------------------------------------------------------------------------------
+    traj_path = run.path("trajectory.extxyz")
+    if traj_path is not None:
+        if os.path.exists(traj_path) and os.path.getsize(traj_path) > md["traj_bytes"]:
+            with open(traj_path, "r+b") as fh:
+                fh.truncate(md["traj_bytes"])
+        elif not os.path.exists(traj_path):
+            open(traj_path, "wb").close()
+    cur = Atoms(md["numbers"], positions=md["positions"], cell=md["cell"], pbc=md["pbc"])
+    cur.set_momenta(np.asarray(md["momenta"]))
+    rng = _rng_from_hex(md["rng"], seed)
+    step = int(md["step"])
+    from kmlip.active.gate import UncertaintyGate
+    from kmlip.calculator import KMLIPCalculator
+
+    def new_dynamics():
+        cur.calc = KMLIPCalculator(run.model, variances=("uncertainty",))
+        if ensemble == "nve":
+            from ase.md.verlet import VelocityVerlet
+
+            dyn = VelocityVerlet(cur, timestep * units.fs)
+        else:
+            from ase.md.langevin import Langevin
+
+            dyn = Langevin(cur, timestep * units.fs, temperature_K=temperature,
+                           friction=friction / units.fs, fixcm=False, rng=rng)
+        learning = max_reference_calls is None or len(run.calls) < max_reference_calls
+        gate = UncertaintyGate(cur, threshold=run.threshold(), log=None,
+                               raise_on_trip=False) if learning else None
+        return dyn, gate
+
+    def write_traj(u):
+        if traj_path is None:
+            return
+        from ase.io import write
+
+        a = Atoms(cur.numbers, positions=cur.positions, cell=cur.cell, pbc=cur.pbc)
+        a.arrays["uncertainty"] = np.asarray(u, dtype=np.float64).copy()
+        a.info["step"] = step
+        a.calc = SinglePointCalculator(a, energy=cur.calc.results["energy"],
+                                       forces=cur.calc.results["forces"])
+        with open(traj_path, "a", encoding="utf-8") as fh:
+            write(fh, a, format="extxyz")
+
+    show = progress if progress is not None else bool(getattr(sys.stderr, "isatty",
+                                                              lambda: False)())
+    bar = None
+    if show and step < steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc="kmlip learn", unit="step", leave=False)
+    stopped = "steps"
+    cap_said = False
+    try:
+        dyn, gate = new_dynamics()
+        if step == 0 and traj_path is not None and os.path.getsize(traj_path) == 0:
+            cur.get_forces()
+            write_traj(cur.calc.get_property("uncertainty", cur))
+        while step < steps:
+            if max_wall_time is not None and time.perf_counter() - t_wall0 > max_wall_time:
+                stopped = "wall_time"
+                break
+            dyn.step()
+            step += 1
+            u = cur.calc.get_property("uncertainty", cur)
+            if step % trajectory_interval == 0:
+                write_traj(u)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(calls=len(run.calls), max_u=f"{float(np.max(u)):.3f}")
+            if gate is None:
+                continue
+            gate()
+            if gate.tripped is None:
+                continue
+            # -- a reference call: label, persist, then update the model ----------------------
+            model_f = np.array(cur.calc.results["forces"])
+            trip_threshold = gate.threshold
+            frame = label_frame(reference, cur)
+            err = model_f - frame.calc.results["forces"]
+            traj_bytes = os.path.getsize(traj_path) if traj_path is not None else 0
+            rec = {"call": len(run.calls) + 1, "step": step,
+                   "max_uncertainty": float(np.max(u)),
+                   "force_mae": float(np.mean(np.abs(err))),
+                   "force_max_error": float(np.max(np.linalg.norm(err, axis=1))),
+                   "threshold": float(trip_threshold)}
+            frame.info.update({_INFO + "source": "reference", _INFO + "call": rec["call"],
+                               _INFO + "step": step, _INFO + "rng": _rng_hex(rng),
+                               _INFO + "traj_bytes": traj_bytes,
+                               _INFO + "max_uncertainty": rec["max_uncertainty"],
+                               _INFO + "force_mae": rec["force_mae"],
+                               _INFO + "force_max_error": rec["force_max_error"],
+                               _INFO + "threshold": rec["threshold"]})
+            frame.arrays[_INFO + "uncertainty"] = np.asarray(u, dtype=np.float64).copy()
+            refs = refs + [frame]
+            run.write_references(refs)
+            run.calls.append(rec)
+            run.say(_call_line(rec))
+            run.update(frame, rec)
+            run.save_model()
+            write_manifest(_md_from_frame(frame))
+            run.say(f"updated: {rec['n_sparse']} sparse points (+{rec['n_new_points']}), next "
+                    f"gate threshold {run.threshold():.4g} eV/Å")
+            if callback is not None:
+                callback(dict(rec))
+            if max_reference_calls is not None and len(run.calls) >= max_reference_calls \
+                    and not cap_said:
+                run.say(f"reference-call cap {max_reference_calls} reached; the MD goes on "
+                        "with the model")
+                cap_said = True
+            dyn, gate = new_dynamics()
+    finally:
+        if bar is not None:
+            bar.close()
+    run.save_model()
+    traj_bytes = os.path.getsize(traj_path) if traj_path is not None else 0
+    write_manifest(_md_state(cur, step, rng, traj_bytes))
+    cpu = time.process_time() - t_cpu0
+    run.say(f"stopped ({'wall-time cap' if stopped == 'wall_time' else 'all steps done'}) at "
+            f"step {step}: {len(run.calls)} reference calls, "
+            f"{run.model.fitted_state_.basis.n_sparse} sparse points, CPU {cpu:.1f} s")
+    return LearningResult(model=run.model, calls=list(run.calls), steps=step, stopped=stopped,
+                          directory=directory, cpu_seconds=cpu)
+
+
+__all__ = ["DEFAULT_BOUNDS", "LearningResult", "default_descriptor", "label_frame",
+           "learn_on_the_fly", "pick_environments"]
