@@ -1,0 +1,155 @@
+"""``kmlip learn``: on-the-fly learning of a potential from a reference calculator."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from kmlip.cli._files import read_structures
+
+DESCRIPTION = (
+    "Learn a SOAP + sparse-GP potential on the fly: run molecular dynamics with the model and "
+    "call the reference calculator on the frames where an atom's uncertainty passes the "
+    "threshold; each labelled frame updates the model (new labels and sparse points, no refit "
+    "from scratch). Writes OUTPUT/model.kmlip, OUTPUT/trajectory.extxyz (per-atom uncertainty "
+    "in every frame), OUTPUT/reference.extxyz (every labelled frame) and OUTPUT/log; an "
+    "existing OUTPUT run is resumed (also after kill -9) without repeating a reference call. "
+    "Units: eV, Å, fs, K.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("start", help="start structure: any file ASE can read (the last frame is "
+                                 "used)")
+    p.add_argument("--reference", required=True, metavar="NAME",
+                   help="reference calculator: 'emt' (ASE's EMT), 'xtb' (tblite GFN2-xTB; "
+                        "needs the [xtb] extra) or 'module:callable' (a function returning an "
+                        "ASE calculator, e.g. mypkg.calcs:make_dft)")
+    p.add_argument("--steps", type=int, required=True, help="MD steps in total")
+    p.add_argument("--temperature", type=float, required=True, metavar="K",
+                   help="thermostat temperature and initial velocities, K")
+    p.add_argument("--timestep", type=float, default=1.0, metavar="FS",
+                   help="time step in fs (default: %(default)s)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="run directory (created; resumed when it holds a run)")
+    p.add_argument("--format", default=None, metavar="NAME",
+                   help="ASE format of the start file (default: guessed)")
+    g = p.add_argument_group("learning")
+    g.add_argument("--ensemble", default="nvt", choices=["nvt", "nve"],
+                   help="Langevin thermostat or velocity Verlet (default: %(default)s)")
+    g.add_argument("--friction", type=float, default=0.01, metavar="PER_FS",
+                   help="Langevin friction in 1/fs (default: %(default)s)")
+    g.add_argument("--threshold", type=float, default=None, metavar="EV_PER_A",
+                   help="absolute gate threshold on the per-atom uncertainty, eV/Å (default: "
+                        "relative to the fitted force noise, see --relative-threshold)")
+    g.add_argument("--relative-threshold", type=float, default=2.5, metavar="X",
+                   help="gate threshold as a multiple of the model's noise level "
+                        "(default: %(default)s)")
+    g.add_argument("--max-new-points", type=int, default=32, metavar="N",
+                   help="sparse points added per reference call (default: %(default)s)")
+    g.add_argument("--max-calls", type=int, default=None, metavar="N",
+                   help="cap on reference calls; the MD goes on with the model past it "
+                        "(default: none)")
+    g.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                   help="stop (resumable) after this many wall-clock seconds (default: none)")
+    g.add_argument("--frames", default=None, metavar="FILE",
+                   help="labelled structures to start from (default: label the start "
+                        "structure with the reference)")
+    g = p.add_argument_group("SOAP descriptor (default: over the elements present)")
+    g.add_argument("--r-cut", type=float, default=4.5, help="cutoff in Å (default: %(default)s)")
+    g.add_argument("--n-max", type=int, default=6, metavar="N",
+                   help="radial functions (default: %(default)s)")
+    g.add_argument("--l-max", type=int, default=4, metavar="L",
+                   help="maximum angular momentum (default: %(default)s)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial velocities and the thermostat (default: "
+                        "%(default)s)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="OpenMP threads (default: OMP_NUM_THREADS or all cores)")
+    g.add_argument("--quiet", action="store_true", help="do not echo the log to stderr")
+
+
+def reference_calculator(name: str):
+    """The ASE calculator named on the command line (ValueError with the cause otherwise)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("--reference must be 'emt', 'xtb' or 'module:callable'")
+    if name == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if name == "xtb":
+        try:
+            from tblite.ase import TBLite
+        except ImportError:
+            raise ValueError("--reference xtb needs tblite: pip install 'kmlip[xtb]'") from None
+        return TBLite(method="GFN2-xTB", verbosity=0)
+    if ":" not in name:
+        raise ValueError(f"--reference {name!r}: expected 'emt', 'xtb' or 'module:callable'")
+    module, _, attr = name.partition(":")
+    from importlib import import_module
+
+    try:
+        factory = import_module(module)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except ImportError as exc:
+        raise ValueError(f"--reference {name!r}: cannot import {module!r} ({exc})") from None
+    except AttributeError:
+        raise ValueError(f"--reference {name!r}: {module!r} has no {attr!r}") from None
+    if not callable(factory):
+        raise ValueError(f"--reference {name!r}: {attr!r} is not callable")
+    calc = factory()
+    if not (callable(getattr(calc, "get_potential_energy", None))
+            or callable(getattr(calc, "calculate", None))):
+        raise ValueError(f"--reference {name!r}: returned a {type(calc).__name__}, not an ASE "
+                         "calculator")
+    return calc
+
+
+def run(args: argparse.Namespace) -> int:
+    from kmlip.active.learn import default_descriptor, learn_on_the_fly
+    from kmlip.descriptors.soap import SOAP
+
+    out = os.fspath(args.output)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write to directory {parent} (permission denied)")
+    if args.steps is None or args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    start = read_structures(args.start, format=args.format)[-1]
+    if "X" in start.get_chemical_symbols():
+        raise ValueError(f"{args.start}: holds dummy atoms 'X' (Z = 0)")
+    frames = None
+    if args.frames is not None:
+        frames = read_structures(args.frames)
+    reference = reference_calculator(args.reference)
+    species = sorted({s for a in [start] + (frames or []) for s in a.get_chemical_symbols()})
+    if (args.r_cut, args.n_max, args.l_max) == (4.5, 6, 4):
+        descriptor = default_descriptor(species)
+    else:
+        descriptor = SOAP(species, r_cut=args.r_cut, n_max=args.n_max, l_max=args.l_max)
+    created = not os.path.exists(out)
+    try:
+        res = learn_on_the_fly(
+            start, reference, steps=args.steps, temperature=args.temperature,
+            timestep=args.timestep, ensemble=args.ensemble, friction=args.friction,
+            frames=frames, descriptor=descriptor, threshold=args.threshold,
+            relative_threshold=args.relative_threshold, max_new_points=args.max_new_points,
+            max_reference_calls=args.max_calls, max_wall_time=args.max_time, directory=out,
+            seed=args.seed, n_threads=args.threads, log=None if args.quiet else sys.stderr)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves nothing behind; a later one
+        # leaves a consistent, resumable run directory
+        if created and not os.path.exists(os.path.join(out, "manifest.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(f"{res.steps} steps, {res.n_reference_calls} reference calls, "
+          f"{res.model.fitted_state_.basis.n_sparse} sparse points, "
+          f"{res.cpu_seconds:.1f} CPU s ({res.stopped}); wrote {out}/model.kmlip, "
+          f"{out}/trajectory.extxyz, {out}/reference.extxyz, {out}/log")
+    return 0
