@@ -148,6 +148,8 @@ def test_eval_bad_inputs_one_line_no_output(files, tmp_path, capsys):
     assert "needs -o" in one_line_error(capsys, "eval")
     assert main(["eval", str(files["model"]), str(files["test"]), "-o", str(out)]) == 2
     assert "only used with --calibrate" in one_line_error(capsys, "eval")
+    assert main(["eval", str(files["model"]), str(files["test"]), "--measure", "novelty"]) == 2
+    assert "--measure is only used with --calibrate" in one_line_error(capsys, "eval")
     unlabelled = tmp_path / "unlabelled.xyz"
     write(unlabelled, bulk("Cu", cubic=True).repeat(2), format="extxyz")
     assert main(["eval", str(files["model"]), str(unlabelled), "--calibrate",

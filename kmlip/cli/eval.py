@@ -266,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
                          "(name the input model to overwrite it)")
     if args.output and not args.calibrate:
         raise ValueError("-o is only used with --calibrate (eval itself writes no model)")
+    if args.measure != "auto" and not args.calibrate:
+        raise ValueError("--measure is only used with --calibrate")
     if args.output:
         check_output(args.output)
     if args.plot_dir:
