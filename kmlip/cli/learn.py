@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threshold", type=float, default=None, metavar="EV_PER_A",
                    help="absolute gate threshold on the per-atom uncertainty, eV/Å (default: "
                         "relative to the fitted force noise, see --relative-threshold)")
-    g.add_argument("--relative-threshold", type=float, default=2.5, metavar="X",
-                   help="gate threshold as a multiple of the model's noise level "
-                        "(default: %(default)s)")
+    g.add_argument("--relative-threshold", type=float, default=3.0, metavar="X",
+                   help="gate threshold as a multiple of the model's fitted force noise "
+                        "sigma_F (default: %(default)s)")
     g.add_argument("--max-new-points", type=int, default=32, metavar="N",
                    help="sparse points added per reference call (default: %(default)s)")
     g.add_argument("--max-calls", type=int, default=None, metavar="N",

@@ -100,6 +100,43 @@ class RowCache:
         return out
 
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for ``np.savez``): per frame and class the rows, targets and noise."""
+        out = {"n_columns": np.array([self.n_columns], dtype=np.int64),
+               "n_frames": np.array([len(self.frames)], dtype=np.int64)}
+        for k, f in enumerate(self.frames):
+            for cls, K, y, s in f.rows:
+                out[f"{k}__{cls}__K"] = K
+                out[f"{k}__{cls}__y"] = y
+                out[f"{k}__{cls}__s"] = s
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays) -> RowCache:
+        """Inverse of :meth:`to_arrays` (ValueError for inconsistent arrays)."""
+        try:
+            M = int(arrays["n_columns"][0])
+            n = int(arrays["n_frames"][0])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a row cache ({exc})") from None
+        frames = []
+        for k in range(n):
+            rows = []
+            for c in FREE_CLASSES + FIXED_CLASSES:
+                key = f"{k}__{c}__K"
+                if key not in arrays:
+                    continue
+                K = np.array(arrays[key], dtype=np.float64)
+                y = np.array(arrays[f"{k}__{c}__y"], dtype=np.float64)
+                s = np.array(arrays[f"{k}__{c}__s"], dtype=np.float64)
+                if K.ndim != 2 or K.shape[1] != M or y.shape != (K.shape[0],) \
+                        or s.shape != y.shape or np.any(s <= 0):
+                    raise ValueError(f"row cache: inconsistent arrays of frame {k}, {c}")
+                rows.append((c, K, y, s))
+            frames.append(FrameRows(tuple(rows)))
+        return cls(tuple(frames), M)
+
+
 def label_keys(state: FittedState, keys: lab.LabelKeys | None = None) -> lab.LabelKeys:
     """Label keys whose classes in use follow the state's hyperparameters (as partial_fit)."""
     k = keys or lab.LabelKeys()
@@ -124,10 +161,15 @@ def _rows_of(state: FittedState, basis: kernels.SparseBasis, frames: Sequence,
                                        _baseline_values(state.baseline, a), n_threads, "double")
             out.append(FrameRows(tuple((c, np.array(K), np.array(y, dtype=np.float64),
                                         np.array(s, dtype=np.float64))
-                                       for c, K, y, s in rows)))
+                                       for c, K, y, s in sorted(rows, key=_class_rank))))
     finally:
         basis.release_scratch()
     return out
+
+
+def _class_rank(row) -> int:
+    # one canonical order of the classes within a frame, whatever produced the rows
+    return (FREE_CLASSES + FIXED_CLASSES).index(row[0])
 
 
 def build_cache(state: FittedState, frames: Sequence, keys: lab.LabelKeys | None = None,
@@ -162,7 +204,7 @@ def add_rows(state: FittedState, cache: RowCache, frames: Sequence,
     cache : RowCache
         A new cache (the one passed is not modified).
     """
-    _check_cache(state, cache)
+    check_cache(state, cache)
     state.require_factors("add_rows")
     frames = lab.as_frames(frames)
     new = _rows_of(state, state.basis, frames, label_keys(state, keys), n_threads)
@@ -222,7 +264,7 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
     keys = label_keys(state, keys)
     if cache is None:
         cache = build_cache(state, frames, keys, n_threads)
-    _check_cache(state, cache)
+    check_cache(state, cache)
     if len(cache) != len(frames):
         raise ValueError(f"the row cache holds {len(cache)} frames but {len(frames)} were given")
     old = state.basis
@@ -292,7 +334,7 @@ def lab_z(symbol) -> int:
     return atomic_numbers[symbol]
 
 
-def _check_cache(state: FittedState, cache: RowCache) -> None:
+def check_cache(state: FittedState, cache: RowCache) -> None:
     if not isinstance(cache, RowCache):
         raise TypeError(f"cache must be a RowCache, got {type(cache).__name__}")
     if cache.n_columns != state.basis.n_sparse:
