@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "%(default)s)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="OpenMP threads (default: OMP_NUM_THREADS or all cores)")
-    g.add_argument("--quiet", action="store_true", help="do not echo the log to stderr")
+    g.add_argument("--quiet", action="store_true", help="do not echo the log to stderr (default: the log is echoed)")
 
 
 def reference_calculator(name: str):
