@@ -94,7 +94,9 @@ class UncertaintyGate:
         self.raise_on_trip = bool(raise_on_trip)
         self.history: list[float] = []
         self.tripped: UncertaintyExceeded | None = None
-        how = (f"{relative:g} × the calibrated noise level {level:.4g} eV/Å"
+        calibrated = calc.model.fitted_state_.calibration is not None
+        how = (f"{relative:g} × the {'calibrated' if calibrated else 'uncalibrated'} noise "
+               f"level {level:.4g} eV/Å"
                if relative is not None else "absolute")
         self._say(f"uncertainty gate: stops when an atom's uncertainty exceeds "
                   f"{self.threshold:.4g} eV/Å ({how})")
