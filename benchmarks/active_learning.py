@@ -1,0 +1,252 @@
+"""On-the-fly learning benchmark: kmlip vs FLARE on 108-atom fcc Cu with EMT at 1000 K.
+
+Protocol (issue 10): on-the-fly learning from the perfect 108-atom fcc Cu cell (a = 3.61 Å), EMT
+as the reference, Langevin MD at 1000 K, 500 steps of 1 fs; then the learned model on 20 frames
+of an independent EMT run (another seed, 100 steps of equilibration, frames 25 steps apart).
+Reported per code: reference calls, force MAE and RMSE on those frames, the Spearman rank
+correlation of the per-atom uncertainty (kmlip: ``uncertainty``; FLARE: the per-atom force std)
+with the per-atom force-error norm, and the CPU time of the learning run (process time of the
+child process, all threads).
+
+Each code runs in a child process (``--_worker``) with the thread variables fixed to
+``--threads``; FLARE runs in the interpreter of its own environment (``--flare-python``, default
+``$HOME/.cache/kmlip-flare/bin/python``, built by ``../shared/peers/build-flare.sh``) and is
+skipped when that is missing. FLARE's settings follow its tutorial: B2 descriptor (n_max 8,
+l_max 3, cutoff 4.5 Å... see ``FLARE_SCRIPT``), normalised dot-product kernel of power 2,
+``std_tolerance_factor`` -0.01 relative to the noise, ``update_threshold`` 0.001, maximum
+likelihood optimisation of its hyperparameters after each of the first calls.
+
+Run: ``python benchmarks/active_learning.py [--steps 500] [--repeat 1] [--threads 1]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+TARGETS = ("targets: <= 26 meV/Å with <= 4 reference calls; >= 10x less CPU time than FLARE; "
+           "Spearman >= 0.6")
+
+
+def test_frames(path: Path, n: int = 20, every: int = 25, seed: int = 1234,
+                temperature: float = 1000.0) -> None:
+    """Writes ``n`` frames of an independent EMT Langevin run (forces in ``emt_forces``)."""
+    from ase import units
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import write
+    from ase.md import velocitydistribution as vd
+    from ase.md.langevin import Langevin
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
+    atoms.calc = EMT()
+    rng = np.random.default_rng(seed)
+    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
+    thermalize(atoms, temperature_K=temperature, rng=rng)
+    vd.Stationary(atoms)
+    dyn = Langevin(atoms, units.fs, temperature_K=temperature, friction=0.01 / units.fs,
+                   fixcm=False, rng=rng)
+    dyn.run(100)
+    frames = []
+    for _ in range(n):
+        dyn.run(every)
+        a = atoms.copy()
+        a.arrays["emt_forces"] = atoms.get_forces().copy()
+        frames.append(a)
+    write(path, frames, format="extxyz")
+
+
+def _spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def _scores(errors: list, u: list) -> dict:
+    err = np.concatenate(errors)
+    u = np.concatenate(u)
+    return {"force_mae": float(np.mean(np.abs(err))),
+            "force_rmse": float(np.sqrt(np.mean(err ** 2))),
+            "spearman": _spearman(u, np.linalg.norm(err, axis=1)),
+            "within_2u": float(np.mean(np.abs(err) <= 2 * u[:, None]))}
+
+
+def kmlip_worker(args) -> dict:
+    import time
+
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import read
+
+    from kmlip.active import learn_on_the_fly
+
+    test = read(args.test, ":")
+    start = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.process_time()
+        w0 = time.perf_counter()
+        res = learn_on_the_fly(start, EMT(), steps=args.steps, temperature=1000.0,
+                               timestep=1.0, directory=os.path.join(d, "run"), seed=args.seed,
+                               progress=False)
+        cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    errors, u = [], []
+    for a in test:
+        r = res.model.compute(a, ("forces", "uncertainty"))
+        errors.append(r.forces - a.arrays["emt_forces"])
+        u.append(r.uncertainty)
+    return {"code": "kmlip", "reference_calls": res.n_reference_calls, "cpu_s": cpu,
+            "wall_s": wall, "n_sparse": int(res.model.fitted_state_.basis.n_sparse),
+            **_scores(errors, u)}
+
+
+#: FLARE's on-the-fly run, executed by FLARE's interpreter (argv: test file, steps, seed,
+#: output JSON). Settings from FLARE's ASE on-the-fly tutorial.
+FLARE_SCRIPT = textwrap.dedent("""
+    import json, sys, time, os, tempfile
+    import numpy as np
+    from ase import units
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import read
+    from ase.md import velocitydistribution as vd
+    from flare.bffs.sgp import SGP_Wrapper
+    from flare.bffs.sgp.calculator import SGP_Calculator
+    from flare.bffs.sgp._C_flare import B2, NormalizedDotProduct
+    from flare.learners.otf import OTF
+
+    test_path, steps, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    test = read(test_path, ":")
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
+    rng = np.random.default_rng(seed)
+    vd.MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=rng)
+    vd.Stationary(atoms)
+    cutoff = 4.5
+    descriptor = B2("chebyshev", "quadratic", [0, cutoff], [], [1, 8, 3],
+                    np.array([[cutoff]]))
+    kernel = NormalizedDotProduct(2.0, 2.0)
+    sgp = SGP_Wrapper([kernel], [descriptor], cutoff, 0.001, 0.05, 0.006, {0: 0},
+                      {29: 0}, variance_type="local", single_atom_energies={0: 0.0},
+                      energy_training=True, force_training=True, stress_training=True,
+                      max_iterations=20, opt_method="BFGS",
+                      bounds=[(None, None), (1e-4, None), (None, None), (None, None)])
+    calc = SGP_Calculator(sgp)
+    with tempfile.TemporaryDirectory() as d:
+        os.chdir(d)
+        otf = OTF(atoms, dt=1.0 * units.fs, number_of_steps=steps, dft_calc=EMT(),
+                  md_engine="PyLangevin",
+                  md_kwargs={"temperature": 1000, "friction": 0.01 / units.fs,
+                             "rng": np.random.default_rng(seed + 1)},
+                  flare_calc=calc, trajectory=None, init_atoms=list(range(4)),
+                  output_name="otf", std_tolerance_factor=-0.01, max_atoms_added=20,
+                  train_hyps=(1, 5), write_model=0, update_style="threshold",
+                  update_threshold=0.001, force_only=False)
+        t0 = time.process_time()
+        w0 = time.perf_counter()
+        otf.run()
+        cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    errors, u = [], []
+    for a in test:
+        b = a.copy()
+        b.calc = calc
+        f = b.get_forces()
+        std = np.sqrt(np.abs(calc.results.get("stds", np.zeros((len(b), 3)))))
+        errors.append((f - a.arrays["emt_forces"]).tolist())
+        u.append(np.linalg.norm(calc.results["stds"], axis=1).tolist()
+                 if "stds" in calc.results else [0.0] * len(b))
+    json.dump({"code": "FLARE", "reference_calls": int(otf.dft_count), "cpu_s": cpu,
+               "wall_s": wall, "errors": errors, "u": u}, open(out, "w"))
+""")
+
+
+def flare_worker(args) -> dict:
+    py = args.flare_python
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "flare.json")
+        script = os.path.join(d, "flare_otf.py")
+        Path(script).write_text(FLARE_SCRIPT)
+        proc = subprocess.run([py, script, str(args.test), str(args.steps), str(args.seed),
+                               out], capture_output=True, text=True, env=_env(args.threads))
+        if proc.returncode != 0:
+            return {"code": "FLARE", "error": proc.stderr.strip().splitlines()[-1:]}
+        r = json.loads(Path(out).read_text())
+    errors = [np.asarray(e) for e in r.pop("errors")]
+    u = [np.asarray(x) for x in r.pop("u")]
+    return {**r, **_scores(errors, u)}
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    for v in THREAD_VARIABLES:
+        env[v] = str(threads)
+    return env
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--repeat", type=int, default=1, help="runs per code (seeds 0, 1, ...)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--flare-python", default=os.path.expanduser(
+        "~/.cache/kmlip-flare/bin/python"))
+    p.add_argument("--skip-flare", action="store_true")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--test", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._worker == "kmlip":
+        print(json.dumps(kmlip_worker(args)))
+        return
+    OUT.mkdir(exist_ok=True)
+    test = OUT / "active_learning_test.extxyz"
+    if not test.exists():
+        test_frames(test)
+    rows = []
+    for rep in range(args.repeat):
+        cmd = [sys.executable, __file__, "--_worker", "kmlip", "--test", str(test),
+               "--steps", str(args.steps), "--seed", str(rep)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(args.threads))
+        if proc.returncode != 0:
+            rows.append({"code": "kmlip", "error": proc.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if args.skip_flare:
+            continue
+        if not os.path.exists(args.flare_python):
+            rows.append({"code": "FLARE", "error": f"not built ({args.flare_python} missing; "
+                                                   "run ../shared/peers/build-flare.sh)"})
+            continue
+        args.test, args.seed = test, rep
+        rows.append(flare_worker(args))
+    print(f"108-atom Cu, EMT, 1000 K, {args.steps} steps of 1 fs; force errors on 20 frames of "
+          f"an independent EMT run; {args.threads} thread(s)")
+    print(f"{'code':8s} {'calls':>5s} {'MAE meV/Å':>10s} {'RMSE':>7s} {'Spearman':>8s} "
+          f"{'±2u %':>6s} {'CPU s':>7s} {'wall s':>7s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['code']:8s} skipped: {r['error']}")
+            continue
+        print(f"{r['code']:8s} {r['reference_calls']:5d} {1000 * r['force_mae']:10.1f} "
+              f"{1000 * r['force_rmse']:7.1f} {r['spearman']:8.2f} "
+              f"{100 * r['within_2u']:6.0f} {r['cpu_s']:7.1f} {r['wall_s']:7.1f}")
+    k = [r for r in rows if r["code"] == "kmlip" and "error" not in r]
+    f = [r for r in rows if r["code"] == "FLARE" and "error" not in r]
+    if k and f:
+        ratio = np.median([r["cpu_s"] for r in f]) / np.median([r["cpu_s"] for r in k])
+        print(f"FLARE / kmlip CPU time: {ratio:.1f}x (median over runs)")
+    print(TARGETS)
+    (OUT / "active_learning.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
