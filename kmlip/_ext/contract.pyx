@@ -257,15 +257,8 @@ def centre_energy_grad(const double[:, ::1] X, const int64_t[::1] rows,
 # and results are bitwise identical for any thread count.
 cdef enum:
     GEMM_ROW_BLOCK = 64
-
-
-cdef Py_ssize_t _col_block(Py_ssize_t Mz) noexcept:
-    """Columns per task: about 64, an even number of blocks (two threads stay balanced)."""
-    cdef Py_ssize_t nb = (Mz + COL_BLOCK - 1) // COL_BLOCK
-    if nb > 1 and nb % 2:
-        nb += 1
-    cdef Py_ssize_t w = (Mz + nb - 1) // nb
-    return max(4, (w + 3) // 4 * 4)
+    # Pair-gradient rows per GEMM call of the training rows (each call packs S_hat once).
+    GEMM_ROW_CHUNK = 1536
 
 
 def gemm_scatter_force_rows(const double[:, ::1] V, const double[:, ::1] S_hat,
@@ -273,9 +266,11 @@ def gemm_scatter_force_rows(const double[:, ::1] V, const double[:, ::1] S_hat,
                             const double[:, ::1] pv, const int64_t[::1] cl,
                             const int64_t[::1] nb, const double[:, ::1] vec, Py_ssize_t col0,
                             double[:, ::1] outF, double[:, ::1] outW, n_threads=None):
-    """:func:`scatter_force_rows` with the GEMM ``H = V @ S_hat.T`` done inside the same
-    parallel loop: each task multiplies one block of sparse-point columns (BLAS, one thread)
-    and scatters it at once, so GEMM and scatter share one team of threads.
+    """:func:`scatter_force_rows` with the GEMM ``H = V @ S_hat.T`` done by kmlip's threads:
+    fixed chunks of rows of V, one single-threaded BLAS call each (every call packs only the
+    small S_hat), then the scatter by blocks of columns. GEMM and scatter share one team of
+    threads (no BLAS pool spinning beside it), and the chunks do not depend on the thread
+    count, so neither do the bits of H.
 
     Parameters
     ----------
@@ -301,19 +296,23 @@ def gemm_scatter_force_rows(const double[:, ::1] V, const double[:, ::1] S_hat,
         return
     if F == 0 or 3 * n_e > 2147483647:
         raise ValueError("gemm_scatter_force_rows: no features or too many entries")
-    cdef Py_ssize_t w = _col_block(Mz)
-    cdef Py_ssize_t n_blocks = (Mz + w - 1) // w
-    cdef Py_ssize_t b, m0, m1
     cdef int nt = _scatter_threads(n_threads, n_e * Mz * (F // 16 + 1))
-    cdef int gm, gn = <int>(3 * n_e), gk = <int>F, lda = <int>F, ldc = <int>Mz
+    cdef Py_ssize_t n_rc = (3 * n_e + GEMM_ROW_CHUNK - 1) // GEMM_ROW_CHUNK
+    cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
+    cdef Py_ssize_t b, r0, m0, m1
+    cdef int gm = <int>Mz, gn, gk = <int>F, lda = <int>F, ldc = <int>Mz
     cdef double one = 1.0, zero = 0.0
+    # 1. H = V S_hat^T by fixed chunks of rows: each call packs only S_hat (small), not V
+    for b in prange(n_rc, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
+        r0 = b * GEMM_ROW_CHUNK
+        gn = <int>(min(r0 + GEMM_ROW_CHUNK, 3 * n_e) - r0)
+        # column-major: H^T[:, rows] = S_hat . V[rows]^T
+        _dgemm("T", "N", &gm, &gn, &gk, &one, <double *>&S_hat[0, 0], &lda,
+               <double *>&V[r0, 0], &lda, &zero, &H[r0, 0], &ldc)
+    # 2. scatter by blocks of columns (each output element written by one thread)
     for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
-        m0 = b * w
-        m1 = min(m0 + w, Mz)
-        gm = <int>(m1 - m0)
-        # column-major view: H^T[m0:m1, :] = S_hat[m0:m1] . V^T
-        _dgemm("T", "N", &gm, &gn, &gk, &one, <double *>&S_hat[m0, 0], &lda,
-               <double *>&V[0, 0], &lda, &zero, &H[0, m0], &ldc)
+        m0 = b * COL_BLOCK
+        m1 = min(m0 + COL_BLOCK, Mz)
         kmlip_scatter_force_rows(&H[0, 0], Mz, &A[0, 0], &AC[0, 0], &pv[0, 0], &cl[0], &nb[0],
                                  &vec[0, 0], n_e, m0, m1, col0, &outF[0, 0], &outW[0, 0],
                                  outF.shape[1])
@@ -342,18 +341,20 @@ def gemm_scatter_force_rows_f32(const float[:, ::1] V, const float[:, ::1] D,
         return
     if F == 0 or 3 * n_e > 2147483647:
         raise ValueError("gemm_scatter_force_rows_f32: no features or too many entries")
-    cdef Py_ssize_t w = _col_block(Mz)
-    cdef Py_ssize_t n_blocks = (Mz + w - 1) // w
-    cdef Py_ssize_t b, m0, m1
     cdef int nt = _scatter_threads(n_threads, n_e * Mz * (F // 16 + 1))
-    cdef int gm, gn = <int>(3 * n_e), gk = <int>F, lda = <int>F, ldc = <int>Mz
+    cdef Py_ssize_t n_rc = (3 * n_e + GEMM_ROW_CHUNK - 1) // GEMM_ROW_CHUNK
+    cdef Py_ssize_t n_blocks = (Mz + COL_BLOCK - 1) // COL_BLOCK
+    cdef Py_ssize_t b, r0, m0, m1
+    cdef int gm = <int>Mz, gn, gk = <int>F, lda = <int>F, ldc = <int>Mz
     cdef float one = 1.0, zero = 0.0
+    for b in prange(n_rc, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
+        r0 = b * GEMM_ROW_CHUNK
+        gn = <int>(min(r0 + GEMM_ROW_CHUNK, 3 * n_e) - r0)
+        _sgemm("T", "N", &gm, &gn, &gk, &one, <float *>&D[0, 0], &lda,
+               <float *>&V[r0, 0], &lda, &zero, &H[r0, 0], &ldc)
     for b in prange(n_blocks, nogil=True, num_threads=nt, schedule="dynamic", chunksize=1):
-        m0 = b * w
-        m1 = min(m0 + w, Mz)
-        gm = <int>(m1 - m0)
-        _sgemm("T", "N", &gm, &gn, &gk, &one, <float *>&D[m0, 0], &lda,
-               <float *>&V[0, 0], &lda, &zero, &H[0, m0], &ldc)
+        m0 = b * COL_BLOCK
+        m1 = min(m0 + COL_BLOCK, Mz)
         kmlip_scatter_force_rows_f(&H[0, 0], &hu[0, 0], Mz, &A[0, 0], &AC[0, 0], &pv[0, 0],
                                    &cl[0], &nb[0], &vec[0, 0], n_e, m0, m1, col0, &outF[0, 0],
                                    &outW[0, 0], outF.shape[1])
