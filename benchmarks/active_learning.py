@@ -11,10 +11,12 @@ child process, all threads).
 Each code runs in a child process (``--_worker``) with the thread variables fixed to
 ``--threads``; FLARE runs in the interpreter of its own environment (``--flare-python``, default
 ``$HOME/.cache/kmlip-flare/bin/python``, built by ``../shared/peers/build-flare.sh``) and is
-skipped when that is missing. FLARE's settings follow its tutorial: B2 descriptor (n_max 8,
-l_max 3, cutoff 4.5 Å... see ``FLARE_SCRIPT``), normalised dot-product kernel of power 2,
-``std_tolerance_factor`` -0.01 relative to the noise, ``update_threshold`` 0.001, maximum
-likelihood optimisation of its hyperparameters after each of the first calls.
+skipped when that is missing. FLARE's settings (``FLARE_SCRIPT``): B2 descriptor (Chebyshev
+radial basis, n_max 8, l_max 3, cutoff 4.5 Å, quadratic cutoff), normalised dot-product kernel
+of power 2, noise σ_E 1 meV, σ_F 50 meV/Å, σ_S 6 meV, local variances, a DFT call when an atom's
+std exceeds ``--flare-std-tolerance`` (1) times its force noise, atoms above
+``--flare-update-threshold`` (0.01) added, hyperparameters (bounded noise) optimised after the
+first ten calls, Langevin at 1000 K with the same friction as kmlip's run.
 
 Run: ``python benchmarks/active_learning.py [--steps 500] [--repeat 1] [--threads 1]``.
 """
@@ -126,31 +128,30 @@ FLARE_SCRIPT = textwrap.dedent("""
     from flare.learners.otf import OTF
 
     test_path, steps, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    STD_TOL, UPDATE_TOL = float(sys.argv[5]), float(sys.argv[6])
     test = read(test_path, ":")
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
     rng = np.random.default_rng(seed)
     vd.MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=rng)
     vd.Stationary(atoms)
     cutoff = 4.5
-    descriptor = B2("chebyshev", "quadratic", [0, cutoff], [], [1, 8, 3],
-                    np.array([[cutoff]]))
+    descriptor = B2("chebyshev", "quadratic", [0, cutoff], [], [1, 8, 3])
     kernel = NormalizedDotProduct(2.0, 2.0)
-    sgp = SGP_Wrapper([kernel], [descriptor], cutoff, 0.001, 0.05, 0.006, {0: 0},
-                      {29: 0}, variance_type="local", single_atom_energies={0: 0.0},
-                      energy_training=True, force_training=True, stress_training=True,
-                      max_iterations=20, opt_method="BFGS",
+    sgp = SGP_Wrapper([kernel], [descriptor], cutoff, 0.001, 0.05, 0.006, {29: 0},
+                      variance_type="local", energy_training=True, force_training=True,
+                      stress_training=True, max_iterations=20, opt_method="L-BFGS-B",
                       bounds=[(None, None), (1e-4, None), (None, None), (None, None)])
     calc = SGP_Calculator(sgp)
     with tempfile.TemporaryDirectory() as d:
         os.chdir(d)
-        otf = OTF(atoms, dt=1.0 * units.fs, number_of_steps=steps, dft_calc=EMT(),
-                  md_engine="PyLangevin",
-                  md_kwargs={"temperature": 1000, "friction": 0.01 / units.fs,
-                             "rng": np.random.default_rng(seed + 1)},
-                  flare_calc=calc, trajectory=None, init_atoms=list(range(4)),
-                  output_name="otf", std_tolerance_factor=-0.01, max_atoms_added=20,
-                  train_hyps=(1, 5), write_model=0, update_style="threshold",
-                  update_threshold=0.001, force_only=False)
+        otf = OTF(atoms, dt=0.001, number_of_steps=steps, dft_calc=EMT(),
+                  md_engine="Langevin",
+                  md_kwargs={"temperature_K": 1000, "friction": 0.01 / units.fs,
+                             "fixcm": False, "rng": np.random.default_rng(seed + 1)},
+                  flare_calc=calc, init_atoms=list(range(4)), output_name="otf",
+                  std_tolerance_factor=STD_TOL, max_atoms_added=-1, train_hyps=(0, 10),
+                  write_model=0, update_style="threshold", update_threshold=UPDATE_TOL,
+                  force_only=False)
         t0 = time.process_time()
         w0 = time.perf_counter()
         otf.run()
@@ -158,12 +159,12 @@ FLARE_SCRIPT = textwrap.dedent("""
     errors, u = [], []
     for a in test:
         b = a.copy()
+        calc.reset()
         b.calc = calc
         f = b.get_forces()
-        std = np.sqrt(np.abs(calc.results.get("stds", np.zeros((len(b), 3)))))
+        std = np.abs(calc.get_property("stds", b)[:, 0])  # per-atom (local variance type)
         errors.append((f - a.arrays["emt_forces"]).tolist())
-        u.append(np.linalg.norm(calc.results["stds"], axis=1).tolist()
-                 if "stds" in calc.results else [0.0] * len(b))
+        u.append(std.tolist())
     json.dump({"code": "FLARE", "reference_calls": int(otf.dft_count), "cpu_s": cpu,
                "wall_s": wall, "errors": errors, "u": u}, open(out, "w"))
 """)
@@ -176,7 +177,9 @@ def flare_worker(args) -> dict:
         script = os.path.join(d, "flare_otf.py")
         Path(script).write_text(FLARE_SCRIPT)
         proc = subprocess.run([py, script, str(args.test), str(args.steps), str(args.seed),
-                               out], capture_output=True, text=True, env=_env(args.threads))
+                               out, str(args.flare_std_tolerance),
+                               str(args.flare_update_threshold)],
+                              capture_output=True, text=True, env=_env(args.threads))
         if proc.returncode != 0:
             return {"code": "FLARE", "error": proc.stderr.strip().splitlines()[-1:]}
         r = json.loads(Path(out).read_text())
@@ -200,6 +203,12 @@ def main() -> None:
     p.add_argument("--flare-python", default=os.path.expanduser(
         "~/.cache/kmlip-flare/bin/python"))
     p.add_argument("--skip-flare", action="store_true")
+    p.add_argument("--flare-std-tolerance", type=float, default=1.0,
+                   help="FLARE's std_tolerance_factor (> 0: multiple of its force noise; < 0: "
+                        "absolute)")
+    p.add_argument("--flare-update-threshold", type=float, default=0.01,
+                   help="FLARE's update_threshold (atoms added per call above it)")
+    p.add_argument("--only", choices=["kmlip", "flare"], default=None)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--test", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -213,6 +222,10 @@ def main() -> None:
         test_frames(test)
     rows = []
     for rep in range(args.repeat):
+        if args.only == "flare":
+            args.test, args.seed = test, rep
+            rows.append(flare_worker(args))
+            continue
         cmd = [sys.executable, __file__, "--_worker", "kmlip", "--test", str(test),
                "--steps", str(args.steps), "--seed", str(rep)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(args.threads))
@@ -220,7 +233,7 @@ def main() -> None:
             rows.append({"code": "kmlip", "error": proc.stderr.strip().splitlines()[-1:]})
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        if args.skip_flare:
+        if args.skip_flare or args.only == "kmlip":
             continue
         if not os.path.exists(args.flare_python):
             rows.append({"code": "FLARE", "error": f"not built ({args.flare_python} missing; "
@@ -236,9 +249,11 @@ def main() -> None:
         if "error" in r:
             print(f"{r['code']:8s} skipped: {r['error']}")
             continue
+        # FLARE's per-atom std is that of the local energy over its noise (no force units)
+        cov = f"{100 * r['within_2u']:6.0f}" if r["code"] == "kmlip" else f"{'n/a':>6s}"
         print(f"{r['code']:8s} {r['reference_calls']:5d} {1000 * r['force_mae']:10.1f} "
               f"{1000 * r['force_rmse']:7.1f} {r['spearman']:8.2f} "
-              f"{100 * r['within_2u']:6.0f} {r['cpu_s']:7.1f} {r['wall_s']:7.1f}")
+              f"{cov} {r['cpu_s']:7.1f} {r['wall_s']:7.1f}")
     k = [r for r in rows if r["code"] == "kmlip" and "error" not in r]
     f = [r for r in rows if r["code"] == "FLARE" and "error" not in r]
     if k and f:
