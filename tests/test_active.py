@@ -71,6 +71,19 @@ class CountingEMT(Calculator):
                 fh.write("call\n")
 
 
+class BrokenReference(Calculator):
+    """A reference calculator whose every call fails (e.g. an SCF that does not converge)."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        raise ValueError("SCF did not converge")
+
+
+def broken_reference():
+    return BrokenReference()
+
+
 def _learn(directory, reference, **kw):
     args = dict(steps=STEPS, temperature=800.0, descriptor=_soap(), seed=3,
                 max_new_points=16, progress=False)
@@ -349,11 +362,21 @@ def test_cli_learn_emt(tmp_path, capsys):
     # errors: one line, status 2, nothing written
     bad = tmp_path / "bad"
     for ref in ("nope", "no_such_module_xyz:f", "os:path"):
-        assert main(["learn", str(start), "--reference", ref, "--steps", "5", "--temperature", "300",
-                     "-o", str(bad)]) == 2
+        assert main(["learn", str(start), "--reference", ref, "--steps", "5",
+                     "--temperature", "300", "-o", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("kmlip learn: error:") and "\n" not in err
         assert not bad.exists()
-    assert main(["learn", str(tmp_path / "missing.xyz"), "--reference", "emt", "--steps", "5",
-                 "--temperature", "300", "-o", str(bad)]) == 2
+    # a reference that fails: nothing of the run is left, in a new or an existing directory
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for target in (bad, existing):
+        assert main(["learn", str(start), "--reference", "test_active:broken_reference",
+                     "--steps", "5", "--temperature", "300", "-o", str(target)]) == 2
+        assert "SCF did not converge" in capsys.readouterr().err
+    assert not bad.exists()
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+    assert main(["learn", str(tmp_path / "missing.xyz"), "--reference", "emt", "--steps",
+                 "5", "--temperature", "300", "-o", str(bad)]) == 2
     assert not bad.exists()

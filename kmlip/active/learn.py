@@ -247,6 +247,7 @@ class _Learner:
         self.frames: list[Atoms] = []  # labelled frames in the model (training order)
         self.calls: list[dict] = []
         self.n_updates = 0
+        self.bar = None  # tqdm progress bar while the MD runs
 
     # -- files --------------------------------------------------------------------------------
     def path(self, name: str) -> str | None:
@@ -260,7 +261,12 @@ class _Learner:
                 fh.flush()
                 os.fsync(fh.fileno())
         if self.log_stream is not None:
-            print(line, file=self.log_stream, flush=True)
+            if self.bar is not None:  # keep the progress bar on its own line
+                from tqdm.auto import tqdm
+
+                tqdm.write(line, file=self.log_stream)
+            else:
+                print(line, file=self.log_stream, flush=True)
 
     def write_references(self, frames: Sequence[Atoms]) -> None:
         if self.dir is None:
@@ -768,6 +774,7 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=step, desc="kmlip learn", unit="step", leave=False)
+        run.bar = bar
     stopped = "steps"
     cap_said = False
     try:
@@ -834,6 +841,7 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
     finally:
         if bar is not None:
             bar.close()
+            run.bar = None
     run.save_model()
     traj_bytes = os.path.getsize(traj_path) if traj_path is not None else 0
     write_manifest(_md_state(cur, step, rng, traj_bytes))

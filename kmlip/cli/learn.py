@@ -67,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "%(default)s)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="OpenMP threads (default: OMP_NUM_THREADS or all cores)")
-    g.add_argument("--quiet", action="store_true", help="do not echo the log to stderr (default: the log is echoed)")
+    g.add_argument("--quiet", action="store_true",
+                   help="do not echo the log to stderr (default: the log is echoed)")
 
 
 def reference_calculator(name: str):
@@ -134,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         descriptor = SOAP(species, r_cut=args.r_cut, n_max=args.n_max, l_max=args.l_max)
     created = not os.path.exists(out)
+    ours = ("log", "reference.extxyz", "model.kmlip", "rowcache.npz", "trajectory.extxyz")
+    existed = {n for n in ours if os.path.exists(os.path.join(out, n))}
     try:
         res = learn_on_the_fly(
             start, reference, steps=args.steps, temperature=args.temperature,
@@ -145,8 +148,15 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         # a run that failed before its first checkpoint leaves nothing behind; a later one
         # leaves a consistent, resumable run directory
-        if created and not os.path.exists(os.path.join(out, "manifest.json")):
-            shutil.rmtree(out, ignore_errors=True)
+        if not os.path.exists(os.path.join(out, "manifest.json")):
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for n in set(ours) - existed:
+                    try:
+                        os.unlink(os.path.join(out, n))
+                    except FileNotFoundError:
+                        pass
         raise
     print(f"{res.steps} steps, {res.n_reference_calls} reference calls, "
           f"{res.model.fitted_state_.basis.n_sparse} sparse points, "
