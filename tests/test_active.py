@@ -380,3 +380,20 @@ def test_cli_learn_emt(tmp_path, capsys):
     assert main(["learn", str(tmp_path / "missing.xyz"), "--reference", "emt", "--steps",
                  "5", "--temperature", "300", "-o", str(bad)]) == 2
     assert not bad.exists()
+
+
+def test_given_frames_and_nve(tmp_path):
+    given = [_labelled(_cu(seed=k, rattle=0.05)) for k in range(2)]
+    ref = CountingEMT()
+    res = _learn(tmp_path / "run", ref, frames=given, ensemble="nve", steps=20)
+    assert res.steps == 20
+    assert len(ref.calls) == res.n_reference_calls  # the given frames are not reference calls
+    assert all(rec["step"] > 0 for rec in res.calls)
+    refs = read(tmp_path / "run" / "reference.extxyz", ":")
+    assert [a.info["kmlip_source"] for a in refs] == ["given"] * 2 + ["reference"] * len(ref.calls)
+    np.testing.assert_allclose(refs[0].get_forces(), given[0].get_forces(), atol=1e-7)
+    # two frames: the hyperparameters were optimised at once, within the bounds
+    log = (tmp_path / "run" / "log").read_text()
+    assert "hyperparameters:" in log
+    with pytest.raises(ValueError, match="ensemble"):
+        _learn(tmp_path / "x", ref, ensemble="npt")
