@@ -13,8 +13,8 @@ DESCRIPTION = (
     "call the reference calculator on the frames where an atom's uncertainty passes the "
     "threshold; each labelled frame updates the model (new labels and sparse points, no refit "
     "from scratch). Writes OUTPUT/model.kmlip, OUTPUT/trajectory.extxyz (per-atom uncertainty "
-    "in every frame), OUTPUT/reference.extxyz (every labelled frame) and OUTPUT/log; an "
-    "existing OUTPUT run is resumed (also after kill -9) without repeating a reference call. "
+    "in every frame), DIR/reference.extxyz (every labelled frame) and DIR/log; an "
+    "existing DIR run is resumed (also after kill -9) without repeating a reference call. "
     "Units: eV, Å, fs, K.")
 
 
