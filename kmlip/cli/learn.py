@@ -12,7 +12,7 @@ DESCRIPTION = (
     "Learn a SOAP + sparse-GP potential on the fly: run molecular dynamics with the model and "
     "call the reference calculator on the frames where an atom's uncertainty passes the "
     "threshold; each labelled frame updates the model (new labels and sparse points, no refit "
-    "from scratch). Writes OUTPUT/model.kmlip, OUTPUT/trajectory.extxyz (per-atom uncertainty "
+    "from scratch). Writes DIR/model.kmlip, DIR/trajectory.extxyz (per-atom uncertainty "
     "in every frame), DIR/reference.extxyz (every labelled frame) and DIR/log; an "
     "existing DIR run is resumed (also after kill -9) without repeating a reference call. "
     "Units: eV, Å, fs, K.")
