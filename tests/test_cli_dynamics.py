@@ -237,7 +237,7 @@ def test_md_gate_on_compressed_cell_stops_at_step_0(files, tmp_path, capsys):
                  "--temperature", "300", "--gate-relative", "100", "-o",
                  str(tmp_path / "ok.extxyz")]) == 0
     out = capsys.readouterr().out
-    assert "completed 4 steps" in out and "× the calibrated noise level" in out
+    assert "completed 4 steps" in out and "calibrated noise level" in out
     assert not (tmp_path / "ok.tripped.extxyz").exists()
 
 
