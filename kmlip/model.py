@@ -339,7 +339,7 @@ class KernelPotential(BaseEstimator):
         t0 = time.perf_counter()
         desc = copy_component(self.descriptor)
         baseline = copy_component(self.baseline)
-        base = [_baseline_values(baseline, a) for a in frames]
+        base = [training.baseline_values(baseline, a) for a in frames]
         e0 = cfg.e0 if cfg.e0 is not None else self._fit_e0(frames, labels, base, present, cfg)
         timings["baseline_e0"] = time.perf_counter() - t0
 
@@ -421,7 +421,7 @@ class KernelPotential(BaseEstimator):
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=cfg.n_threads, user_api="blas"):
-            base = [_baseline_values(state.baseline, a) for a in frames]
+            base = [training.baseline_values(state.baseline, a) for a in frames]
             factors, _ = training.accumulate(
                 state.descriptor, state.basis, frames, labels,
                 [float(np.sum(state.e0_table[a.numbers])) for a in frames], base,
@@ -431,6 +431,42 @@ class KernelPotential(BaseEstimator):
             new = state.with_factors(factors)
         self.fitted_state_ = new
         return self
+
+    def add_sparse_points(self, points: Mapping[str, np.ndarray], frames, row_cache=None):
+        """Adds sparse points (new kernel columns) to the fitted model without a refit.
+
+        The kernel rows of the old labels against the new points are computed (one descriptor
+        pass per training frame); the old columns' rows come from ``row_cache`` (built here
+        when not given), and each label class is refactored by one QR
+        (:mod:`kmlip.gp.columns`). e0 and hyperparameters are unchanged; the result equals a
+        fit with all the points given (tested to ~1e-12). The constructor parameters are not
+        changed: a later ``fit`` chooses points anew (pass ``sparse_method=model.sparse_points_``
+        to keep them).
+
+        Parameters
+        ----------
+        points : dict
+            ``{symbol: (m, n_features) descriptor vectors}``.
+        frames : list of ase.Atoms
+            All labelled frames the model was trained on, in training order.
+        row_cache : RowCache, optional
+            Their unit kernel rows (from an earlier call, or
+            :func:`kmlip.gp.columns.build_cache`).
+
+        Returns
+        -------
+        RowCache
+            The extended row cache (for the next call).
+        """
+        from kmlip.gp import columns
+
+        st = self._fitted()
+        frames = lab.as_frames(frames)
+        keys = lab.LabelKeys(self.energy_key, self.forces_key, self.stress_key)
+        new, row_cache = columns.add_columns(st, frames, points, row_cache, keys=keys,
+                                             n_threads=self.n_threads)
+        self.fitted_state_ = new
+        return row_cache
 
     def _progress(self, n: int, desc: str):
         show = self.progress
@@ -725,16 +761,6 @@ class KernelPotential(BaseEstimator):
             raise ValueError(f"{path}: invalid kmlip model file ({exc})") from exc
         model.fitted_state_ = state
         return model
-
-
-def _baseline_values(baseline, atoms: Atoms) -> training.BaselineValues:
-    """Baseline energy, forces and Voigt stress of a structure (zeros without a baseline)."""
-    if baseline is None:
-        return 0.0, np.zeros((len(atoms), 3)), np.zeros(6)
-    E, F, S = baseline.compute(atoms)
-    F = np.zeros((len(atoms), 3)) if F is None else np.asarray(F, dtype=np.float64)
-    S = np.zeros(6) if S is None else lab.voigt(S, "baseline stress")
-    return float(E), F, S
 
 
 def load(path, trusted_modules: tuple[str, ...] = ("kmlip",)) -> KernelPotential:

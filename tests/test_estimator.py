@@ -135,3 +135,20 @@ def test_e0_from_stoichiometric_data_warns(d2b):
         warnings.simplefilter("error", UserWarning)
         KernelPotential(d2b, n_sparse=4, n_threads=1, e0={"Cu": -0.1, "Al": -0.2}).fit(frames)
         KernelPotential(d2b, n_sparse=4, n_threads=1).fit(frames + cual_cells(2, seed=3))
+
+
+def test_add_sparse_points_equals_a_fit_with_all_points(d2b, train_frames, test_frames):
+    frames = train_frames[:6]
+    kw = dict(n_threads=1, sigma_stress=0.02, e0={"Cu": -0.1, "Al": -0.2})
+    model = KernelPotential(d2b, n_sparse=8, random_state=0, **kw).fit(frames)
+    X = d2b.transform(frames[3])
+    Z = frames[3].numbers
+    new = {"Cu": X[Z == 29][:2], "Al": X[Z == 13][:1]}
+    before = model.fitted_state_
+    model.add_sparse_points(new, frames)
+    assert model.basis_.n_sparse == before.basis.n_sparse + 3
+    pts = {s: np.concatenate([before.basis.points[z], new[s]])
+           for s, z in (("Cu", 29), ("Al", 13))}
+    ref = KernelPotential(d2b, sparse_method=pts, **kw).fit(frames)
+    np.testing.assert_allclose(model.predict(test_frames[:3]), ref.predict(test_frames[:3]),
+                               rtol=1e-9)

@@ -148,7 +148,7 @@ def label_keys(state: FittedState, keys: lab.LabelKeys | None = None) -> lab.Lab
 def _rows_of(state: FittedState, basis: kernels.SparseBasis, frames: Sequence,
              keys: lab.LabelKeys, n_threads: int | None) -> list[FrameRows]:
     from kmlip._threads import resolve_threads
-    from kmlip.model import _baseline_values
+    from kmlip.gp.training import baseline_values
 
     n_threads = resolve_threads(n_threads)
     out = []
@@ -158,7 +158,7 @@ def _rows_of(state: FittedState, basis: kernels.SparseBasis, frames: Sequence,
             labels = lab.read_labels(a, k, keys)
             e0_total = float(np.sum(state.e0_table[a.numbers]))
             rows = training.frame_rows(state.descriptor, basis, a, labels, e0_total,
-                                       _baseline_values(state.baseline, a), n_threads, "double")
+                                       baseline_values(state.baseline, a), n_threads, "double")
             out.append(FrameRows(tuple((c, np.array(K), np.array(y, dtype=np.float64),
                                         np.array(s, dtype=np.float64))
                                        for c, K, y, s in sorted(rows, key=_class_rank))))

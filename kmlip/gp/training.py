@@ -20,7 +20,7 @@ import numpy as np
 
 from kmlip import kernels
 from kmlip.gp.sparse import StreamingQR
-from kmlip.labels import FrameLabels
+from kmlip.labels import FrameLabels, voigt
 
 #: A baseline's contribution to one structure: (energy eV, forces (n, 3), stress Voigt (6,)).
 BaselineValues = tuple[float, np.ndarray, np.ndarray]
@@ -134,4 +134,14 @@ def block_rows_for(M: int, block_size: int | None) -> int:
     return int(min(max(8 * M, 4096), cap))
 
 
-__all__ = ["BaselineValues", "accumulate", "block_rows_for", "frame_rows"]
+def baseline_values(baseline, atoms) -> BaselineValues:
+    """Baseline energy, forces and Voigt stress of a structure (zeros without a baseline)."""
+    if baseline is None:
+        return 0.0, np.zeros((len(atoms), 3)), np.zeros(6)
+    E, F, S = baseline.compute(atoms)
+    F = np.zeros((len(atoms), 3)) if F is None else np.asarray(F, dtype=np.float64)
+    S = np.zeros(6) if S is None else voigt(S, "baseline stress")
+    return float(E), F, S
+
+
+__all__ = ["BaselineValues", "accumulate", "baseline_values", "block_rows_for", "frame_rows"]
