@@ -672,37 +672,9 @@ class KernelPotential(BaseEstimator):
         """
         from kmlip import uncertainty as unc
 
-        if measure != "auto" and measure not in unc.MEASURES:
-            raise ValueError(f"measure must be 'auto' or one of {unc.MEASURES}, got {measure!r}")
         st = self._fitted()
-        frames = lab.as_frames(frames)
-        m = {k: [] for k in unc.MEASURES}
-        errors, u_before = [], []
-        for k, a in enumerate(frames):
-            f = lab.read_forces(a, self.forces_key, f"frame {k}")
-            r = self.compute(a, ("forces", "novelty", "energies_var", "uncertainty"))
-            errors.append(r.forces - f)
-            u_before.append(r.uncertainty)
-            for name in unc.MEASURES:
-                m[name].append(getattr(r, name))
-        err = np.concatenate(errors)
-        e_atom = np.linalg.norm(err, axis=1)
-        m = {k: np.concatenate(v) for k, v in m.items()}
-        rho = {k: unc.spearman(v, e_atom) for k, v in m.items()}
-        if measure == "auto":
-            measure = max(unc.MEASURES, key=lambda k: (np.nan_to_num(rho[k], nan=-2.0),
-                                                       k == "novelty"))
-        cal = unc.fit_calibration(measure, m[measure], err)
-        u_after = cal.uncertainty(m[measure])
-        report = {"measure": measure, "scale": cal.scale, "floor": cal.floor,
-                  "n_atoms": cal.n_atoms, "n_frames": len(frames),
-                  "spearman": rho,
-                  "coverage_before": unc.coverage(err, np.concatenate(u_before)),
-                  "coverage_after": unc.coverage(err, u_after),
-                  "force_rmse": float(np.sqrt(np.mean(err ** 2))),
-                  "median_uncertainty": float(np.median(u_after))}
-        cal = unc.Calibration(measure, cal.scale, cal.floor, cal.n_atoms,
-                              jsonable(report))
+        cal, report = unc.calibrate(self.compute, lab.as_frames(frames), self.forces_key,
+                                    measure)
         self.fitted_state_ = st.replace(calibration=cal)
         return report
 

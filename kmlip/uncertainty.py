@@ -150,5 +150,56 @@ def fit_calibration(measure: str, m: np.ndarray, errors: np.ndarray) -> Calibrat
     return Calibration(measure, a, b, int(m.size), None)
 
 
-__all__ = ["Calibration", "MEASURES", "coverage", "default_calibration", "fit_calibration",
-           "spearman"]
+def calibrate(compute, frames, forces_key: str = "forces",
+              measure: str = "auto") -> tuple[Calibration, dict]:
+    """Fits the uncertainty map on labelled frames (what :meth:`KernelPotential.calibrate` does).
+
+    Parameters
+    ----------
+    compute : callable
+        ``compute(atoms, properties) -> Prediction`` of the model.
+    frames : list of ase.Atoms
+        Held-out structures with force labels.
+    forces_key : str
+    measure : {"auto", "novelty", "energies_var"}
+
+    Returns
+    -------
+    Calibration
+        With the report attached.
+    dict
+        The report (see :meth:`KernelPotential.calibrate`).
+    """
+    from kmlip.labels import read_forces
+
+    if measure != "auto" and measure not in MEASURES:
+        raise ValueError(f"measure must be 'auto' or one of {MEASURES}, got {measure!r}")
+    m = {k: [] for k in MEASURES}
+    errors, u_before = [], []
+    for k, a in enumerate(frames):
+        f = read_forces(a, forces_key, f"frame {k}")
+        r = compute(a, ("forces", "novelty", "energies_var", "uncertainty"))
+        errors.append(r.forces - f)
+        u_before.append(r.uncertainty)
+        for name in MEASURES:
+            m[name].append(getattr(r, name))
+    err = np.concatenate(errors)
+    e_atom = np.linalg.norm(err, axis=1)
+    m = {k: np.concatenate(v) for k, v in m.items()}
+    rho = {k: spearman(v, e_atom) for k, v in m.items()}
+    if measure == "auto":
+        measure = max(MEASURES, key=lambda k: (np.nan_to_num(rho[k], nan=-2.0),
+                                               k == "novelty"))
+    cal = fit_calibration(measure, m[measure], err)
+    u_after = cal.uncertainty(m[measure])
+    report = {"measure": measure, "scale": cal.scale, "floor": cal.floor,
+              "n_atoms": cal.n_atoms, "n_frames": len(frames), "spearman": rho,
+              "coverage_before": coverage(err, np.concatenate(u_before)),
+              "coverage_after": coverage(err, u_after),
+              "force_rmse": float(np.sqrt(np.mean(err ** 2))),
+              "median_uncertainty": float(np.median(u_after))}
+    return Calibration(measure, cal.scale, cal.floor, cal.n_atoms, dict(report)), report
+
+
+__all__ = ["MEASURES", "Calibration", "calibrate", "coverage", "default_calibration",
+           "fit_calibration", "spearman"]
