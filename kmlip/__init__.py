@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 # does not break the rest.
 _LAZY = {
     "SOAP": "kmlip.descriptors.soap",
+    "ACSF": "kmlip.descriptors.acsf",
     "neighbor_list": "kmlip.neighbors",
     "KernelPotential": "kmlip.model",
     "load": "kmlip.model",

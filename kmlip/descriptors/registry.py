@@ -6,6 +6,7 @@ from typing import Any
 
 _TYPES = {
     "SOAP": "kmlip.descriptors.soap",
+    "ACSF": "kmlip.descriptors.acsf",
     "Distance2B": "kmlip.descriptors.distance2b",
 }
 

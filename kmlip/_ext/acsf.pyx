@@ -1,0 +1,87 @@
+"""OpenMP driver of the ACSF kernel: the per-centre maths lives in acsf_core.h."""
+from cython.parallel cimport prange, threadid
+from libc.stdint cimport int32_t, int64_t
+
+import numpy as np
+
+cdef extern from "acsf_core.h" nogil:
+    ctypedef struct kmlip_acsf_params:
+        int64_t n_species
+        int64_t n_g2
+        int64_t n_g3
+        int64_t n_g4
+        int64_t n_g5
+        int64_t n_features
+        double r_cut
+        const double *g2
+        const double *g3
+        const double *g4
+        const double *g5
+        const int64_t *radial_block
+        const int64_t *angular_block
+    int64_t kmlip_acsf_work_size(const kmlip_acsf_params *p, int64_t n_neigh)
+    void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh, const double *vec,
+                           const int32_t *spec, double *work, double *out_x, double *out_grad)
+
+
+def compute(const double[:, ::1] g2, const double[::1] g3, const double[:, ::1] g4,
+            const double[:, ::1] g5, const int64_t[::1] radial_block,
+            const int64_t[:, ::1] angular_block, double r_cut, int n_features,
+            const int64_t[::1] pair_offsets, const double[:, ::1] pair_vectors,
+            const int32_t[::1] pair_species, double[:, ::1] out_X, double[:, :, ::1] out_grad,
+            int n_threads):
+    """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
+
+    Parameter tables have at least one row (a dummy row when a family is empty: the counts
+    are passed separately through their shapes' first axis, see ``acsf.py``). Entries of
+    centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
+    """
+    cdef kmlip_acsf_params p
+    p.n_species = radial_block.shape[0]
+    p.n_g2 = g2.shape[0]
+    p.n_g3 = g3.shape[0]
+    p.n_g4 = g4.shape[0]
+    p.n_g5 = g5.shape[0]
+    p.n_features = n_features
+    p.r_cut = r_cut
+    cdef double dummy_prm[3]
+    dummy_prm[0] = dummy_prm[1] = dummy_prm[2] = 0.0
+    p.g2 = &g2[0, 0] if p.n_g2 else dummy_prm
+    p.g3 = &g3[0] if p.n_g3 else dummy_prm
+    p.g4 = &g4[0, 0] if p.n_g4 else dummy_prm
+    p.g5 = &g5[0, 0] if p.n_g5 else dummy_prm
+    p.radial_block = &radial_block[0]
+    p.angular_block = &angular_block[0, 0]
+
+    cdef Py_ssize_t n_atoms = out_X.shape[0]
+    cdef Py_ssize_t i, n, start, n_neigh, max_neigh = 0
+    for i in range(n_atoms):
+        n = pair_offsets[i + 1] - pair_offsets[i]
+        if n > max_neigh:
+            max_neigh = n
+    cdef double[:, ::1] work = np.empty((max(n_threads, 1),
+                                         kmlip_acsf_work_size(&p, max_neigh)))
+    cdef bint grads = out_grad is not None
+    cdef double *gptr
+    cdef const double *vptr
+    cdef const int32_t *sptr
+    cdef double dummy_v[3]
+    cdef int32_t dummy_s[1]
+    cdef int tid
+
+    for i in prange(n_atoms, nogil=True, schedule="dynamic", chunksize=1,
+                    num_threads=n_threads):
+        tid = threadid()
+        start = pair_offsets[i]
+        n_neigh = pair_offsets[i + 1] - start
+        if n_neigh > 0:
+            vptr = &pair_vectors[start, 0]
+            sptr = &pair_species[start]
+        else:
+            vptr = dummy_v
+            sptr = dummy_s
+        if grads:
+            gptr = &out_grad[start + i, 0, 0]
+        else:
+            gptr = NULL
+        kmlip_acsf_centre(&p, n_neigh, vptr, sptr, &work[tid, 0], &out_X[i, 0], gptr)
