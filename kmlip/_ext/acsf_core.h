@@ -95,23 +95,36 @@ static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t wit
 {
     double rjk2 = rjk * rjk;
     double F3 = fij * fik * fjk;
+    double last_eta = -1.0, ejk = 1.0;
     for (int64_t q = 0; q < n; ++q) {
         double eta = prm[3 * q], zeta = prm[3 * q + 1], lam = prm[3 * q + 2];
         double E = ej[q] * ek[q];
-        if (with_jk)
-            E *= exp(-eta * rjk2);
+        if (with_jk) {
+            /* parameter sets usually share eta across zeta and lambda: one exp for them */
+            if (eta != last_eta) {
+                ejk = exp(-eta * rjk2);
+                last_eta = eta;
+            }
+            E *= ejk;
+        }
         double x = 1.0 + lam * cos_t;
         if (x < 0.0)
             x = 0.0;  /* rounding at theta = 0 or pi */
-        double pref = pow(2.0, 1.0 - zeta);
-        double xz1 = (zeta == 1.0) ? 1.0 : pow(x, zeta - 1.0);
-        double A = pref * xz1 * x;
+        /* (x/2)^(zeta-1) by multiplication for small integer zeta (the usual 1, 2, 4, 8, 16) */
+        double xz1 = 1.0;
+        if (zeta == floor(zeta) && zeta <= 64.0) {
+            for (int64_t e = 1; e < (int64_t)zeta; ++e)
+                xz1 *= 0.5 * x;
+        } else {
+            xz1 = pow(0.5 * x, zeta - 1.0);
+        }
+        double A = xz1 * x;
         double AE = A * E;
         double AEF = AE * F3;
         out[f0 + q] += AEF;
         if (gj == NULL)
             continue;
-        double dAEF = pref * zeta * lam * xz1 * E * F3;
+        double dAEF = zeta * lam * xz1 * E * F3;
         double cross = dAEF / (rij * rik);
         double ca_a = -dAEF * cos_t / (rij * rij) - 2.0 * eta * AEF + AE * dfij * fik * fjk / rij;
         double cb_b = -dAEF * cos_t / (rik * rik) - 2.0 * eta * AEF + AE * fij * dfik * fjk / rik;
