@@ -27,6 +27,14 @@ cdef extern from "soap_core.h" nogil:
                                int64_t n_neigh, const double *vec, const int32_t *spec,
                                const double *v, int64_t normalized, double *work,
                                double *out_f)
+    int64_t kmlip_soap_mu1nu1_work_size(const kmlip_soap_params *p, int64_t n_neigh)
+    void kmlip_soap_centre_mu1nu1(const kmlip_soap_params *p, int64_t center_species,
+                                  int64_t n_neigh, const double *vec, const int32_t *spec,
+                                  double *work, double *out_p, double *out_grad)
+    void kmlip_soap_centre_vjp_mu1nu1(const kmlip_soap_params *p, int64_t center_species,
+                                      int64_t n_neigh, const double *vec, const int32_t *spec,
+                                      const double *v, int64_t normalized, double *work,
+                                      double *out_f)
 
 
 cdef kmlip_soap_params _params(const double[:, ::1] A, const double[:, :, ::1] B,
@@ -53,13 +61,15 @@ cdef kmlip_soap_params _params(const double[:, ::1] A, const double[:, :, ::1] B
 
 
 cdef double[:, ::1] _work(const kmlip_soap_params *p, const int64_t[::1] pair_offsets,
-                          int n_threads):
+                          int n_threads, bint mu1nu1=False):
     """Per-thread scratch rows sized for the centre with the most neighbours."""
     cdef Py_ssize_t i, n, max_neigh = 0
     for i in range(pair_offsets.shape[0] - 1):
         n = pair_offsets[i + 1] - pair_offsets[i]
         if n > max_neigh:
             max_neigh = n
+    if mu1nu1:
+        return np.empty((max(n_threads, 1), kmlip_soap_mu1nu1_work_size(p, max_neigh)))
     return np.empty((max(n_threads, 1), kmlip_soap_work_size(p, max_neigh)))
 
 
@@ -69,17 +79,19 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             double r_cut, double cutoff_width, double center_weight, bint normalize,
             const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
             const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
-            double[:, ::1] out_X, double[:, :, ::1] out_grad, int n_threads):
+            double[:, ::1] out_X, double[:, :, ::1] out_grad, int n_threads,
+            bint mu1nu1=False):
     """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
 
     Entries of centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
+    mu1nu1: the species-compressed spectrum (tables in the layout of soap_core.h's mu1nu1).
     """
     cdef kmlip_soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
                                        n_species, n_features, r_cut, cutoff_width,
                                        center_weight)
     cdef Py_ssize_t n_atoms = out_X.shape[0]
     cdef Py_ssize_t i, n_neigh, start
-    cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads)
+    cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads, mu1nu1)
     cdef bint grads = out_grad is not None
     cdef double *gptr
     cdef const double *vptr
@@ -103,8 +115,12 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             gptr = &out_grad[start + i, 0, 0]
         else:
             gptr = NULL
-        kmlip_soap_centre(&p, center_species[i], n_neigh, vptr, sptr, &work[tid, 0],
-                          &out_X[i, 0], gptr)
+        if mu1nu1:
+            kmlip_soap_centre_mu1nu1(&p, center_species[i], n_neigh, vptr, sptr,
+                                     &work[tid, 0], &out_X[i, 0], gptr)
+        else:
+            kmlip_soap_centre(&p, center_species[i], n_neigh, vptr, sptr, &work[tid, 0],
+                              &out_X[i, 0], gptr)
         if normalize:
             kmlip_soap_normalize(n_features, &out_X[i, 0], (n_neigh + 1) if grads else 0, gptr)
 
@@ -115,21 +131,25 @@ def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
         double r_cut, double cutoff_width, double center_weight, bint normalize,
         const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
         const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
-        const double[:, ::1] V, double[:, ::1] out_f, int n_threads):
+        const double[:, ::1] V, double[:, ::1] out_f, int n_threads, bint mu1nu1=False):
     """out_f[k] = dE/dr_ij of pair k, given V[i] = dE/dX_i (n_atoms, F)."""
     cdef kmlip_soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
                                        n_species, n_features, r_cut, cutoff_width,
                                        center_weight)
     cdef Py_ssize_t n_atoms = V.shape[0]
     cdef Py_ssize_t i, n_neigh, start
-    cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads)
+    cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads, mu1nu1)
     cdef int tid
     for i in prange(n_atoms, nogil=True, schedule="dynamic", chunksize=1,
                     num_threads=n_threads):
         tid = threadid()
         start = pair_offsets[i]
         n_neigh = pair_offsets[i + 1] - start
-        if n_neigh > 0:
+        if n_neigh > 0 and mu1nu1:
+            kmlip_soap_centre_vjp_mu1nu1(&p, center_species[i], n_neigh,
+                                         &pair_vectors[start, 0], &pair_species[start],
+                                         &V[i, 0], normalize, &work[tid, 0], &out_f[start, 0])
+        elif n_neigh > 0:
             kmlip_soap_centre_vjp(&p, center_species[i], n_neigh, &pair_vectors[start, 0],
                                   &pair_species[start], &V[i, 0], normalize, &work[tid, 0],
                                   &out_f[start, 0])

@@ -631,6 +631,159 @@ static inline void kmlip_soap_normalize(int64_t F, double *pv, int64_t n_entries
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Species compression "mu1nu1" (Darby, Kermode & Csanyi, npj Comput. Mater. 8, 166 (2022), as
+ * DScribe 2.1 exposes it): with the species sum c~_{nlm} = sum_s c^s_{nlm},
+ *     p^Z_{n n' l} = scale * sum_m c^Z_{nlm} c~_{n'lm}     (every n, n'; S N^2 (l_max+1) features).
+ * It is the (Z, sum) block of the power spectrum of the augmented coefficients [C, C~], so the
+ * shared steps run on a copy of the parameters with one more pseudo-species (index n_species)
+ * holding C~. Tables for this mode: feat_index / feat_scale of shape (l_max+1, R, n_max), the
+ * entry [l][Z n_max + n][n'] giving p^Z_{n n' l}. ("mu2", c~ alone, is the uncompressed kernel
+ * with every species mapped to one: no code of its own.)
+ * ------------------------------------------------------------------------------------------- */
+
+/* Doubles of scratch space kmlip_soap_centre_mu1nu1() / kmlip_soap_centre_vjp_mu1nu1() need. */
+static inline int64_t kmlip_soap_mu1nu1_work_size(const kmlip_soap_params *p, int64_t n_neigh)
+{
+    kmlip_soap_params pa = *p;
+    pa.n_species += 1;
+    return kmlip_soap_work_size(&pa, n_neigh);
+}
+
+/* C~ = sum over species of C, written into the pseudo-species block of C (LM, R + n_max). */
+static inline void kmlip_soap_mu1nu1_sum_(const kmlip_soap_params *p, double *C)
+{
+    const int64_t N = p->n_max, LM = (p->l_max + 1) * (p->l_max + 1), R = p->n_species * N;
+    const int64_t Ra = R + N;
+    for (int64_t q = 0; q < LM; q++) {
+        double *Cq = C + q * Ra;
+        for (int64_t n = 0; n < N; n++) {
+            double s = 0.0;
+            for (int64_t sp = 0; sp < p->n_species; sp++) s += Cq[sp * N + n];
+            Cq[R + n] = s;
+        }
+    }
+}
+
+/* p^Z_{n n' l} from the augmented coefficients C (LM, R + n_max). */
+static inline void kmlip_soap_mu1nu1_spectrum_(const kmlip_soap_params *p, const double *C,
+                                               double *out_p)
+{
+    const int64_t N = p->n_max, L1 = p->l_max + 1, R = p->n_species * N, Ra = R + N;
+    for (int64_t l = 0; l < L1; l++) {
+        const int64_t w = 2 * l + 1;
+        const double *Cl = C + l * l * Ra;
+        const int64_t *fi = p->feat_index + l * R * N;
+        const double *fs = p->feat_scale + l * R * N;
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t n2 = 0; n2 < N; n2++) {
+                double acc = 0.0;
+                for (int64_t m = 0; m < w; m++) acc += Cl[m * Ra + r] * Cl[m * Ra + R + n2];
+                out_p[fi[r * N + n2]] = fs[r * N + n2] * acc;
+            }
+    }
+}
+
+/* d p^Z_{n n' l} / d r_j = [Z == s] Q[n][R + n'] + Q[n'][Z n_max + n] for one l (Q from
+ * kmlip_soap_pair_spectrum_grad_ on the augmented coefficients, rows R + n_max), written into g
+ * (3, F) and subtracted from selfg (3, F). Every block moves: each pair enters C~. */
+static inline void kmlip_soap_mu1nu1_scatter_(const kmlip_soap_params *p, int64_t l, int64_t s,
+                                              const double *Q, double *g, double *selfg)
+{
+    const int64_t N = p->n_max, R = p->n_species * N, Ra = R + N, F = p->n_features;
+    const int64_t *fi = p->feat_index + l * R * N;
+    const double *fs = p->feat_scale + l * R * N;
+    for (int64_t al = 0; al < 3; al++) {
+        const double *Qa = Q + al * N * Ra;
+        double *ga = g + al * F, *sg = selfg + al * F;
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t n = r % N;
+            const int64_t own = (r / N == s);
+            for (int64_t n2 = 0; n2 < N; n2++) {
+                double d = Qa[n2 * Ra + r];
+                if (own) d += Qa[n * Ra + R + n2];
+                const int64_t f = fi[r * N + n2];
+                const double val = fs[r * N + n2] * d;
+                ga[f] = val; sg[f] -= val;
+            }
+        }
+    }
+}
+
+/* kmlip_soap_centre for the "mu1nu1" compression (same arguments; p->feat_index, feat_scale and
+ * n_features describe the compressed layout; work: kmlip_soap_mu1nu1_work_size doubles). */
+static inline void kmlip_soap_centre_mu1nu1(const kmlip_soap_params *p, int64_t center_species,
+                                            int64_t n_neigh, const double *vec,
+                                            const int32_t *spec, double *work, double *out_p,
+                                            double *out_grad)
+{
+    const int64_t L1 = p->l_max + 1, F = p->n_features;
+    kmlip_soap_params pa = *p;
+    pa.n_species += 1;
+    const kmlip_soap_workspace ws = kmlip_soap_workspace_(&pa, work);
+
+    kmlip_soap_expand_(&pa, center_species, n_neigh, vec, spec, &ws, out_grad != NULL);
+    kmlip_soap_mu1nu1_sum_(p, ws.C);
+    kmlip_soap_mu1nu1_spectrum_(p, ws.C, out_p);
+    if (out_grad == NULL) return;
+
+    memset(ws.selfg, 0, sizeof(double) * (size_t)(3 * F));
+    for (int64_t j = 0; j < n_neigh; j++) {
+        kmlip_soap_pair_coeff_grad_(&pa, ws.Sall + j * ws.stride, vec + 3 * j, ws.dC);
+        for (int64_t l = 0; l < L1; l++) {
+            kmlip_soap_pair_spectrum_grad_(&pa, l, ws.C, ws.dC, ws.Q);
+            kmlip_soap_mu1nu1_scatter_(p, l, spec[j], ws.Q, out_grad + (1 + j) * 3 * F,
+                                       ws.selfg);
+        }
+    }
+    memcpy(out_grad, ws.selfg, sizeof(double) * (size_t)(3 * F));
+}
+
+/* kmlip_soap_centre_vjp for the "mu1nu1" compression. dE/dc^Z_{nlm} = sum_n' u^Z_{nn'} c~_{n'lm}
+ * + t_{nlm}, with u the cotangent times feat_scale and t = dE/dc~, t_{n'lm} =
+ * sum_{Z,n} u^Z_{nn'} c^Z_{nlm}; then the pair contraction of the uncompressed kernel. */
+static inline void kmlip_soap_centre_vjp_mu1nu1(const kmlip_soap_params *p,
+                                                int64_t center_species, int64_t n_neigh,
+                                                const double *vec, const int32_t *spec,
+                                                const double *v, int64_t normalized,
+                                                double *work, double *out_f)
+{
+    const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1, R = p->n_species * N;
+    const int64_t Ra = R + N, F = p->n_features;
+    kmlip_soap_params pa = *p;
+    pa.n_species += 1;
+    const kmlip_soap_workspace ws = kmlip_soap_workspace_(&pa, work);
+    double *H = ws.adj, *U = H + Ra * LM, *vv = U + Ra * Ra, *t = ws.P;
+
+    kmlip_soap_expand_(&pa, center_species, n_neigh, vec, spec, &ws, 1);
+    kmlip_soap_mu1nu1_sum_(p, ws.C);
+    memcpy(vv, v, sizeof(double) * (size_t)F);
+    if (normalized) {
+        kmlip_soap_mu1nu1_spectrum_(p, ws.C, ws.selfg);
+        kmlip_soap_cotangent_(F, ws.selfg, vv);
+    }
+    /* H (LM, R), the layout kmlip_soap_pair_vjp_ reads */
+    for (int64_t l = 0; l < L1; l++) {
+        const int64_t *fi = p->feat_index + l * R * N;
+        const double *fs = p->feat_scale + l * R * N;
+        for (int64_t q = 0; q < R * N; q++) U[q] = fs[q] * vv[fi[q]];
+        for (int64_t q = l * l; q < (l + 1) * (l + 1); q++) {
+            const double *Cq = ws.C + q * Ra, *Ct = Cq + R;
+            double *Hq = H + q * R;
+            for (int64_t n2 = 0; n2 < N; n2++) t[n2] = 0.0;
+            for (int64_t r = 0; r < R; r++) {
+                const double c = Cq[r], *Ur = U + r * N;
+                double h = 0.0;
+                for (int64_t n2 = 0; n2 < N; n2++) { t[n2] += Ur[n2] * c; h += Ur[n2] * Ct[n2]; }
+                Hq[r] = h;
+            }
+            for (int64_t r = 0; r < R; r++) Hq[r] += t[r % N];
+        }
+    }
+    for (int64_t j = 0; j < n_neigh; j++)
+        kmlip_soap_pair_vjp_(p, H, ws.Sall + j * ws.stride, spec[j], vec + 3 * j, out_f + 3 * j);
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -25,6 +25,23 @@ for n in 0..n_max-1, for n' in (n..n_max-1 if a == b else 0..n_max-1): ``p[(a n)
 ``n_features = (S n_max)(S n_max + 1)/2 (l_max + 1)`` for S species. :meth:`SOAP.feature_labels`
 lists the tuples ``(Z_a, Z_b, l, n, n')``.
 
+Species compression (Darby, Kermode & Csányi, npj Comput. Mater. 8, 166 (2022); DScribe 2.1's
+``compression={"mode": ...}`` with unit species weights). With ``c~_{nlm} = sum_s c^s_{nlm}`` the
+density of all species together:
+
+- ``compression="mu2"``: ``p_{nn'l} = sum_m c~_{nlm} c~_{n'lm}``, the power spectrum of one
+  species-blind density; for l, for n, for n' >= n; ``n_max (n_max + 1)/2 (l_max + 1)`` features,
+  independent of S; labels ``(0, 0, l, n, n')`` (Z = 0: all species).
+- ``compression="mu1nu1"``: ``p^Z_{nn'l} = sum_m c^Z_{nlm} c~_{n'lm}``; for Z, for l, for n, for
+  every n' (the matrix is not symmetric); ``S n_max^2 (l_max + 1)`` features; labels
+  ``(Z, 0, l, n, n')``.
+
+Scale factors: ``"dscribe"`` multiplies every feature by ``pi*sqrt(8/(2l+1))`` as DScribe does.
+``"smooth"`` keeps the property of the full spectrum that the packed dot product equals the
+Frobenius inner product of the per-l matrices: for mu2 (a symmetric matrix, packed n <= n') the
+off-diagonal entries carry sqrt(2); for mu1nu1 (every (n, n') stored) all factors are 1.
+Gradients, the strain derivative and :meth:`SOAP.backprop` are exact in every mode.
+
 Memory: features ``8 F`` bytes per atom; gradients ``24 F`` bytes per pair entry (one per
 neighbour-list pair plus one self term per atom); scratch per thread
 ``8 [(S n_max + 4 n_max)(l_max+1)^2 + 3 F + n_neigh (4 (l_max+1)^2 + 2 (l_max+1) n_max)]`` bytes.
@@ -118,6 +135,10 @@ class SOAP(Descriptor):
         Weight of the centre atom's own Gaussian (any finite number).
     n_threads : int or None, default None
         OpenMP threads, 1..4096; None follows OMP_NUM_THREADS.
+    compression : {"off", "mu1nu1", "mu2"}, default "off"
+        Species compression (see the module docstring): "off" the full power spectrum, "mu1nu1"
+        features linear in the number of species, "mu2" independent of it. Any other value
+        raises ValueError.
 
     Notes
     -----
@@ -126,13 +147,13 @@ class SOAP(Descriptor):
     for a wrong type (bools are not numbers here), ``ValueError`` for a bad value, each naming
     the parameter. The feature count ``(S n_max)(S n_max + 1)/2 (l_max + 1)`` may not exceed
     :data:`kmlip.descriptors.base.MAX_FEATURES` (10^6: 8 MB of features per atom, 24 MB of
-    gradients per neighbour pair).
+    gradients per neighbour pair); with compression the count of that mode applies.
     """
 
     def __init__(self, species, r_cut: float = 5.0, n_max: int = 8, l_max: int = 6,
                  sigma: float = 0.5, convention: str = "smooth", cutoff_width: float = 0.5,
                  normalize: bool = False, center_weight: float = 1.0,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, compression: str = "off"):
         self.species = species
         self.r_cut = r_cut
         self.n_max = n_max
@@ -143,6 +164,7 @@ class SOAP(Descriptor):
         self.normalize = normalize
         self.center_weight = center_weight
         self.n_threads = n_threads
+        self.compression = compression
         self._setup()
 
     # -- construction -------------------------------------------------------------------------
@@ -165,9 +187,19 @@ class SOAP(Descriptor):
         check_real("center_weight", self.center_weight)
         check_bool("normalize", self.normalize)
         check_n_threads(self.n_threads)
+        modes = ("off", "mu1nu1", "mu2")
+        if not isinstance(self.compression, str) or self.compression not in modes:
+            raise ValueError(f"compression must be one of {list(modes)} (a str, not DScribe's "
+                             f"dict), got {self.compression!r}")
+        mode = self.compression
         S, L1 = len(zs), l_max + 1
         R = S * N
-        n_features = R * (R + 1) // 2 * L1
+        if mode == "mu1nu1":
+            n_features = S * N * N * L1
+        elif mode == "mu2":
+            n_features = N * (N + 1) // 2 * L1
+        else:
+            n_features = R * (R + 1) // 2 * L1
         if n_features > MAX_FEATURES:
             raise ValueError(
                 f"SOAP with {S} species, n_max={N}, l_max={l_max} has {n_features:,} features "
@@ -196,6 +228,22 @@ class SOAP(Descriptor):
             self.cutoff = r_cut
             self._width = width
 
+        if mode == "off":
+            index, scale, labels = self._full_layout(S, N, L1)
+        else:
+            index, scale, labels = self._compressed_layout(mode, S, N, L1)
+        self._feat_index, self._feat_scale, self._labels = index, scale, labels
+        # orthonormal real Y_lm = norm * Pi_l^|m| * {cos, sin}(m phi) r^-l, at l*l + l + |m|
+        norm = np.zeros(L1 * L1)
+        for l in range(L1):
+            for m in range(l + 1):
+                fac = math.factorial(l - m) / math.factorial(l + m)
+                norm[l * l + l + m] = math.sqrt((2 - (m == 0)) * (2 * l + 1) / (4 * np.pi) * fac)
+        self._ylm_norm = norm
+
+    def _full_layout(self, S, N, L1):
+        """Index (L1, R, R) and scale tables and labels of the full power spectrum."""
+        R = S * N
         index = np.full((L1, R, R), -1, dtype=np.int64)
         scale = np.zeros((L1, R, R))
         labels = []
@@ -214,17 +262,34 @@ class SOAP(Descriptor):
                             labels.append((self.species_z[a], self.species_z[b], l, n, n2))
                             f += 1
         assert f == self.n_features
-        self._feat_index, self._feat_scale, self._labels = index, scale, labels
-        # orthonormal real Y_lm = norm * Pi_l^|m| * {cos, sin}(m phi) r^-l, at l*l + l + |m|
-        norm = np.zeros(L1 * L1)
-        for l in range(L1):
-            for m in range(l + 1):
-                fac = math.factorial(l - m) / math.factorial(l + m)
-                norm[l * l + l + m] = math.sqrt((2 - (m == 0)) * (2 * l + 1) / (4 * np.pi) * fac)
-        self._ylm_norm = norm
+        return index, scale, labels
+
+    def _compressed_layout(self, mode, S, N, L1):
+        """Tables of the compressed modes. mu2 is the full layout of one species (the kernel
+        runs with every atom mapped to species 0); mu1nu1 has index and scale of shape
+        (L1, S N, N), entry [l, Z N + n, n'] for p^Z_{nn'l} (the layout soap_core.h expects)."""
+        if mode == "mu2":
+            index, scale, labels = self._full_layout(1, N, L1)
+            return index, scale, [(0, 0, l, n, n2) for (_, _, l, n, n2) in labels]
+        index = np.zeros((L1, S * N, N), dtype=np.int64)
+        scale = np.ones((L1, S * N, N))
+        labels = []
+        f = 0
+        for a in range(S):
+            for l in range(L1):
+                for n in range(N):
+                    for n2 in range(N):
+                        index[l, a * N + n, n2] = f
+                        if self.convention == "dscribe":
+                            scale[l, a * N + n, n2] = np.pi * math.sqrt(8.0 / (2 * l + 1))
+                        labels.append((self.species_z[a], 0, l, n, n2))
+                        f += 1
+        assert f == self.n_features
+        return index, scale, labels
 
     def feature_labels(self) -> list[tuple[int, int, int, int, int]]:
-        """``(Z_a, Z_b, l, n, n')`` of every feature, in output order."""
+        """``(Z_a, Z_b, l, n, n')`` of every feature, in output order (Z = 0: the sum over all
+        species, in the compressed modes)."""
         return list(self._labels)
 
     @staticmethod
@@ -244,10 +309,15 @@ class SOAP(Descriptor):
         for z, k in self._z_index.items():
             zmap[z] = k
         center_species = zmap[numbers]
+        n_species = len(self.species_z)
+        if self.compression == "mu2":
+            # one species-blind density: the full kernel with every atom of species 0
+            center_species = np.zeros_like(center_species)
+            n_species = 1
         pair_species = np.ascontiguousarray(center_species[nl.neighbors])
         args = (self._A, self._B, self._feat_index, self._feat_scale, self._ylm_norm,
                 self.n_max, self.l_max,
-                len(self.species_z), self.n_features, self.cutoff, self._width,
+                n_species, self.n_features, self.cutoff, self._width,
                 float(self.center_weight), bool(self.normalize), center_species, nl.offsets,
                 np.ascontiguousarray(nl.vectors), pair_species)
         return nt, nl, center_species, pair_species, args
@@ -283,13 +353,13 @@ class SOAP(Descriptor):
         n_atoms = len(center_species)
         X = np.empty((n_atoms, self.n_features))
         if n_atoms:
-            _soap.compute(*args, X, None, nt)
+            _soap.compute(*args, X, None, nt, mu1nu1=self.compression == "mu1nu1")
         V = np.ascontiguousarray(grad_fn(X), dtype=np.float64)
         if V.shape != X.shape:
             raise ValueError(f"grad_fn returned shape {V.shape}, expected {X.shape}")
         fpair = np.zeros((len(nl.centers), 3))
         if len(nl.centers):
-            _soap.vjp(*args, V, fpair, nt)
+            _soap.vjp(*args, V, fpair, nt, mu1nu1=self.compression == "mu1nu1")
         forces = np.zeros((n_atoms, 3))
         for a in range(3):
             forces[:, a] = (np.bincount(nl.neighbors, weights=-fpair[:, a], minlength=n_atoms)
@@ -326,7 +396,7 @@ class SOAP(Descriptor):
             # zeros, not empty: the kernel skips the species blocks a pair cannot move
             grad = np.zeros((n_entries, 3, self.n_features))
         if n_atoms:
-            _soap.compute(*args, X, grad, nt)
+            _soap.compute(*args, X, grad, nt, mu1nu1=self.compression == "mu1nu1")
         if not gradients:
             return X
         # entry layout per centre i: [self, pairs of i in neighbour-list order]
