@@ -161,6 +161,9 @@ class ACSF(Descriptor):
                              "species")
         self.species_z = tuple(sorted(zs))
         self._z_index = {z: k for k, z in enumerate(self.species_z)}
+        self._zmap = np.zeros(max(self.species_z) + 1, dtype=np.int32)  # Z -> species code
+        for z, k in self._z_index.items():
+            self._zmap[z] = k
         self.n_features = n_features
         self.cutoff = r_cut
         self._g2 = np.ascontiguousarray(g2)
@@ -222,10 +225,7 @@ class ACSF(Descriptor):
             raise ValueError(f"species {names} not declared in ACSF(species=...)")
         nt = resolve_threads(self.n_threads if n_threads is None else n_threads)
         nl = neighbor_list_arrays(positions, cell, pbc, self.cutoff)
-        zmap = np.zeros(max(self.species_z) + 1, dtype=np.int32)
-        for z, k in self._z_index.items():
-            zmap[z] = k
-        pair_species = np.ascontiguousarray(zmap[numbers][nl.neighbors])
+        pair_species = np.ascontiguousarray(self._zmap[numbers][nl.neighbors])
         n_atoms = len(numbers)
         n_pairs = len(nl.centers)
         mean_neigh = n_pairs / max(n_atoms, 1)
