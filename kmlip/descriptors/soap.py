@@ -44,7 +44,8 @@ Gradients, the strain derivative and :meth:`SOAP.backprop` are exact in every mo
 
 Memory: features ``8 F`` bytes per atom; gradients ``24 F`` bytes per pair entry (one per
 neighbour-list pair plus one self term per atom); scratch per thread
-``8 [(S n_max + 4 n_max)(l_max+1)^2 + 3 F + n_neigh (4 (l_max+1)^2 + 2 (l_max+1) n_max)]`` bytes.
+``8 [(S n_max + 4 n_max)(l_max+1)^2 + 3 F + n_neigh (4 (l_max+1)^2 + 2 (l_max+1) n_max)]`` bytes
+(F of the chosen compression; mu1nu1 counts S + 1 species here, mu2 one).
 """
 from __future__ import annotations
 
