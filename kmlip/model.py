@@ -60,7 +60,7 @@ from sklearn.utils.validation import check_is_fitted
 from kmlip import io as model_io
 from kmlip import kernels, metrics, prediction
 from kmlip import labels as lab
-from kmlip._threads import resolve_threads
+from kmlip._threads import resolve_threads, serial_blas
 from kmlip.gp import e0 as e0_mod
 from kmlip.gp import hyperparameters as hp
 from kmlip.gp import sparse_points, training
@@ -325,9 +325,9 @@ class KernelPotential(BaseEstimator):
             missing = [chemical_symbols[z] for z in present if chemical_symbols[z] not in cfg.e0]
             if missing:
                 raise ValueError(f"e0 has no value for species {missing} of the training set")
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=cfg.n_threads, user_api="blas"):
+        # kmlip's own OpenMP loops call BLAS per block; BLAS threads beside them would spin
+        # (and a threaded SVD in the sparse selection is slower than a serial one here)
+        with serial_blas():
             state = self._train(frames, labels, present, spec, cfg, optimize, optimize_delta,
                                 t_start)
         self.fitted_state_ = state
@@ -418,9 +418,9 @@ class KernelPotential(BaseEstimator):
                              h.sigma_energy is not None, h.sigma_force is not None,
                              h.sigma_stress is not None)
         labels = [lab.read_labels(a, k, keys) for k, a in enumerate(frames)]
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=cfg.n_threads, user_api="blas"):
+        # kmlip's own OpenMP loops call BLAS per block; BLAS threads beside them would spin
+        # (and a threaded SVD in the sparse selection is slower than a serial one here)
+        with serial_blas():
             base = [training.baseline_values(state.baseline, a) for a in frames]
             factors, _ = training.accumulate(
                 state.descriptor, state.basis, frames, labels,

@@ -107,7 +107,7 @@ def accumulate(descriptor, basis: kernels.SparseBasis, frames: Sequence,
     import copy
     import time
 
-    qr = StreamingQR(basis.n_sparse, block_rows)
+    qr = StreamingQR(basis.n_sparse, block_rows, n_threads=n_threads)
     if factors:
         qr.factors = {c: copy.deepcopy(f) for c, f in factors.items()}
     t_rows = 0.0
