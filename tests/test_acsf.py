@@ -157,7 +157,7 @@ def test_gradients_match_dscribe_numerical_derivatives(case):
     np.testing.assert_allclose(G.dense(len(atoms)), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
-def test_backprop_default_gives_forces_of_a_scalar():
+def test_backprop_gives_forces_and_virial_of_a_scalar():
     atoms = _triclinic(7)
     acsf = ACSF(species=["Cu", "Al"], **KW_GRAD)
     w = np.random.default_rng(0).standard_normal((len(atoms), acsf.n_features))
@@ -175,6 +175,25 @@ def test_backprop_default_gives_forces_of_a_scalar():
             m.positions[j, a] -= h
             fd[j, a] = -(energy(acsf.transform(p)) - energy(acsf.transform(m))) / (2 * h)
     np.testing.assert_allclose(forces, fd, atol=1e-6 * np.abs(fd).max())
+    # the in-kernel vjp equals the base class's contraction of the pair gradients
+    X2, _, forces2, virial2 = Descriptor.backprop(acsf, atoms, lambda X: 2 * w * X)
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_allclose(forces, forces2, rtol=0, atol=1e-12 * np.abs(forces2).max())
+    np.testing.assert_allclose(virial, virial2, rtol=0, atol=1e-12 * np.abs(virial2).max())
+    # the virial is the strain derivative of E: central differences of the cell
+    h = 1e-6
+    fd_w = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            res = []
+            for sign in (1, -1):
+                e = np.eye(3)
+                e[a, b] += sign * h
+                s = atoms.copy()
+                s.set_cell(atoms.cell.array @ e.T, scale_atoms=True)
+                res.append(energy(acsf.transform(s)))
+            fd_w[a, b] = (res[0] - res[1]) / (2 * h)
+    np.testing.assert_allclose(virial, fd_w, atol=1e-6 * np.abs(fd_w).max())
 
 
 # -- invariances ---------------------------------------------------------------------------------

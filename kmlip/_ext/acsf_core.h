@@ -72,26 +72,45 @@ static inline void kmlip_acsf_cutoff_(double r_cut, double r, double *fc, double
     *dfc = -0.5 * w * sin(w * r);
 }
 
-/* grad[e][a][f] += ca * a_vec[a] + cb * b_vec[a] + cc * c_vec[a] for the three components. */
-static inline void kmlip_acsf_add3_(double *g, int64_t F, int64_t f, double ca, const double *av,
-                                    double cb, const double *bv, double cc, const double *cv)
+/* Where the derivative of feature f with respect to one pair vector goes: its gradient entry
+ * (features and gradients) and/or its contraction with a cotangent (vjp). */
+typedef struct kmlip_acsf_sink {
+    double *g;          /* (3, F) gradient entry of the pair, or NULL */
+    const double *v;    /* (F) dE/dX of the centre, or NULL */
+    double *f;          /* (3) dE/d r_ij of the pair, accumulated (used with v) */
+    int64_t F;          /* number of features */
+} kmlip_acsf_sink;
+
+/* d X_f / d r_pair = ca * av + cb * bv + cc * cv, into the sink. */
+static inline void kmlip_acsf_add3_(const kmlip_acsf_sink *s, int64_t f, double ca,
+                                    const double *av, double cb, const double *bv, double cc,
+                                    const double *cv)
 {
+    double t[3];
     for (int64_t d = 0; d < 3; ++d)
-        g[d * F + f] += ca * av[d] + cb * bv[d] + cc * cv[d];
+        t[d] = ca * av[d] + cb * bv[d] + cc * cv[d];
+    if (s->g != NULL)
+        for (int64_t d = 0; d < 3; ++d)
+            s->g[d * s->F + f] += t[d];
+    if (s->v != NULL) {
+        double w = s->v[f];
+        for (int64_t d = 0; d < 3; ++d)
+            s->f[d] += w * t[d];
+    }
 }
 
 /* One angular family (G4 if with_jk, else G5) of one triplet.
  * a, b, c: pair vectors r_ij, r_ik, r_jk; rij, rik, rjk their lengths; cos_t the angle's cosine;
  * ej, ek: exp(-eta r^2) of the two pairs for each parameter; fc..: cutoffs and derivatives
- * (fjk = 1, dfjk = 0 for G5). out: the feature block; gj, gk: the two pairs' gradient entries
+ * (fjk = 1, dfjk = 0 for G5). out: the features; sj, sk: the sinks of the two pairs' derivatives
  * (NULL: features only). */
 static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t with_jk,
                                        const double *a, const double *b, const double *c,
                                        double rij, double rik, double rjk, double cos_t,
                                        const double *ej, const double *ek,
                                        double fij, double dfij, double fik, double dfik,
-                                       double fjk, double dfjk, int64_t F, int64_t f0,
-                                       double *out, double *gj, double *gk)
+                                       double fjk, double dfjk, int64_t f0, double *out,
+                                       const kmlip_acsf_sink *sj, const kmlip_acsf_sink *sk)
 {
     double rjk2 = rjk * rjk;
     double F3 = fij * fik * fjk;
@@ -122,7 +141,7 @@ static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t wit
         double AE = A * E;
         double AEF = AE * F3;
         out[f0 + q] += AEF;
-        if (gj == NULL)
+        if (sj == NULL)
             continue;
         double dAEF = zeta * lam * xz1 * E * F3;
         double cross = dAEF / (rij * rik);
@@ -131,19 +150,17 @@ static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t wit
         double cc = 0.0;
         if (with_jk)
             cc = 2.0 * eta * AEF - AE * fij * fik * dfjk / rjk;
-        kmlip_acsf_add3_(gj, F, f0 + q, ca_a, a, cross, b, cc, c);
-        kmlip_acsf_add3_(gk, F, f0 + q, cross, a, cb_b, b, -cc, c);
+        kmlip_acsf_add3_(sj, f0 + q, ca_a, a, cross, b, cc, c);
+        kmlip_acsf_add3_(sk, f0 + q, cross, a, cb_b, b, -cc, c);
     }
 }
 
-/* Features (out_x, n_features, overwritten) and, if out_grad is not NULL, their derivatives
- * (out_grad, (n_neigh + 1, 3, n_features), overwritten: entry 0 is the self term d/dr_i,
- * entry 1 + j the derivative with respect to the atom of pair j) of one centre.
- * vec: (n_neigh, 3) pair vectors r_j - r_i in Å; spec: (n_neigh) species codes 0..n_species-1;
- * work: kmlip_acsf_work_size() doubles. */
-static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh,
-                                     const double *vec, const int32_t *spec, double *work,
-                                     double *out_x, double *out_grad)
+/* One centre: features, and the derivatives into out_grad and/or (with v) out_f; see
+ * kmlip_acsf_centre and kmlip_acsf_centre_vjp. */
+static inline void kmlip_acsf_centre_(const kmlip_acsf_params *p, int64_t n_neigh,
+                                      const double *vec, const int32_t *spec, double *work,
+                                      double *out_x, double *out_grad, const double *v,
+                                      double *out_f)
 {
     const int64_t F = p->n_features, n2 = p->n_g2, n3 = p->n_g3, n4 = p->n_g4, n5 = p->n_g5;
     const int64_t n45 = n4 + n5, E3 = 3 * F;
@@ -151,9 +168,12 @@ static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh
     double *r = work, *fc = work + n_neigh, *dfc = work + 2 * n_neigh;
     double *expo = work + 4 * n_neigh;  /* (n_neigh, n4 + n5): exp(-eta r^2) */
 
+    const int64_t derivs = out_grad != NULL || v != NULL;
     memset(out_x, 0, (size_t)F * sizeof(double));
     if (out_grad != NULL)
         memset(out_grad, 0, (size_t)((n_neigh + 1) * E3) * sizeof(double));
+    if (v != NULL)
+        memset(out_f, 0, (size_t)(3 * n_neigh) * sizeof(double));
 
     /* radial part and the per-pair tables of the angular part */
     for (int64_t j = 0; j < n_neigh; ++j) {
@@ -172,17 +192,19 @@ static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh
             expo[j * n45 + n4 + q] = exp(-p->g5[3 * q] * rj * rj);
 
         int64_t f0 = p->radial_block[spec[j]];
-        double *g = (out_grad != NULL) ? out_grad + (1 + j) * E3 : NULL;
+        kmlip_acsf_sink sink = {(out_grad != NULL) ? out_grad + (1 + j) * E3 : NULL, v,
+                                (v != NULL) ? out_f + 3 * j : NULL, F};
+        const kmlip_acsf_sink *g = derivs ? &sink : NULL;
         double s = 1.0 / rj;  /* d|a|/da = a / r */
         out_x[f0] += fc[j];
         if (g != NULL)
-            kmlip_acsf_add3_(g, F, f0, dfc[j] * s, a, 0.0, a, 0.0, a);
+            kmlip_acsf_add3_(g, f0, dfc[j] * s, a, 0.0, a, 0.0, a);
         for (int64_t q = 0; q < n2; ++q) {
             double eta = p->g2[2 * q], dr = rj - p->g2[2 * q + 1];
             double e = exp(-eta * dr * dr);
             out_x[f0 + 1 + q] += e * fc[j];
             if (g != NULL)
-                kmlip_acsf_add3_(g, F, f0 + 1 + q, e * (dfc[j] - 2.0 * eta * dr * fc[j]) * s, a,
+                kmlip_acsf_add3_(g, f0 + 1 + q, e * (dfc[j] - 2.0 * eta * dr * fc[j]) * s, a,
                                  0.0, a, 0.0, a);
         }
         for (int64_t q = 0; q < n3; ++q) {
@@ -190,7 +212,7 @@ static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh
             double cs = cos(kap * rj);
             out_x[f0 + 1 + n2 + q] += cs * fc[j];
             if (g != NULL)
-                kmlip_acsf_add3_(g, F, f0 + 1 + n2 + q,
+                kmlip_acsf_add3_(g, f0 + 1 + n2 + q,
                                  (cs * dfc[j] - kap * sin(kap * rj) * fc[j]) * s, a,
                                  0.0, a, 0.0, a);
         }
@@ -201,7 +223,9 @@ static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh
             if (fc[j] == 0.0 && dfc[j] == 0.0)
                 continue;
             const double *a = vec + 3 * j;
-            double *gj = (out_grad != NULL) ? out_grad + (1 + j) * E3 : NULL;
+            kmlip_acsf_sink sink_j = {(out_grad != NULL) ? out_grad + (1 + j) * E3 : NULL, v,
+                                      (v != NULL) ? out_f + 3 * j : NULL, F};
+            const kmlip_acsf_sink *gj = derivs ? &sink_j : NULL;
             for (int64_t k = j + 1; k < n_neigh; ++k) {
                 if (fc[k] == 0.0 && dfc[k] == 0.0)
                     continue;
@@ -209,19 +233,21 @@ static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh
                 double c[3] = {b[0] - a[0], b[1] - a[1], b[2] - a[2]};
                 double rjk = sqrt(c[0] * c[0] + c[1] * c[1] + c[2] * c[2]);
                 double cos_t = (a[0] * b[0] + a[1] * b[1] + a[2] * b[2]) / (r[j] * r[k]);
-                double *gk = (out_grad != NULL) ? out_grad + (1 + k) * E3 : NULL;
+                kmlip_acsf_sink sink_k = {(out_grad != NULL) ? out_grad + (1 + k) * E3 : NULL,
+                                          v, (v != NULL) ? out_f + 3 * k : NULL, F};
+                const kmlip_acsf_sink *gk = derivs ? &sink_k : NULL;
                 int64_t f0 = p->angular_block[spec[j] * p->n_species + spec[k]];
                 if (n4 > 0 && rjk < rc && rjk >= KMLIP_ACSF_TINY) {
                     double fjk, dfjk;
                     kmlip_acsf_cutoff_(rc, rjk, &fjk, &dfjk);
                     kmlip_acsf_angular_(p->g4, n4, 1, a, b, c, r[j], r[k], rjk, cos_t,
                                         expo + j * n45, expo + k * n45, fc[j], dfc[j], fc[k],
-                                        dfc[k], fjk, dfjk, F, f0, out_x, gj, gk);
+                                        dfc[k], fjk, dfjk, f0, out_x, gj, gk);
                 }
                 if (n5 > 0)
                     kmlip_acsf_angular_(p->g5, n5, 0, a, b, c, r[j], r[k], rjk, cos_t,
                                         expo + j * n45 + n4, expo + k * n45 + n4, fc[j], dfc[j],
-                                        fc[k], dfc[k], 1.0, 0.0, F, f0 + n4, out_x, gj, gk);
+                                        fc[k], dfc[k], 1.0, 0.0, f0 + n4, out_x, gj, gk);
             }
         }
     }
@@ -234,6 +260,28 @@ static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh
                 out_grad[t] -= g[t];
         }
     }
+}
+
+/* Features (out_x, n_features, overwritten) and, if out_grad is not NULL, their derivatives
+ * (out_grad, (n_neigh + 1, 3, n_features), overwritten: entry 0 is the self term d/dr_i,
+ * entry 1 + j the derivative with respect to the atom of pair j) of one centre.
+ * vec: (n_neigh, 3) pair vectors r_j - r_i in Å; spec: (n_neigh) species codes 0..n_species-1;
+ * work: kmlip_acsf_work_size() doubles. */
+static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh,
+                                     const double *vec, const int32_t *spec, double *work,
+                                     double *out_x, double *out_grad)
+{
+    kmlip_acsf_centre_(p, n_neigh, vec, spec, work, out_x, out_grad, NULL, NULL);
+}
+
+/* Forces of a scalar E of the features without forming their derivatives: given v = dE/dX of
+ * the centre (n_features), out_f[j] = dE/d r_ij (n_neigh, 3, overwritten) for each pair;
+ * out_x (n_features) receives the features (scratch for callers that have them already). */
+static inline void kmlip_acsf_centre_vjp(const kmlip_acsf_params *p, int64_t n_neigh,
+                                         const double *vec, const int32_t *spec, const double *v,
+                                         double *work, double *out_x, double *out_f)
+{
+    kmlip_acsf_centre_(p, n_neigh, vec, spec, work, out_x, NULL, v, out_f);
 }
 
 #ifdef __cplusplus

@@ -197,6 +197,62 @@ class ACSF(Descriptor):
         return list(self._labels)
 
     # -- evaluation ---------------------------------------------------------------------------
+    def _prepare(self, atoms, n_threads, gradients):
+        """Neighbour list, kernel arguments and thread count of one structure."""
+        numbers, positions, cell, pbc = checked_system(atoms)
+        unknown = sorted(set(numbers.tolist()) - set(self.species_z))
+        if unknown:
+            names = ", ".join(chemical_symbols[z] for z in unknown)
+            raise ValueError(f"species {names} not declared in ACSF(species=...)")
+        nt = resolve_threads(self.n_threads if n_threads is None else n_threads)
+        nl = neighbor_list_arrays(positions, cell, pbc, self.cutoff)
+        pair_species = np.ascontiguousarray(self._zmap[numbers][nl.neighbors])
+        n_atoms, n_pairs = len(numbers), len(nl.centers)
+        mean_neigh = n_pairs / max(n_atoms, 1)
+        per_pair = (len(self._g2) + len(self._g3) + 1
+                    + mean_neigh / 2 * (len(self._g4) + len(self._g5)) * (4 if gradients else 1))
+        # in threads_for's units (~ flops / 10): a small structure runs on one thread
+        nt = threads_for(nt, n_pairs * (per_pair * 3 + (self.n_features if gradients else 0)))
+        args = (self._g2, self._g3, self._g4, self._g5, self._radial_block, self._angular_block,
+                float(self.cutoff), self.n_features, nl.offsets,
+                np.ascontiguousarray(nl.vectors), pair_species)
+        return nt, nl, n_atoms, args
+
+    def backprop(self, atoms, grad_fn, n_threads: int | None = None):
+        """Features, then forces and virial of a scalar ``E(X)`` without forming dX/dr.
+
+        Computes ``X``, calls ``V = grad_fn(X)`` (``dE/dX``, shape (n_atoms, n_features)) and
+        contracts ``V`` with the pair derivatives inside the kernel (the fast path of
+        prediction; same results as the base class's contraction of :meth:`transform`).
+
+        Returns
+        -------
+        X : ndarray, shape (n_atoms, n_features)
+        V : ndarray, shape (n_atoms, n_features), as returned by ``grad_fn``
+        forces : ndarray, shape (n_atoms, 3)
+            ``-dE/dr`` in energy units per Å.
+        virial : ndarray, shape (3, 3)
+            ``dE/d eps`` (unsymmetrised, ``W[a, b] = sum_pairs dE/d(r_ij)_a (r_ij)_b``).
+        """
+        from kmlip._ext import acsf as _acsf
+
+        nt, nl, n_atoms, args = self._prepare(atoms, n_threads, True)
+        X = np.empty((n_atoms, self.n_features))
+        if n_atoms:
+            _acsf.compute(*args, X, None, nt)
+        V = np.ascontiguousarray(grad_fn(X), dtype=np.float64)
+        if V.shape != X.shape:
+            raise ValueError(f"grad_fn returned shape {V.shape}, expected {X.shape}")
+        fpair = np.zeros((len(nl.centers), 3))
+        if len(nl.centers):
+            _acsf.vjp(*args, V, fpair, nt)
+        forces = np.zeros((n_atoms, 3))
+        for a in range(3):
+            forces[:, a] = (np.bincount(nl.neighbors, weights=-fpair[:, a], minlength=n_atoms)
+                            + np.bincount(nl.centers, weights=fpair[:, a], minlength=n_atoms))
+        virial = fpair.T @ nl.vectors
+        return X, V, forces, virial
+
     def transform(self, atoms, gradients: bool = False, n_threads: int | None = None):
         """ACSF of every atom, optionally with position gradients.
 
@@ -218,27 +274,12 @@ class ACSF(Descriptor):
         """
         from kmlip._ext import acsf as _acsf
 
-        numbers, positions, cell, pbc = checked_system(atoms)
-        unknown = sorted(set(numbers.tolist()) - set(self.species_z))
-        if unknown:
-            names = ", ".join(chemical_symbols[z] for z in unknown)
-            raise ValueError(f"species {names} not declared in ACSF(species=...)")
-        nt = resolve_threads(self.n_threads if n_threads is None else n_threads)
-        nl = neighbor_list_arrays(positions, cell, pbc, self.cutoff)
-        pair_species = np.ascontiguousarray(self._zmap[numbers][nl.neighbors])
-        n_atoms = len(numbers)
+        nt, nl, n_atoms, args = self._prepare(atoms, n_threads, gradients)
         n_pairs = len(nl.centers)
-        mean_neigh = n_pairs / max(n_atoms, 1)
-        per_pair = (len(self._g2) + len(self._g3) + 1
-                    + mean_neigh / 2 * (len(self._g4) + len(self._g5)) * (4 if gradients else 1))
-        # in threads_for's units (~ flops / 10): a small structure runs on one thread
-        nt = threads_for(nt, n_pairs * (per_pair * 3 + (self.n_features if gradients else 0)))
         X = np.empty((n_atoms, self.n_features))
         grad = np.empty((n_atoms + n_pairs, 3, self.n_features)) if gradients else None
         if n_atoms:
-            _acsf.compute(self._g2, self._g3, self._g4, self._g5, self._radial_block,
-                          self._angular_block, float(self.cutoff), self.n_features, nl.offsets,
-                          np.ascontiguousarray(nl.vectors), pair_species, X, grad, nt)
+            _acsf.compute(*args, X, grad, nt)
         if not gradients:
             return X
         counts = np.diff(nl.offsets)
