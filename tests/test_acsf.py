@@ -157,7 +157,12 @@ def test_gradients_match_dscribe_numerical_derivatives(case):
     np.testing.assert_allclose(G.dense(len(atoms)), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
-def test_backprop_gives_forces_and_virial_of_a_scalar():
+@pytest.mark.parametrize("vjp", [True, False])
+def test_backprop_gives_forces_and_virial_of_a_scalar(vjp, monkeypatch):
+    from kmlip.descriptors import acsf as acsf_module
+
+    # both paths: the in-kernel vjp and the contraction of dense pair gradients
+    monkeypatch.setattr(acsf_module, "VJP_MIN_FEATURES", 0 if vjp else 10**9)
     atoms = _triclinic(7)
     acsf = ACSF(species=["Cu", "Al"], **KW_GRAD)
     w = np.random.default_rng(0).standard_normal((len(atoms), acsf.n_features))

@@ -81,22 +81,31 @@ typedef struct kmlip_acsf_sink {
     int64_t F;          /* number of features */
 } kmlip_acsf_sink;
 
-/* d X_f / d r_pair = ca * av + cb * bv + cc * cv, into the sink. */
+/* d X_f / d r_pair = ca * av + cb * bv + cc * cv: into the gradient entry, and its weight
+ * v[f] times the coefficients into (*wa, *wb, *wc) for the vjp (applied once per pair or
+ * triplet, not per feature). */
 static inline void kmlip_acsf_add3_(const kmlip_acsf_sink *s, int64_t f, double ca,
                                     const double *av, double cb, const double *bv, double cc,
-                                    const double *cv)
+                                    const double *cv, double *wa, double *wb, double *wc)
 {
-    double t[3];
-    for (int64_t d = 0; d < 3; ++d)
-        t[d] = ca * av[d] + cb * bv[d] + cc * cv[d];
     if (s->g != NULL)
         for (int64_t d = 0; d < 3; ++d)
-            s->g[d * s->F + f] += t[d];
+            s->g[d * s->F + f] += ca * av[d] + cb * bv[d] + cc * cv[d];
     if (s->v != NULL) {
         double w = s->v[f];
-        for (int64_t d = 0; d < 3; ++d)
-            s->f[d] += w * t[d];
+        *wa += w * ca;
+        *wb += w * cb;
+        *wc += w * cc;
     }
+}
+
+/* s->f += wa * av + wb * bv + wc * cv (the vjp's accumulated coefficients). */
+static inline void kmlip_acsf_flush_(const kmlip_acsf_sink *s, double wa, const double *av,
+                                     double wb, const double *bv, double wc, const double *cv)
+{
+    if (s->v != NULL)
+        for (int64_t d = 0; d < 3; ++d)
+            s->f[d] += wa * av[d] + wb * bv[d] + wc * cv[d];
 }
 
 /* One angular family (G4 if with_jk, else G5) of one triplet.
@@ -115,6 +124,7 @@ static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t wit
     double rjk2 = rjk * rjk;
     double F3 = fij * fik * fjk;
     double last_eta = -1.0, ejk = 1.0;
+    double wja = 0.0, wjb = 0.0, wjc = 0.0, wka = 0.0, wkb = 0.0, wkc = 0.0;
     for (int64_t q = 0; q < n; ++q) {
         double eta = prm[3 * q], zeta = prm[3 * q + 1], lam = prm[3 * q + 2];
         double E = ej[q] * ek[q];
@@ -150,8 +160,12 @@ static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t wit
         double cc = 0.0;
         if (with_jk)
             cc = 2.0 * eta * AEF - AE * fij * fik * dfjk / rjk;
-        kmlip_acsf_add3_(sj, f0 + q, ca_a, a, cross, b, cc, c);
-        kmlip_acsf_add3_(sk, f0 + q, cross, a, cb_b, b, -cc, c);
+        kmlip_acsf_add3_(sj, f0 + q, ca_a, a, cross, b, cc, c, &wja, &wjb, &wjc);
+        kmlip_acsf_add3_(sk, f0 + q, cross, a, cb_b, b, -cc, c, &wka, &wkb, &wkc);
+    }
+    if (sj != NULL) {
+        kmlip_acsf_flush_(sj, wja, a, wjb, b, wjc, c);
+        kmlip_acsf_flush_(sk, wka, a, wkb, b, wkc, c);
     }
 }
 
@@ -196,16 +210,17 @@ static inline void kmlip_acsf_centre_(const kmlip_acsf_params *p, int64_t n_neig
                                 (v != NULL) ? out_f + 3 * j : NULL, F};
         const kmlip_acsf_sink *g = derivs ? &sink : NULL;
         double s = 1.0 / rj;  /* d|a|/da = a / r */
+        double wr = 0.0, w0 = 0.0;  /* vjp: coefficient of a, and a sink for the unused ones */
         out_x[f0] += fc[j];
         if (g != NULL)
-            kmlip_acsf_add3_(g, f0, dfc[j] * s, a, 0.0, a, 0.0, a);
+            kmlip_acsf_add3_(g, f0, dfc[j] * s, a, 0.0, a, 0.0, a, &wr, &w0, &w0);
         for (int64_t q = 0; q < n2; ++q) {
             double eta = p->g2[2 * q], dr = rj - p->g2[2 * q + 1];
             double e = exp(-eta * dr * dr);
             out_x[f0 + 1 + q] += e * fc[j];
             if (g != NULL)
                 kmlip_acsf_add3_(g, f0 + 1 + q, e * (dfc[j] - 2.0 * eta * dr * fc[j]) * s, a,
-                                 0.0, a, 0.0, a);
+                                 0.0, a, 0.0, a, &wr, &w0, &w0);
         }
         for (int64_t q = 0; q < n3; ++q) {
             double kap = p->g3[q];
@@ -214,8 +229,10 @@ static inline void kmlip_acsf_centre_(const kmlip_acsf_params *p, int64_t n_neig
             if (g != NULL)
                 kmlip_acsf_add3_(g, f0 + 1 + n2 + q,
                                  (cs * dfc[j] - kap * sin(kap * rj) * fc[j]) * s, a,
-                                 0.0, a, 0.0, a);
+                                 0.0, a, 0.0, a, &wr, &w0, &w0);
         }
+        if (g != NULL)
+            kmlip_acsf_flush_(g, wr, a, 0.0, a, 0.0, a);
     }
 
     if (n45 > 0) {
