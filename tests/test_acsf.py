@@ -322,3 +322,19 @@ def test_kernel_potential_fits_emt_and_forces_are_energy_derivatives(train_frame
             m.positions[j, a] -= h
             fd[j, a] = -(model.predict(p)[0] - model.predict(m)[0]) / (2 * h)
     np.testing.assert_allclose(F, fd, atol=1e-5 * max(1.0, np.abs(fd).max()))
+
+
+def test_model_with_acsf_saves_and_loads(train_frames, tmp_path):
+    from kmlip.model import KernelPotential, load
+
+    acsf = ACSF(species=["Cu", "Al"], r_cut=4.5, g2_params=[(4.0, 2.5), (4.0, 3.5)],
+                g4_params=[(0.1, 1.0, 1.0)])
+    model = KernelPotential(acsf, n_sparse=10, random_state=0, n_threads=1)
+    model.fit(train_frames[:4])
+    path = tmp_path / "acsf.kmlip"
+    model.save(path)
+    again = load(path)
+    assert isinstance(again.descriptor, ACSF)
+    assert again.descriptor.get_params() == acsf.to_dict()["params"]
+    np.testing.assert_array_equal(again.predict(train_frames[4:6]),
+                                  model.predict(train_frames[4:6]))
