@@ -147,7 +147,7 @@ static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t wit
         } else {
             xz1 = pow(0.5 * x, zeta - 1.0);
         }
-        double A = xz1 * x;
+        double A = xz1 * x;  /* 2^(1-zeta) x^zeta; dA/dcos = zeta lambda (x/2)^(zeta-1) */
         double AE = A * E;
         double AEF = AE * F3;
         out[f0 + q] += AEF;
