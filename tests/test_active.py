@@ -303,7 +303,8 @@ def test_resume_after_kill_9(tmp_path):
                          descriptor=t._soap(), seed=3, max_new_points=16, threshold=0.02,
                          progress=False, callback=slow)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
+                            cwd=tmp_path)  # not the checkout: the installed package
     manifest = run / "manifest.json"
     t0 = time.time()
     try:
