@@ -152,8 +152,13 @@ class SparseBasis:
 
     def spread(self, z: int) -> float:
         """Largest distance of a normalised sparse point of species z from their mean."""
-        u = self._centred32(z)[0]
-        return float(np.max(np.linalg.norm(self.points_hat[z] - u, axis=1)))
+        # cached like _centred32: training asks once per structure, and the norms of all M_z
+        # points were a serial pass of 2% of a fit
+        cache = self.__dict__.setdefault("_spread", {})
+        if z not in cache:
+            u = self._centred32(z)[0]
+            cache[z] = float(np.max(np.linalg.norm(self.points_hat[z] - u, axis=1)))
+        return cache[z]
 
     def _scratch(self, name: str, shape: tuple[int, int], dtype) -> np.ndarray:
         """A C-contiguous array view of a buffer kept between calls (grown when too small).

@@ -1,6 +1,7 @@
 """OpenMP driver of the SOAP kernel: the per-centre maths lives in soap_core.h."""
 from cython.parallel cimport prange, threadid
 from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memset
 
 import numpy as np
 
@@ -84,6 +85,9 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
     """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
 
     Entries of centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
+    out_grad may hold garbage (np.empty): the thread that computes a centre zeroes its entries
+    first (the kernel skips the species blocks a pair cannot move), so the first touch of fresh
+    pages and the zeroing run in parallel, on the thread that then writes them.
     mu1nu1: the species-compressed spectrum (tables in the layout of soap_core.h's mu1nu1).
     """
     cdef kmlip_soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
@@ -113,6 +117,7 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             sptr = dummy_s
         if grads:
             gptr = &out_grad[start + i, 0, 0]
+            memset(gptr, 0, sizeof(double) * (n_neigh + 1) * 3 * out_grad.shape[2])
         else:
             gptr = NULL
         if mu1nu1:

@@ -27,7 +27,8 @@ BaselineValues = tuple[float, np.ndarray, np.ndarray]
 
 
 def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabels,
-               e0_total: float, base: BaselineValues, n_threads: int, precision: str):
+               e0_total: float, base: BaselineValues, n_threads: int, precision: str,
+               grad_buffer=None):
     """(class, unit kernel rows, targets, relative noise) of every label of one structure.
 
     Parameters
@@ -42,6 +43,9 @@ def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabel
         Baseline energy, forces and Voigt stress (subtracted from the labels).
     n_threads : int
     precision : {"auto", "double", "mixed"}
+    grad_buffer : kmlip.descriptors.soap.GradientBuffer, optional
+        Reused storage for the pair gradients (descriptors with ``accepts_grad_buffer``); the
+        rows returned do not refer to it.
 
     Returns
     -------
@@ -51,7 +55,8 @@ def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabel
     Z = np.asarray(atoms.numbers, dtype=np.int64)
     need_grad = labels.forces is not None or labels.stress is not None
     if need_grad:
-        X, G = descriptor.transform(atoms, gradients=True, n_threads=n_threads)
+        kw = {"grad_buffer": grad_buffer} if grad_buffer is not None else {}
+        X, G = descriptor.transform(atoms, gradients=True, n_threads=n_threads, **kw)
     else:
         X = descriptor.transform(atoms, gradients=False, n_threads=n_threads)
     out = []
@@ -111,11 +116,17 @@ def accumulate(descriptor, basis: kernels.SparseBasis, frames: Sequence,
     if factors:
         qr.factors = {c: copy.deepcopy(f) for c, f in factors.items()}
     t_rows = 0.0
+    # one gradient array for all structures: no fresh pages to fault in per structure
+    grad_buffer = None
+    if getattr(descriptor, "accepts_grad_buffer", False):
+        from kmlip.descriptors.soap import GradientBuffer
+
+        grad_buffer = GradientBuffer()
     try:
         for k, a in enumerate(frames):
             t1 = time.perf_counter()
             rows = frame_rows(descriptor, basis, a, labels[k], e0_totals[k], baselines[k],
-                              n_threads, precision)
+                              n_threads, precision, grad_buffer)
             t_rows += time.perf_counter() - t1
             for cls, K_rows, yv, sc in rows:
                 qr.add(cls, K_rows, yv, sc)
