@@ -85,9 +85,10 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
     """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
 
     Entries of centre i in out_grad start at pair_offsets[i] + i: the self term, then its pairs.
-    out_grad may hold garbage (np.empty): the thread that computes a centre zeroes its entries
-    first (the kernel skips the species blocks a pair cannot move), so the first touch of fresh
-    pages and the zeroing run in parallel, on the thread that then writes them.
+    out_grad may hold garbage (np.empty). With several species the kernel skips the species
+    blocks a pair cannot move, so the thread that computes a centre zeroes its entries first
+    (first touch and zeroing in parallel, on the thread that then writes them); with one species
+    and in mu1nu1 every value is written and nothing is zeroed.
     mu1nu1: the species-compressed spectrum (tables in the layout of soap_core.h's mu1nu1).
     """
     cdef kmlip_soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,
@@ -97,6 +98,7 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
     cdef Py_ssize_t i, n_neigh, start
     cdef double[:, ::1] work = _work(&p, pair_offsets, n_threads, mu1nu1)
     cdef bint grads = out_grad is not None
+    cdef bint zero_grad = grads and not mu1nu1 and n_species > 1
     cdef double *gptr
     cdef const double *vptr
     cdef const int32_t *sptr
@@ -117,7 +119,8 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             sptr = dummy_s
         if grads:
             gptr = &out_grad[start + i, 0, 0]
-            memset(gptr, 0, sizeof(double) * (n_neigh + 1) * 3 * out_grad.shape[2])
+            if zero_grad:
+                memset(gptr, 0, sizeof(double) * (n_neigh + 1) * 3 * out_grad.shape[2])
         else:
             gptr = NULL
         if mu1nu1:

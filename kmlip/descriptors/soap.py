@@ -430,10 +430,10 @@ class SOAP(Descriptor):
         grad = None
         if gradients:
             n_entries = n_atoms + len(nl.centers)
-            # not zeroed here: each OpenMP thread zeroes the entries of the centres it computes
-            # (the kernel skips the species blocks a pair cannot move), so the first touch and
-            # the zeroing of these pages (~51 MB for 108 Cu atoms at n_max 8, l_max 6) run in
-            # parallel instead of serially in this thread
+            # not zeroed here (~51 MB for 108 Cu atoms at n_max 8, l_max 6): the kernel writes
+            # every value, except with several species the blocks a pair cannot move, and then
+            # each OpenMP thread zeroes the entries of its centres (soap.pyx), so the first
+            # touch and the zeroing run in parallel instead of serially in this thread
             shape = (n_entries, 3, self.n_features)
             grad = np.empty(shape) if grad_buffer is None else grad_buffer.take(shape)
         if n_atoms:
