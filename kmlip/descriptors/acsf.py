@@ -290,16 +290,4 @@ class ACSF(Descriptor):
             _acsf.compute(*args, X, grad, nt)
         if not gradients:
             return X
-        counts = np.diff(nl.offsets)
-        offsets = nl.offsets + np.arange(n_atoms + 1)
-        centers = np.repeat(np.arange(n_atoms, dtype=np.int64), counts + 1)
-        first = offsets[:-1]
-        neighbors = np.empty_like(centers)
-        vectors = np.zeros((len(centers), 3))
-        mask = np.ones(len(centers), dtype=bool)
-        mask[first] = False
-        neighbors[first] = np.arange(n_atoms)
-        neighbors[mask] = nl.neighbors
-        vectors[mask] = nl.vectors
-        return X, PairGradients(centers=centers, neighbors=neighbors, values=grad,
-                                vectors=vectors, offsets=offsets)
+        return X, PairGradients.from_neighbor_list(nl, grad)

@@ -50,6 +50,31 @@ class PairGradients:
     vectors: np.ndarray
     offsets: np.ndarray
 
+    @classmethod
+    def from_neighbor_list(cls, nl, values: np.ndarray) -> PairGradients:
+        """The layout of a kernel that writes, per centre i, its self term and then one entry
+        per pair of ``nl`` (a full neighbour list sorted by centre, CSR ``offsets``).
+
+        Parameters
+        ----------
+        nl : neighbour list with ``offsets`` (n_atoms + 1,), ``neighbors`` and ``vectors``
+        values : ndarray, shape (n_atoms + n_pairs, 3, n_features)
+        """
+        n_atoms = len(nl.offsets) - 1
+        counts = np.diff(nl.offsets)
+        offsets = nl.offsets + np.arange(n_atoms + 1)
+        centers = np.repeat(np.arange(n_atoms, dtype=np.int64), counts + 1)
+        first = offsets[:-1]
+        neighbors = np.empty_like(centers)
+        vectors = np.zeros((len(centers), 3))
+        mask = np.ones(len(centers), dtype=bool)
+        mask[first] = False
+        neighbors[first] = np.arange(n_atoms)
+        neighbors[mask] = nl.neighbors
+        vectors[mask] = nl.vectors
+        return cls(centers=centers, neighbors=neighbors, values=values, vectors=vectors,
+                   offsets=offsets)
+
     @property
     def n_entries(self) -> int:
         return int(self.centers.shape[0])
