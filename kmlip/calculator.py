@@ -12,8 +12,10 @@ It computes what ASE asks for, through the model's one prediction path
 ``energy_var``, ``energies_var`` (n_atoms,), ``forces_var`` (n_atoms, 3)
     Epistemic variances (eV², eV²/Å²) from the sparse-GP posterior. Computed when requested
     (``calc.get_property("energies_var", atoms)``), or on every call for those named in
-    ``variances``. A variance requested after the forces at the same positions reuses that
-    call's features and kernel rows (no new descriptor pass).
+    ``variances``; a call that asks for the energy alone on new positions (a single point:
+    dynamics and optimisers ask for forces) also reports ``energies_var``. A variance requested
+    after the forces at the same positions reuses that call's features and kernel rows (no new
+    descriptor pass).
 ``novelty`` (n_atoms,), ``uncertainty`` (n_atoms,)
     The projected-process term of ``energies_var`` (eV²) and the calibrated per-atom
     uncertainty (eV/Å, an estimate of the atom's force error; see :mod:`kmlip.uncertainty`),
@@ -88,6 +90,10 @@ class KMLIPCalculator(Calculator):
                 want.add("forces")
                 if bool(a.pbc.all()):
                     want.add("stress")
+            else:
+                # a single-point energy (dynamics and optimisers ask for forces) also reports
+                # the per-atom variances, as earlier versions did
+                want.add("energies_var")
             r = self.model.compute(a, want)
             self.results = {}
         else:

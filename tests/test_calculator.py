@@ -22,8 +22,9 @@ def test_results_and_consistency_with_the_model(fitted, test_frames):
     r = a.calc.results
     assert r["energies"].shape == (len(a),)
     assert r["energies"].sum() == pytest.approx(e, rel=1e-12)
-    # variances only on request
-    assert not {"energies_var", "energy_var", "forces_var"} & set(r)
+    # the first call asked for the energy alone: a single point reports energies_var;
+    # the other variances only on request
+    assert "energies_var" in r and not {"energy_var", "forces_var"} & set(r)
     ev = a.calc.get_property("energies_var", a)
     assert ev.shape == (len(a),) and np.all(ev >= 0)
     np.testing.assert_array_equal(ev, fitted.predict_local_energies(a, return_var=True)[1])
@@ -132,6 +133,13 @@ def test_calculator_computes_what_is_asked_and_reuses_the_last_pass(fitted, test
     assert "energy_var" not in b.calc.results and "forces_var" not in b.calc.results
     with pytest.raises(ValueError, match="unknown variances"):
         KMLIPCalculator(fitted, variances=("stress",))
+    # a single-point energy also reports the per-atom variances; forces then need a pass
+    c = test_frames[6].copy()
+    c.calc = KMLIPCalculator(model)
+    c.get_potential_energy()
+    assert counting.calls == 3 and c.calc.results["energies_var"].shape == (len(c),)
+    c.get_forces()
+    assert counting.calls == 4 and "energies_var" in c.calc.results
 
 
 def test_compute_returns_exactly_what_is_requested(fitted, test_frames):
