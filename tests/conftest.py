@@ -84,3 +84,41 @@ def soap_or_skip(**kw):
         return s
     except (ImportError, NotImplementedError) as exc:  # pragma: no cover
         pytest.skip(f"SOAP unavailable: {exc}")
+
+
+def triclinic_cell(seed=0, symbols="CuAlCuAlCu") -> Atoms:
+    """A small random triclinic periodic cell (cutoffs reach several images)."""
+    rng = np.random.default_rng(seed)
+    cell = np.array([[4.1, 0.0, 0.0], [1.3, 3.9, 0.0], [0.7, 0.9, 4.3]])
+    frac = rng.random((len(Atoms(symbols)), 3))
+    return Atoms(symbols, scaled_positions=frac, cell=cell, pbc=True)
+
+
+def fd_positions(desc, atoms, h=1e-5) -> np.ndarray:
+    """Central differences of a descriptor's features, (n_atoms, n_atoms, 3, F)."""
+    n = len(atoms)
+    out = np.zeros((n, n, 3, desc.n_features))
+    for j in range(n):
+        for a in range(3):
+            p, m = atoms.copy(), atoms.copy()
+            p.positions[j, a] += h
+            m.positions[j, a] -= h
+            out[:, j, a] = (desc.transform(p) - desc.transform(m)) / (2 * h)
+    return out
+
+
+def fd_strain(desc, atoms, h=1e-6) -> np.ndarray:
+    """Central differences of the features under cell strain, (n_atoms, 3, 3, F)."""
+    out = np.zeros((len(atoms), 3, 3, desc.n_features))
+    cell = atoms.cell.array
+    for a in range(3):
+        for b in range(3):
+            res = []
+            for sign in (1, -1):
+                e = np.eye(3)
+                e[a, b] += sign * h
+                s = atoms.copy()
+                s.set_cell(cell @ e.T, scale_atoms=True)
+                res.append(desc.transform(s))
+            out[:, a, b] = (res[0] - res[1]) / (2 * h)
+    return out

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
+from conftest import fd_positions as _fd_positions
+from conftest import fd_strain as _fd_strain
+from conftest import triclinic_cell as _triclinic
 
 from kmlip import SOAP
 
@@ -19,41 +22,6 @@ def _alloy(seed=0):
     rng = np.random.default_rng(seed)
     a.symbols[rng.permutation(len(a))[:12]] = "Al"
     return _rattled(a, 0.1, seed)
-
-
-def _triclinic(seed=0, symbols="CuAlCuAlCu"):
-    rng = np.random.default_rng(seed)
-    cell = np.array([[4.1, 0.0, 0.0], [1.3, 3.9, 0.0], [0.7, 0.9, 4.3]])
-    frac = rng.random((len(Atoms(symbols)), 3))
-    return Atoms(symbols, scaled_positions=frac, cell=cell, pbc=True)
-
-
-def _fd_positions(soap, atoms, h=1e-5):
-    n = len(atoms)
-    out = np.zeros((n, n, 3, soap.n_features))
-    for j in range(n):
-        for a in range(3):
-            p, m = atoms.copy(), atoms.copy()
-            p.positions[j, a] += h
-            m.positions[j, a] -= h
-            out[:, j, a] = (soap.transform(p) - soap.transform(m)) / (2 * h)
-    return out
-
-
-def _fd_strain(soap, atoms, h=1e-6):
-    out = np.zeros((len(atoms), 3, 3, soap.n_features))
-    cell = atoms.cell.array
-    for a in range(3):
-        for b in range(3):
-            res = []
-            for sign in (1, -1):
-                e = np.eye(3)
-                e[a, b] += sign * h
-                s = atoms.copy()
-                s.set_cell(cell @ e.T, scale_atoms=True)
-                res.append(soap.transform(s))
-            out[:, a, b] = (res[0] - res[1]) / (2 * h)
-    return out
 
 
 # -- DScribe convention --------------------------------------------------------------------------

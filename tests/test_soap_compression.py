@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
+from conftest import fd_positions as _fd_positions
+from conftest import fd_strain as _fd_strain
 
 from kmlip import SOAP
 
@@ -37,34 +39,6 @@ def _triclinic(seed=0):
 def _dense(G, n_atoms, n_features):
     out = np.zeros((n_atoms, n_atoms, 3, n_features))
     np.add.at(out, (G.centers, G.neighbors), G.values)
-    return out
-
-
-def _fd_positions(soap, atoms, h=1e-5):
-    n = len(atoms)
-    out = np.zeros((n, n, 3, soap.n_features))
-    for j in range(n):
-        for a in range(3):
-            p, m = atoms.copy(), atoms.copy()
-            p.positions[j, a] += h
-            m.positions[j, a] -= h
-            out[:, j, a] = (soap.transform(p) - soap.transform(m)) / (2 * h)
-    return out
-
-
-def _fd_strain(soap, atoms, h=1e-6):
-    out = np.zeros((len(atoms), 3, 3, soap.n_features))
-    cell = atoms.cell.array
-    for a in range(3):
-        for b in range(3):
-            res = []
-            for sign in (1, -1):
-                e = np.eye(3)
-                e[a, b] += sign * h
-                s = atoms.copy()
-                s.set_cell(cell @ e.T, scale_atoms=True)
-                res.append(soap.transform(s))
-            out[:, a, b] = (res[0] - res[1]) / (2 * h)
     return out
 
 
