@@ -32,7 +32,8 @@ from ase import Atoms
 
 from kmlip import kernels
 from kmlip._threads import serial_blas
-from kmlip.labels import check_species, is_periodic, voigt
+from kmlip.gp.training import baseline_values
+from kmlip.labels import check_species, is_periodic
 
 #: Property names :func:`compute` understands.
 PROPERTIES = ("energy", "free_energy", "energies", "forces", "stress", "energy_var",
@@ -88,15 +89,6 @@ def check_properties(properties: Iterable[str]) -> frozenset[str]:
     if bad:
         raise ValueError(f"unknown properties {bad}; known: {list(PROPERTIES)}")
     return props
-
-
-def _baseline(state, atoms: Atoms):
-    if state.baseline is None:
-        return 0.0, None, None
-    E, F, S = state.baseline.compute(atoms)
-    F = None if F is None else np.asarray(F, dtype=np.float64)
-    S = None if S is None else voigt(S, "baseline stress")
-    return float(E), F, S
 
 
 def compute(state, atoms: Atoms, properties: Iterable[str] = ("energy",),
@@ -179,7 +171,9 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     if "energies" in props or want_e:
         out.energies = local
     if want_e:
-        E_b, F_b, S_b = _baseline(state, atoms)
+        # the training labels subtracted exactly these values (one helper for both)
+        E_b, F_b, S_b = (0.0, None, None) if state.baseline is None \
+            else baseline_values(state.baseline, atoms)
         out.baseline_energy = E_b
         out.energy = float(np.sum(local)) + E_b
         if want_f:
