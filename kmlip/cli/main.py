@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "eval": "errors of a model on labelled structures and how well its uncertainty predicts them",
     "md": "molecular dynamics with a model, optionally stopped by an uncertainty gate",
     "learn": "learn a potential on the fly from a reference calculator (EMT, xtb, any ASE one)",
+    "lammps": "LAMMPS pair style: build the plugin, export a model for pair_coeff",
 }
 
 EPILOG = ("Errors are printed as one line on stderr with exit status 2 (1 for an internal error; "
