@@ -1,0 +1,547 @@
+"""Fits distributed on Dask: descriptors and kernel rows on the workers, the O(M^3) solve on
+the client.
+
+A fit has two passes over the training structures, and both run here on a
+:class:`dask.distributed.Client` with the return values of their serial counterparts, so the
+estimator swaps one for the other:
+
+* :func:`choose` (for :func:`kmlip.gp.sparse_points.choose`): every worker computes the features
+  of its blocks of structures (:func:`~kmlip.gp.sparse_points.collect_environments` with the
+  blocks' frame offsets, so environment ids are global) and returns them, or a uniform sample
+  of them when there are many (below); the client runs CUR / FPS / random selection
+  (:func:`~kmlip.gp.sparse_points.choose_from`) on what came back.
+* :func:`accumulate` (for :func:`kmlip.gp.training.accumulate`): every worker streams the
+  kernel rows of its blocks into per-label-class triangular factors (the streaming QR of
+  :mod:`kmlip.gp.sparse`, exactly the serial code on its part of the data); the factors are
+  merged pairwise in a tree (TSQR: the R of a QR of two stacked factors) and the client receives
+  one ``(M+1) x (M+1)`` factor per class.
+
+What travels: the structures (positions, numbers, cell; no calculators), once, in contiguous
+blocks balanced by atom count, from the client to the worker that processes them; their labels
+(with e0 totals and baselines) to the same worker; the kernel (descriptors and sparse points)
+to every worker. Back to the client come only the selection sample, and one factor per class.
+Descriptors, pair gradients and kernel rows never leave the worker that computed them.
+
+Numerics: the merged factor ``T`` of a class satisfies ``T^T T = sum_w T_w^T T_w`` over the
+workers' factors, which is the ``T^T T`` of the serial factor up to rounding; the two differ by
+an orthogonal transformation (row signs, rotation). The solve (:func:`kmlip.gp.sparse.solve_stack`)
+and the log marginal likelihood and its gradient depend only on ``T^T T`` (through a QR of the
+stacked factors and norms ``|T v|``), on ``n_rows`` and on ``log_scale_sum`` (sums over rows,
+so sums over workers), so a distributed fit gives the serial model to rounding. The partition
+(and hence the bits) depends only on the structures and the list of workers, not on timing:
+each worker's blocks run one after another on that worker, and the merge tree is fixed.
+
+Selection sample: CUR / FPS / random need the features of candidate environments on the
+client. Each block of structures returns, per kernel key ``k``, at most
+``ceil(C_k * atoms(block) / atoms(all))`` environments, ``C_k = n_workers * cap_k``, drawn
+uniformly without replacement (seeded from ``random_state`` and the block number, so the choice
+is reproducible), with ``cap_k = max(20 * n_sparse_k, 5000)`` by default (``sample``); about
+``cap_k`` environments per key per worker reach the client. When a training set has no more
+atoms than ``C_k`` (atom-centred descriptors), every environment is returned and the choice is
+exactly the serial one. Sparse points given as indices need the exact environments, so such
+requests always return every environment of the keys requested.
+
+Errors: an exception raised while a worker processes structure ``i`` reaches the caller with
+its own type and the message ``"structure i (Dask worker ADDRESS): <message>"``; a worker that
+dies (e.g. killed for memory) raises :class:`RuntimeError` naming the structures it held.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kmlip.gp import sparse_points, training
+from kmlip.gp.sparse import ClassFactor
+
+#: Default sample of the selection: at most max(SAMPLE_FACTOR * n_sparse_k, SAMPLE_MIN)
+#: environments per kernel key per worker.
+SAMPLE_FACTOR = 20
+SAMPLE_MIN = 5000
+#: Blocks per worker: the structures are scattered and processed in this many pieces per worker
+#: (progress reports and transfers overlapping the work), all folded into one factor per class.
+BLOCKS_PER_WORKER = 4
+
+
+# -- placement of the structures on the workers -------------------------------------------------
+@dataclass(frozen=True)
+class _Block:
+    """A contiguous block of training structures ``start:stop`` assigned to ``worker``."""
+
+    worker: str
+    start: int
+    stop: int
+
+
+def _workers(client) -> dict[str, int]:
+    """``{address: threads}`` of the cluster's workers, sorted by address (waits up to 60 s
+    for a first worker)."""
+    nthreads = dict(client.nthreads())
+    if not nthreads:
+        try:
+            client.wait_for_workers(1, timeout=60)
+        except Exception as exc:  # noqa: BLE001 - dask raises TimeoutError or its own
+            raise RuntimeError("the Dask cluster has no workers (waited 60 s)") from exc
+        nthreads = dict(client.nthreads())
+    return {w: max(1, int(nthreads[w])) for w in sorted(nthreads)}
+
+
+def _partition(n_atoms: np.ndarray, workers: Sequence[str],
+               blocks_per_worker: int = BLOCKS_PER_WORKER) -> list[_Block]:
+    """Contiguous blocks of about equal atom counts: one run of blocks per worker.
+
+    Parameters
+    ----------
+    n_atoms : ndarray of int, shape (n_frames,)
+    workers : sequence of str
+    blocks_per_worker : int
+
+    Returns
+    -------
+    list of _Block, in frame order
+    """
+    n = len(n_atoms)
+    cum = np.concatenate([[0], np.cumsum(n_atoms, dtype=np.int64)])
+    total = int(cum[-1])
+    P = len(workers)
+    blocks = []
+
+    def cut(lo: int, hi: int, parts: int) -> list[int]:
+        # frame boundaries splitting lo:hi into `parts` pieces of about equal atom counts
+        if hi <= lo:
+            return [lo] * (parts + 1)
+        targets = cum[lo] + (cum[hi] - cum[lo]) * np.arange(parts + 1) / parts
+        b = np.searchsorted(cum, targets, side="left").clip(lo, hi)
+        b[0], b[-1] = lo, hi
+        return np.maximum.accumulate(b).tolist()
+
+    bounds = cut(0, n, P) if total else [0] * P + [n]
+    for w, worker in enumerate(workers):
+        lo, hi = bounds[w], bounds[w + 1]
+        inner = cut(lo, hi, max(1, min(blocks_per_worker, hi - lo)))
+        for s, e in zip(inner[:-1], inner[1:], strict=True):
+            if e > s:
+                blocks.append(_Block(worker, int(s), int(e)))
+    return blocks
+
+
+def _fingerprint(frames: Sequence) -> bytes:
+    """Digest of what a worker sees of the structures (numbers, positions, cell, pbc)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(len(frames).to_bytes(8, "little"))
+    for a in frames:
+        h.update(np.ascontiguousarray(a.numbers, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(a.positions, dtype=np.float64).tobytes())
+        h.update(np.ascontiguousarray(a.cell.array, dtype=np.float64).tobytes())
+        h.update(np.asarray(a.pbc, dtype=bool).tobytes())
+    return h.digest()
+
+
+def _bare(atoms):
+    """The structure without its calculator (labels travel separately, once)."""
+    b = atoms.copy()
+    b.calc = None
+    return b
+
+
+@dataclass
+class _Placement:
+    blocks: list
+    futures: list
+    workers: dict
+    key: tuple
+
+
+#: Structures scattered by :func:`choose`, kept for the :func:`accumulate` of the same fit
+#: (so they travel once): ``{client id: _Placement}``.
+_scattered: dict = {}
+_scattered_lock = threading.Lock()
+
+
+def _place_frames(client, frames: Sequence, reuse: bool) -> _Placement:
+    workers = _workers(client)
+    key = (_fingerprint(frames), tuple(workers))
+    with _scattered_lock:
+        old = _scattered.pop(client.id, None)
+    if reuse and old is not None and old.key == key:
+        return old
+    n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
+    blocks = _partition(n_atoms, list(workers))
+    futures = [None] * len(blocks)
+    for w in workers:
+        mine = [i for i, b in enumerate(blocks) if b.worker == w]
+        if not mine:
+            continue
+        data = [[_bare(a) for a in frames[blocks[i].start:blocks[i].stop]] for i in mine]
+        for i, f in zip(mine, client.scatter(data, workers=[w], hash=False), strict=True):
+            futures[i] = f
+    return _Placement(blocks, futures, workers, key)
+
+
+def _keep_for_accumulate(client, placement: _Placement) -> None:
+    with _scattered_lock:
+        _scattered[client.id] = placement
+
+
+# -- errors -------------------------------------------------------------------------------------
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:  # noqa: BLE001 - outside a worker (tests calling the task directly)
+        return "local"
+
+
+def _located(exc: Exception, index: int) -> Exception:
+    """``exc`` with the structure and worker prepended to its message, same type if possible."""
+    msg = f"structure {index} (Dask worker {_worker_address()}): {exc}"
+    try:
+        new = type(exc)(msg)
+        if str(new) != msg:
+            raise TypeError
+    except Exception:  # noqa: BLE001 - exception types with other constructors
+        new = RuntimeError(f"{type(exc).__name__}: {msg}")
+    return new
+
+
+def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
+          fetch: bool = False) -> dict:
+    """Waits for ``{block number: future}`` (the dict is emptied, so that finished results
+    nobody else needs are released on the workers). The first error is raised as it came from
+    the worker (it names its structure), a lost worker as RuntimeError naming the structures it
+    held; the remaining futures are then cancelled.
+
+    Returns
+    -------
+    dict
+        ``{block number: result}`` when ``fetch``, else empty (results stay on the workers).
+    """
+    from distributed import as_completed
+
+    index = {f.key: i for i, f in futures.items()}
+    pending = list(futures.values())
+    futures.clear()
+    ac = as_completed(pending)
+    del pending
+    out = {}
+    try:
+        for fut in ac:
+            i = index[fut.key]
+            if fut.status == "error":
+                exc = fut.exception()
+                if type(exc).__name__ in ("KilledWorker", "FutureCancelledError",
+                                          "CancelledError"):
+                    b = blocks[i]
+                    raise RuntimeError(
+                        f"Dask worker {b.worker} was lost while processing structures "
+                        f"{b.start}..{b.stop - 1} ({type(exc).__name__}: {exc}); a worker "
+                        "killed for exceeding its memory limit is the usual cause") from exc
+                fut.result()  # re-raises the worker's exception with its traceback
+            if fetch:
+                out[i] = fut.result()
+            if on_done is not None:
+                on_done(i)
+    except BaseException:
+        left = list(getattr(ac, "futures", ()))
+        if left:
+            client.cancel(left)
+        raise
+    return out
+
+
+# -- selection ----------------------------------------------------------------------------------
+def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
+    """Worker task: features (a sample when over ``caps``) of a block's environments."""
+    from kmlip._threads import serial_blas
+
+    # collect_environments has no per-structure callback: locate a failure by redoing the
+    # structures one at a time (only on the error path)
+    try:
+        with serial_blas():
+            env, ids = sparse_points.collect_environments(keys, descriptor, frames, n_threads,
+                                                          frame_offset=start)
+    except Exception as exc:
+        for k, a in enumerate(frames):
+            try:
+                sparse_points.collect_environments(keys, descriptor, [a], n_threads)
+            except Exception as exc_k:  # noqa: BLE001
+                raise _located(exc_k, start + k) from exc_k
+        raise _located(exc, start) from exc
+    if caps is not None:
+        for z in list(env):
+            n, cap = env[z].shape[0], caps.get(z)
+            if cap is not None and n > cap:
+                sel = np.sort(rng.choice(n, size=cap, replace=False))
+                env[z], ids[z] = env[z][sel], ids[z][sel]
+    return env, ids
+
+
+def _sample_caps(spec, blocks, n_atoms, n_workers, sample) -> list | None:
+    """Per block ``{key: max environments returned}``, or None for everything."""
+    if sample == "all" or spec.method is None:
+        return None
+    if isinstance(sample, str) and sample != "auto":
+        raise ValueError(f"sample must be 'auto', 'all' or a positive int, got {sample!r}")
+    if sample != "auto" and (isinstance(sample, bool) or not isinstance(sample, (int, np.integer))
+                             or sample < 1):
+        raise ValueError(f"sample must be 'auto', 'all' or a positive int, got {sample!r}")
+    total = max(1, int(np.sum(n_atoms)))
+    caps = []
+    for b in blocks:
+        share = int(np.sum(n_atoms[b.start:b.stop])) / total
+        c = {}
+        for z, m in spec.counts.items():
+            per_worker = max(SAMPLE_FACTOR * int(m), SAMPLE_MIN) if sample == "auto" \
+                else int(sample)
+            c[z] = max(1, math.ceil(n_workers * per_worker * share))
+        caps.append(c)
+    return caps
+
+
+def choose(client, spec, descriptor, frames: Sequence, random_state, n_threads: int,
+           sample="auto"):
+    """Sparse points per kernel key, with the features computed on the Dask workers.
+
+    Same parameters and return as :func:`kmlip.gp.sparse_points.choose`, plus:
+
+    Parameters
+    ----------
+    client : dask.distributed.Client
+    n_threads : int
+        Unused: each worker runs its blocks with as many OpenMP threads as it has Dask
+        threads (``threads_per_worker``).
+    sample : "auto", "all" or int
+        Environments per kernel key per worker returned for the selection (see the module
+        notes): "auto" ``max(20 * n_sparse_k, 5000)``, "all" every environment (the serial
+        choice exactly), or that number.
+
+    Returns
+    -------
+    points : dict
+        ``{key: (M_k, F) raw descriptor vectors}``.
+    indices : dict or None
+        ``{key name: (M_k, 2) int64 (global frame, environment)}``.
+    """
+    if spec.per_species is not None and all(kind == "points"
+                                            for kind, _ in spec.per_species.values()):
+        return {z: v for z, (_, v) in spec.per_species.items()}, None
+    rng = random_state if isinstance(random_state, np.random.Generator) \
+        else np.random.default_rng(random_state)
+    keys = sorted(spec.counts)
+    if len(frames) == 0:
+        return sparse_points.choose_from(spec, {}, {}, frames, rng, descriptor.key_name)
+    placement = _place_frames(client, frames, reuse=False)
+    blocks = placement.blocks
+    n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
+    caps = _sample_caps(spec, blocks, n_atoms, len(placement.workers), sample)
+    # one child generator per block, spawned without advancing rng's own stream, so the client's
+    # selection draws the same numbers as the serial one
+    block_rngs = rng.spawn(len(blocks)) if caps is not None else [None] * len(blocks)
+    [desc_f] = client.scatter([descriptor], broadcast=True, hash=False)
+    futures = {i: client.submit(_collect_block, desc_f, placement.futures[i], keys, b.start,
+                                placement.workers[b.worker], None if caps is None else caps[i],
+                                block_rngs[i], workers=[b.worker], allow_other_workers=True,
+                                pure=False)
+               for i, b in enumerate(blocks)}
+    results = _wait(client, futures, blocks, fetch=True)
+    parts = [results[i] for i in range(len(blocks))]
+    env, env_ids = {}, {}
+    for z in keys:
+        f = [p[0][z] for p in parts if z in p[0]]
+        if f:
+            env[z] = np.concatenate(f)
+            env_ids[z] = np.concatenate([p[1][z] for p in parts if z in p[1]])
+    _keep_for_accumulate(client, placement)
+    return sparse_points.choose_from(spec, env, env_ids, frames, rng, descriptor.key_name)
+
+
+# -- data pass ----------------------------------------------------------------------------------
+@dataclass
+class _Partial:
+    """Factors of the structures folded so far on one worker, and the time spent in rows."""
+
+    factors: dict
+    seconds_rows: float
+
+
+def _accumulate_block(kernel, frames, extras, start, prev, n_threads, precision, block_rows):
+    """Worker task: a block's rows folded into the factors of the previous blocks (``prev``)."""
+    from kmlip._threads import serial_blas
+
+    labels, e0_totals, baselines = extras
+    done = [0]
+
+    def tick():
+        done[0] += 1
+
+    try:
+        with serial_blas():
+            factors, t_rows = training.accumulate(
+                kernel, frames, labels, e0_totals, baselines, n_threads, precision, block_rows,
+                factors=None if prev is None else prev.factors, on_frame=tick)
+    except Exception as exc:
+        raise _located(exc, start + done[0]) from exc
+    return _Partial(factors, t_rows + (0.0 if prev is None else prev.seconds_rows))
+
+
+def merge_factors(a: dict, b: dict) -> dict:
+    """Per-class factors of the union of two sets of labels (one TSQR step).
+
+    Parameters
+    ----------
+    a, b : dict
+        ``{class: ClassFactor}``, each ``T`` upper triangular (k <= M+1) x (M+1); not modified.
+
+    Returns
+    -------
+    dict
+        ``{class: ClassFactor}`` with ``T^T T = T_a^T T_a + T_b^T T_b``, ``n_rows`` and
+        ``log_scale_sum`` summed; a class present in one only is copied.
+    """
+    from kmlip._threads import serial_blas
+
+    out = {}
+    for cls in list(a) + [c for c in b if c not in a]:
+        fa, fb = a.get(cls), b.get(cls)
+        if fa is None or fb is None:
+            f = fa if fb is None else fb
+            out[cls] = ClassFactor(np.array(f.T, copy=True), f.n_rows, f.log_scale_sum)
+            continue
+        n1 = fa.T.shape[1]
+        if fb.T.shape[1] != n1:
+            raise ValueError(f"class {cls!r}: factors of {n1 - 1} and {fb.T.shape[1] - 1} "
+                             "sparse points cannot be merged")
+        with serial_blas():
+            T = _stack_qr(fa.T, fb.T)
+        out[cls] = ClassFactor(T, fa.n_rows + fb.n_rows, fa.log_scale_sum + fb.log_scale_sum)
+    return out
+
+
+def _stack_qr(Ta: np.ndarray, Tb: np.ndarray) -> np.ndarray:
+    """Triangular factor of ``[Ta; Tb]`` (both upper triangular / trapezoidal)."""
+    import scipy.linalg as sla
+
+    ka, kb = Ta.shape[0], Tb.shape[0]
+    n1 = Ta.shape[1]
+    if ka + kb < n1 or ka < n1 or kb < n1:
+        # small or trapezoidal factors (fewer labels than columns): a plain QR keeps the
+        # trapezoidal shape the serial streaming QR has
+        S = np.asfortranarray(np.vstack([Ta, Tb]))
+        if S.shape[0] == 0:
+            return np.zeros((0, n1))
+        R = sla.qr(S, mode="r", overwrite_a=True, check_finite=False)[0]
+        return np.ascontiguousarray(np.triu(R[:min(S.shape[0], n1)]))
+    A = np.asfortranarray(Ta)
+    B = np.asfortranarray(Tb)
+    try:
+        from kmlip._ext import contract
+
+        # LAPACK's triangular-pentagonal QR: skips the zeros of both triangles
+        contract.tpqrt_many([A], [B], [n1], 64, 1)
+        return np.ascontiguousarray(np.triu(A))
+    except (ImportError, AttributeError):  # pragma: no cover - without the compiled core
+        R = sla.qr(np.vstack([Ta, Tb]), mode="r", check_finite=False)[0]
+        return np.ascontiguousarray(np.triu(R[:n1]))
+
+
+def _merge_partials(a: _Partial, b: _Partial) -> _Partial:
+    return _Partial(merge_factors(a.factors, b.factors), max(a.seconds_rows, b.seconds_rows))
+
+
+def accumulate(client, kernel, frames: Sequence, labels: Sequence, e0_totals: Sequence[float],
+               baselines: Sequence, n_threads: int, precision: str, block_rows: int,
+               factors: dict | None = None,
+               on_frame: Callable[[], None] | None = None) -> tuple[dict, float]:
+    """Every structure's label rows folded into per-class QR factors on the Dask workers.
+
+    Same parameters and return as :func:`kmlip.gp.training.accumulate`, plus ``client``.
+
+    Parameters
+    ----------
+    client : dask.distributed.Client
+    kernel : KernelSum
+        Sent once to every worker.
+    frames, labels, e0_totals, baselines : sequences, one entry per structure
+    n_threads : int
+        Unused: each worker runs with as many OpenMP threads as it has Dask threads.
+    precision : {"auto", "double", "mixed"}
+    block_rows : int
+        Rows per streaming-QR update on the workers.
+    factors : dict, optional
+        Existing ``{class: ClassFactor}`` to extend; merged on the client, never modified.
+    on_frame : callable, optional
+        Called once per structure, as the blocks holding them finish.
+
+    Returns
+    -------
+    factors : dict
+        ``{class: ClassFactor}``.
+    seconds_rows : float
+        Wall time in kernel rows of the busiest worker (the rest of the wall time is QR,
+        merging and communication).
+    """
+    n = len(frames)
+    for name, seq in (("labels", labels), ("e0_totals", e0_totals), ("baselines", baselines)):
+        if len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries for {n} structures")
+    if n == 0:
+        return training.accumulate(kernel, frames, labels, e0_totals, baselines, n_threads,
+                                   precision, block_rows, factors=factors)
+    placement = _place_frames(client, frames, reuse=True)
+    blocks = placement.blocks
+    by_worker: dict[str, list[int]] = {}
+    for i, b in enumerate(blocks):
+        by_worker.setdefault(b.worker, []).append(i)
+    [kernel_f] = client.scatter([kernel], broadcast=True, hash=False)
+    extras = [None] * len(blocks)
+    for w, mine in by_worker.items():
+        data = [(list(labels[blocks[i].start:blocks[i].stop]),
+                 [float(x) for x in e0_totals[blocks[i].start:blocks[i].stop]],
+                 list(baselines[blocks[i].start:blocks[i].stop])) for i in mine]
+        for i, f in zip(mine, client.scatter(data, workers=[w], hash=False), strict=True):
+            extras[i] = f
+    # one chain of blocks per worker: each block extends the factors of the one before, so a
+    # worker holds one set of factors and the result does not depend on timing
+    futures, finals = {}, []
+    for w, mine in by_worker.items():
+        prev = None
+        for i in mine:
+            b = blocks[i]
+            prev = futures[i] = client.submit(
+                _accumulate_block, kernel_f, placement.futures[i], extras[i], b.start, prev,
+                placement.workers[w], precision, int(block_rows), workers=[w],
+                allow_other_workers=True, pure=False)
+        finals.append(prev)
+    del prev
+
+    def progress(i):
+        if on_frame is not None:
+            for _ in range(blocks[i].stop - blocks[i].start):
+                on_frame()
+
+    # every block is waited for (progress, the first error with its structure); only the
+    # chains' last factors are kept, the intermediate ones are freed once consumed
+    _wait(client, futures, blocks, progress)
+    level = finals
+    del finals
+    while len(level) > 1:
+        nxt = [client.submit(_merge_partials, level[j], level[j + 1], pure=False)
+               for j in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    [total] = _wait(client, {0: level.pop()}, [_Block("merge", 0, n)], fetch=True).values()
+    del placement, extras, kernel_f
+    out = total.factors
+    if factors:
+        out = merge_factors(factors, out)
+    return out, total.seconds_rows
+
+
+__all__ = ["BLOCKS_PER_WORKER", "SAMPLE_FACTOR", "SAMPLE_MIN", "accumulate", "choose",
+           "merge_factors"]
