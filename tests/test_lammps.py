@@ -223,3 +223,121 @@ def test_nve_follows_ase_velocity_verlet(plugin, cual, tmp_path):
     assert np.abs(x_lmp - atoms.positions).max() <= 1e-6
     # the atoms did move (by far more than the tolerance): not two frozen structures
     assert np.abs(atoms.positions - x0).max() > 0.05
+
+
+def test_per_atom_uncertainty_through_fix_pair(plugin, cual, tmp_path):
+    """energies_var, novelty and the calibrated uncertainty, read with `fix pair`, equal the
+    Python prediction's."""
+    from kmlip.prediction import compute
+
+    model, path = cual
+    atoms = rattled_triclinic(seed=7)
+    atoms.positions[0] += (0.4, -0.3, 0.2)  # one unusual environment
+    atoms.wrap()
+    write_data(atoms, tmp_path / "data.lmp")
+    script = header("data.lmp", plugin, path) + (
+        "fix u all pair 1 kmlip variance 1 novelty 1 uncertainty 1\n"
+        "run 0\n"
+        "write_dump all custom unc.dump id f_u[1] f_u[2] f_u[3] modify sort id "
+        "format float %.17g\n")
+    run_lammps(script, tmp_path, n_ranks=2)
+    got = np.loadtxt(tmp_path / "unc.dump", skiprows=9)[:, 1:4]
+    ref = compute(model.fitted_state_, atoms, ("energies_var", "novelty", "uncertainty"))
+    d2 = float(np.atleast_1d(model.delta_)[0]) ** 2
+    np.testing.assert_allclose(got[:, 0], ref.energies_var, rtol=1e-7, atol=1e-10 * d2)
+    np.testing.assert_allclose(got[:, 1], ref.novelty, rtol=1e-7, atol=1e-10 * d2)
+    np.testing.assert_allclose(got[:, 2], ref.uncertainty, rtol=1e-7)
+    assert np.ptp(ref.novelty) > 1e-3 * d2  # atoms differ: the comparison can fail
+
+
+def _nacl_example():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "nacl_ewald.py"
+    spec = importlib.util.spec_from_file_location("nacl_ewald", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ewald_baseline_runs_as_hybrid_overlay_coul_long(plugin, tmp_path):
+    """A NaCl model with the Ewald baseline: kmlip + coul/long + kspace ewald equals the ASE
+    calculator (GP + Ewald), and kmlip alone is refused with the recipe."""
+    from kmlip import SOAP, Ewald, KernelPotential
+    from kmlip.calculator import KMLIPCalculator
+    from kmlip.lammps import export_lammps
+
+    ex = _nacl_example()
+    soap = SOAP(["Na", "Cl"], r_cut=4.0, n_max=4, l_max=3, sigma=0.5, n_threads=1)
+    model = KernelPotential(soap, n_sparse=6, zeta=2, sigma_energy=0.002, sigma_force=0.05,
+                            baseline=Ewald(charges=ex.CHARGES, accuracy=1e-12),
+                            e0={"Na": 0.0, "Cl": 0.0}, random_state=0, n_threads=1)
+    model.fit(ex.training_set(5, seed=0))
+    path = export_lammps(model, tmp_path / "nacl.lammps")
+    atoms = ex.crystal(ex.A0, 2)
+    atoms.set_cell(np.array([[1.0, 0, 0], [0.06, 1.0, 0], [-0.04, 0.05, 1.0]]) @ atoms.cell,
+                   scale_atoms=True)
+    atoms.rattle(0.1, seed=2)
+    atoms = lower_triangular(atoms)
+    q = [ex.CHARGES[s] for s in atoms.get_chemical_symbols()]
+    write_data(atoms, tmp_path / "data.lmp", types=("Na", "Cl"), charges=q)
+    pair = (f"pair_style hybrid/overlay kmlip coul/long 9.0\n"
+            f"pair_coeff * * kmlip {path} Na Cl\npair_coeff * * coul/long\n"
+            "kspace_style ewald 1e-12\npair_modify table 16\n")
+    run_lammps(single_point_script("data.lmp", plugin, path, style="charge", pair=pair),
+               tmp_path)
+    e, stress, forces, _, _ = read_single_point(tmp_path)
+    atoms.calc = KMLIPCalculator(model)
+    e_ref, f_ref, s_ref = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+    # coul/long's erfc table (16 bits here; 12 by default, ~1e-7 relative) limits the forces
+    # and stress to ~1e-7 relative; the energy agrees to ~1e-10
+    assert abs(e - e_ref) <= 1e-8 * abs(e_ref)
+    assert np.abs(forces - f_ref).max() <= 1e-6 * np.abs(f_ref).max()
+    assert np.abs(stress - s_ref).max() <= 1e-6 * np.abs(s_ref).max()
+
+    # without coul/long the model is refused, saying how to run it
+    res = run_lammps(header("data.lmp", plugin, path, elements="Na Cl", style="charge")
+                     + "run 0\n", tmp_path, check=False)
+    assert res.returncode != 0 and "hybrid/overlay kmlip coul/long" in res.stdout + res.stderr
+
+
+def test_cli_build_prints_the_plugin_load_line(plugin, capsys):
+    from kmlip.cli.main import main
+
+    assert main(["lammps", "build"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"plugin load {plugin}\n"
+    assert plugin.is_absolute() and plugin.exists()
+
+
+def test_autoload_from_plugin_path_and_version_pin(plugin, cual, tmp_path):
+    """The folder of the entry point loads the plugin without a `plugin load` line; a plugin
+    built for another LAMMPS version does not register (and says why)."""
+    from kmlip.lammps import build
+
+    _, path = cual
+    atoms = rattled_triclinic()
+    write_data(atoms, tmp_path / "data.lmp")
+    script = (f"units metal\natom_style atomic\nread_data data.lmp\npair_style kmlip\n"
+              f"pair_coeff * * {path} Cu Al\nrun 0\n")
+    (tmp_path / "in.lmp").write_text(script)
+    argv, env = build.lmp_command(1)
+    env["LAMMPS_PLUGIN_PATH"] = build.plugin_dir()
+    res = subprocess.run([*argv, "-in", "in.lmp", "-log", "none", "-nocite"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Loaded 1 plugins from" in res.stdout
+
+    other = tmp_path / "other"
+    other.mkdir()
+    num, _ = build.lammps_version()
+    cmd = [a.replace(f"VERSION_NUM={num}", "VERSION_NUM=20990101")
+           for a in build._command(other / build.AUTOLOAD_NAME, build._compiler())]
+    subprocess.run(cmd, check=True, capture_output=True)
+    env["LAMMPS_PLUGIN_PATH"] = str(other)
+    res = subprocess.run([*argv, "-in", "in.lmp", "-log", "none", "-nocite"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "built for LAMMPS 20990101" in out and "NOT registered" in out
