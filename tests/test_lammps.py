@@ -21,50 +21,17 @@ NKTV2P_METAL = 1.6021765e6
 TYPES = ("Cu", "Al")
 
 
-# -- helpers (also used by benchmarks/scaling.py) -------------------------------------------------
+# -- helpers -----------------------------------------------------------------------------------
 def lower_triangular(atoms):
-    """The same crystal with its cell in LAMMPS's form (a along x, b in the xy plane),
-    positions wrapped into the cell."""
-    atoms = atoms.copy()
-    rcell, _ = atoms.cell.standard_form()
-    atoms.set_cell(rcell, scale_atoms=True)
-    atoms.wrap()
-    return atoms
+    from kmlip.lammps.data import lammps_cell_form
+
+    return lammps_cell_form(atoms)
 
 
 def write_data(atoms, path, types=TYPES, charges=None, velocities=None):
-    """LAMMPS data file of ``atoms`` (cell already lower triangular), 17 significant digits.
+    from kmlip.lammps.data import write_lammps_data
 
-    charges: per-atom charges (atom_style charge); velocities: Å/ps."""
-    c = np.asarray(atoms.cell)
-    if abs(c[0, 1]) + abs(c[0, 2]) + abs(c[1, 2]) > 1e-12 * np.abs(c).max():
-        raise ValueError("cell is not lower triangular")
-    masses = {}
-    for s, m in zip(atoms.get_chemical_symbols(), atoms.get_masses(), strict=True):
-        masses[s] = m
-    tid = {s: k + 1 for k, s in enumerate(types)}
-    def r(x):
-        return repr(float(x))
-
-    lines = ["LAMMPS data written by kmlip tests", "", f"{len(atoms)} atoms",
-             f"{len(types)} atom types", "",
-             f"0.0 {r(c[0, 0])} xlo xhi", f"0.0 {r(c[1, 1])} ylo yhi",
-             f"0.0 {r(c[2, 2])} zlo zhi", f"{r(c[1, 0])} {r(c[2, 0])} {r(c[2, 1])} xy xz yz", "",
-             "Masses", ""]
-    from ase.data import atomic_masses, atomic_numbers
-
-    for s in types:
-        lines.append(f"{tid[s]} {r(masses.get(s, atomic_masses[atomic_numbers[s]]))}")
-    lines += ["", "Atoms # " + ("charge" if charges is not None else "atomic"), ""]
-    for k, (s, p) in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions,
-                                   strict=True)):
-        q = f" {r(charges[k])}" if charges is not None else ""
-        lines.append(f"{k + 1} {tid[s]}{q} {r(p[0])} {r(p[1])} {r(p[2])}")
-    if velocities is not None:
-        lines += ["", "Velocities", ""]
-        for k, v in enumerate(velocities):
-            lines.append(f"{k + 1} {r(v[0])} {r(v[1])} {r(v[2])}")
-    path.write_text("\n".join(lines) + "\n")
+    write_lammps_data(atoms, path, types, charges=charges, velocities=velocities)
 
 
 def run_lammps(script: str, folder, n_ranks: int = 1, check: bool = True, timeout=300):
@@ -341,3 +308,11 @@ def test_autoload_from_plugin_path_and_version_pin(plugin, cual, tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert "built for LAMMPS 20990101" in out and "NOT registered" in out
+
+
+def test_export_refuses_models_it_cannot_run(fitted, tmp_path):
+    from kmlip.lammps import export_lammps
+
+    with pytest.raises(ValueError, match="single SOAP kernel"):
+        export_lammps(fitted, tmp_path / "x.lammps")
+    assert not (tmp_path / "x.lammps").exists()
