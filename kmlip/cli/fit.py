@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 from kmlip.cli._files import check_output, read_structures
@@ -66,6 +67,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenMP threads (default: OMP_NUM_THREADS or all cores)")
     g.add_argument("--seed", type=int, default=0,
                    help="random seed of the sparse-point selection (default: %(default)s)")
+    g = p.add_argument_group("distributed fit (Dask; needs dask[distributed])")
+    g = g.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="fit on the workers of a running Dask scheduler, e.g. "
+                        "tcp://10.0.0.1:8786 (descriptors and kernel rows on the workers, "
+                        "the solve here; default: fit in this process)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="fit on a local Dask cluster of N worker processes, 1 thread each "
+                        "(default: fit in this process)")
+
+
+@contextlib.contextmanager
+def _dask_client(args: argparse.Namespace):
+    """The Dask client of ``--scheduler`` / ``--workers`` (closed afterwards), or None."""
+    if args.scheduler is None and args.workers is None:
+        yield None
+        return
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("--scheduler/--workers need Dask: pip install 'dask[distributed]'") \
+            from None
+    if args.scheduler is not None:
+        with Client(args.scheduler) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
                             n_threads=args.threads, random_state=args.seed, progress=True)
     t0 = time.perf_counter()
     try:
-        model.fit(frames, optimize=args.optimize)
+        with _dask_client(args) as client:
+            model.fit(frames, optimize=args.optimize,
+                      **({} if client is None else {"client": client}))
     except ValueError as exc:
         if str(exc).startswith("frame "):  # a defect of the file: say which file
             raise ValueError(f"{args.train}: {exc}") from None
