@@ -115,7 +115,10 @@ def _partition(n_atoms: np.ndarray, workers: Sequence[str],
         if hi <= lo:
             return [lo] * (parts + 1)
         targets = cum[lo] + (cum[hi] - cum[lo]) * np.arange(parts + 1) / parts
-        b = np.searchsorted(cum, targets, side="left").clip(lo, hi)
+        b = np.searchsorted(cum, targets, side="left").clip(lo + 1, hi)
+        # the boundary nearest the target, below or above it
+        b -= (targets - cum[b - 1] < cum[b] - targets).astype(np.int64)
+        b = b.clip(lo, hi)
         b[0], b[-1] = lo, hi
         return np.maximum.accumulate(b).tolist()
 
@@ -335,7 +338,7 @@ def choose(client, spec, descriptor, frames: Sequence, random_state, n_threads: 
     keys = sorted(spec.counts)
     if len(frames) == 0:
         return sparse_points.choose_from(spec, {}, {}, frames, rng, descriptor.key_name)
-    placement = _place_frames(client, frames, reuse=False)
+    placement = _place_frames(client, frames, reuse=True)
     blocks = placement.blocks
     n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
     caps = _sample_caps(spec, blocks, n_atoms, len(placement.workers), sample)

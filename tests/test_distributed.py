@@ -1,0 +1,247 @@
+"""Fits on Dask (kmlip.gp.distributed): the serial numerics on a LocalCluster of 2 worker
+processes (1 thread each), selection, errors raised on a worker."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dask.distributed")
+
+from conftest import cual_cells, soap_or_skip  # noqa: E402
+
+from kmlip import labels as lab  # noqa: E402
+from kmlip.gp import distributed, sparse_points, training  # noqa: E402
+from kmlip.gp.sparse import ClassFactor, cholesky_jitter, solve_stack  # noqa: E402
+from kmlip.gp.terms import KernelSum, Term  # noqa: E402
+
+SIGMAS = {"energy": 0.002, "forces": 0.02, "virial": 0.02, "energy_fixed": 1.0}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def soap():
+    return soap_or_skip(n_max=4, l_max=3)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    fr = cual_cells(24, seed=11)
+    # per-structure energy noise on the first structures only: the class "energy_fixed" exists
+    # on one worker and not on the other
+    for a in fr[:3]:
+        a.info["energy_sigma"] = 0.01
+    return fr
+
+
+def data_of(frames, use_stress=True):
+    keys = lab.LabelKeys(use_stress=use_stress)
+    labels = [lab.read_labels(a, k, keys) for k, a in enumerate(frames)]
+    base = [training.baseline_values(None, a) for a in frames]
+    e0 = [-3.5 * len(a) for a in frames]
+    return labels, e0, base
+
+
+@pytest.fixture(scope="module")
+def kernel(soap, frames):
+    spec = sparse_points.validate(12, "cur", frames, soap)
+    points, _ = sparse_points.choose(spec, soap, frames, 0, 1)
+    return KernelSum([Term(soap, soap.make_basis(points, 4))])
+
+
+def gram(T):
+    return T.T @ T
+
+
+def assert_same_factors(f_serial, f_dist, rtol=1e-12):
+    assert set(f_serial) == set(f_dist)
+    for c, f in f_serial.items():
+        g = f_dist[c]
+        assert g.n_rows == f.n_rows, c
+        assert g.log_scale_sum == pytest.approx(f.log_scale_sum, rel=1e-13, abs=1e-12), c
+        assert g.T.shape == f.T.shape, c
+        assert np.allclose(np.tril(g.T, -1), 0.0), c
+        A, B = gram(f.T), gram(g.T)
+        assert np.abs(A - B).max() <= rtol * np.abs(A).max(), c
+
+
+def assert_same_solution(kernel, f_serial, f_dist):
+    L, _ = cholesky_jitter(kernel.kmm(), 1e-8)
+    s1 = solve_stack(f_serial, L, 0.2, SIGMAS, gradient=True)
+    s2 = solve_stack(f_dist, L, 0.2, SIGMAS, gradient=True)
+    assert np.abs(s1.alpha - s2.alpha).max() <= 1e-9 * np.abs(s1.alpha).max()
+    # R differs by row signs at most: the quantities of the solve are those of R^T R
+    assert np.allclose(gram(s1.R), gram(s2.R), rtol=1e-10, atol=1e-10 * np.abs(gram(s1.R)).max())
+    assert s2.log_marginal_likelihood == pytest.approx(s1.log_marginal_likelihood, rel=1e-10)
+    assert s2.n_labels == s1.n_labels
+    for k, g in s1.gradient.items():
+        assert s2.gradient[k] == pytest.approx(g, rel=1e-9, abs=1e-9 * abs(s1.gradient["delta"]))
+    return s1, s2
+
+
+def test_accumulate_equals_serial(client, kernel, frames):
+    labels, e0, base = data_of(frames)
+    f1, _ = training.accumulate(kernel, frames, labels, e0, base, 1, "double", 4096)
+    seen = []
+    f2, t_rows = distributed.accumulate(client, kernel, frames, labels, e0, base, 1, "double",
+                                        4096, on_frame=lambda: seen.append(1))
+    assert len(seen) == len(frames)
+    assert t_rows > 0
+    assert "energy_fixed" in f2 and f2["energy_fixed"].n_rows == 3
+    assert_same_factors(f1, f2)
+    s1, s2 = assert_same_solution(kernel, f1, f2)
+    # predictions: energies and forces of unseen structures from their kernel rows
+    test = cual_cells(3, seed=12)
+    t_labels, t_e0, t_base = data_of(test)
+    for k, a in enumerate(test):
+        for _, rows, _, _ in training.frame_rows(kernel, a, t_labels[k], 0.0, t_base[k], 1,
+                                                 "double"):
+            p1, p2 = rows @ s1.alpha, rows @ s2.alpha
+            assert np.abs(p1 - p2).max() <= 1e-9 * np.abs(p1).max()
+
+
+def test_accumulate_extends_given_factors(client, kernel, frames):
+    """``factors=``: the rows of earlier structures are folded in (online update)."""
+    labels, e0, base = data_of(frames, use_stress=False)
+    f_all, _ = training.accumulate(kernel, frames, labels, e0, base, 1, "double", 4096)
+    f_head, _ = training.accumulate(kernel, frames[:5], labels[:5], e0[:5], base[:5], 1,
+                                    "double", 4096)
+    before = {c: f.T.copy() for c, f in f_head.items()}
+    f2, _ = distributed.accumulate(client, kernel, frames[5:], labels[5:], e0[5:], base[5:], 1,
+                                   "double", 64, factors=f_head)
+    assert all(np.array_equal(f_head[c].T, before[c]) for c in before)  # not modified
+    assert_same_factors(f_all, f2)
+
+
+def test_merge_factors_is_tsqr():
+    """Merging the factors of two row sets gives the factor of their union (any shapes,
+    classes on one side only)."""
+    rng = np.random.default_rng(0)
+    n1 = 6
+    A, B = rng.standard_normal((3, n1)), rng.standard_normal((40, n1))
+    C = rng.standard_normal((2, n1))
+
+    def fac(X, s):
+        R = np.linalg.qr(X, mode="r")
+        return ClassFactor(np.triu(R), X.shape[0], s)
+
+    a = {"forces": fac(A, 0.5), "virial": fac(C, 1.0)}
+    b = {"forces": fac(B, 0.25), "energy": fac(C, 2.0)}
+    m = distributed.merge_factors(a, b)
+    assert set(m) == {"forces", "virial", "energy"}
+    f = m["forces"]
+    assert f.n_rows == 43 and f.log_scale_sum == pytest.approx(0.75)
+    assert f.T.shape == (n1, n1)
+    X = np.vstack([A, B])
+    assert np.allclose(gram(f.T), X.T @ X, atol=1e-12)
+    # two trapezoidal factors (fewer rows than columns) stay trapezoidal, as in a serial QR
+    t = distributed.merge_factors({"virial": a["virial"]}, {"virial": fac(C[:1], 0.0)})
+    assert t["virial"].T.shape == (3, n1)
+    Y = np.vstack([C, C[:1]])
+    assert np.allclose(gram(t["virial"].T), Y.T @ Y, atol=1e-12)
+    assert m["virial"].T is not a["virial"].T  # copies, inputs untouched
+    with pytest.raises(ValueError, match="sparse points"):
+        distributed.merge_factors(a, {"forces": fac(rng.standard_normal((8, 4)), 0.0)})
+
+
+@pytest.mark.parametrize("method", ["cur", "fps"])
+def test_choose_equals_serial(client, soap, frames, method):
+    spec = sparse_points.validate(9, method, frames, soap)
+    p1, i1 = sparse_points.choose(spec, soap, frames, 3, 1)
+    for sample in ("all", "auto"):  # "auto" returns everything for a set this small
+        p2, i2 = distributed.choose(client, spec, soap, frames, 3, 1, sample=sample)
+        assert set(p1) == set(p2) and set(i1) == set(i2)
+        for z in p1:
+            np.testing.assert_array_equal(p1[z], p2[z])
+        for k in i1:
+            np.testing.assert_array_equal(i1[k], i2[k])
+
+
+def test_choose_global_indices_and_points(client, soap, frames):
+    idx = np.array([0, 5, 17, 100, 150])
+    spec = sparse_points.validate(0, idx, frames, soap)
+    p1, i1 = sparse_points.choose(spec, soap, frames, 0, 1)
+    p2, i2 = distributed.choose(client, spec, soap, frames, 0, 1)
+    for z in p1:
+        np.testing.assert_array_equal(p1[z], p2[z])
+        np.testing.assert_array_equal(i1[soap.key_name(z)], i2[soap.key_name(z)])
+
+
+def test_choose_sample(client, soap, frames):
+    """A sample per worker: ids global and valid, features those of the ids, reproducible."""
+    spec = sparse_points.validate(5, "random", frames, soap)
+    env, ids = sparse_points.collect_environments(sorted(spec.counts), soap, frames, 1)
+    lookup = {z: {tuple(r): k for k, r in enumerate(ids[z].tolist())} for z in ids}
+    runs = [distributed.choose(client, spec, soap, frames, 7, 1, sample=10) for _ in range(2)]
+    for z, pts in runs[0][0].items():
+        name = soap.key_name(z)
+        np.testing.assert_array_equal(pts, runs[1][0][z])
+        got = runs[0][1][name]
+        assert got.shape == (5, 2)
+        rows = [lookup[z][tuple(r)] for r in got.tolist()]
+        np.testing.assert_array_equal(pts, env[z][rows])
+    with pytest.raises(ValueError, match="sample"):
+        distributed.choose(client, spec, soap, frames, 7, 1, sample=0)
+
+
+def test_worker_error_names_the_structure(client, kernel, soap, frames):
+    bad = [a.copy() for a in frames]
+    bad[14].positions[2, 1] = np.nan
+    labels, e0, base = data_of(frames)
+    with pytest.raises(ValueError, match=r"structure 14 \(Dask worker tcp://.*\): .*NaN"):
+        distributed.accumulate(client, kernel, bad, labels, e0, base, 1, "double", 4096)
+    spec = sparse_points.validate(5, "cur", bad, soap)
+    with pytest.raises(ValueError, match=r"structure 14 \(Dask worker .*NaN"):
+        distributed.choose(client, spec, soap, bad, 0, 1)
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        distributed.accumulate(client, kernel, frames, labels[:3], e0, base, 1, "double", 4096)
+    # the cluster is still usable afterwards
+    f, _ = distributed.accumulate(client, kernel, frames[:4], labels[:4], e0[:4], base[:4], 1,
+                                  "double", 4096)
+    assert f["forces"].n_rows == 3 * sum(len(a) for a in frames[:4])
+
+
+def test_partition_balances_atoms():
+    n_atoms = np.array([8] * 10 + [32] * 5 + [1] * 3)
+    blocks = distributed._partition(n_atoms, ["w0", "w1"], blocks_per_worker=3)
+    covered = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+    np.testing.assert_array_equal(covered, np.arange(len(n_atoms)))
+    per = {w: sum(int(n_atoms[b.start:b.stop].sum()) for b in blocks if b.worker == w)
+           for w in ("w0", "w1")}
+    assert abs(per["w0"] - per["w1"]) <= 32
+    # more workers than structures: every structure once, no empty block
+    few = distributed._partition(np.array([4, 4]), ["a", "b", "c"])
+    assert [(b.start, b.stop) for b in few] == [(0, 1), (1, 2)]
+
+
+def test_model_fit_with_client_equals_serial(client, soap):
+    """``KernelPotential.fit(frames, client=...)``: the serial model's predictions to 1e-9."""
+    from kmlip.model import KernelPotential
+
+    train = cual_cells(16, seed=21)
+    test = cual_cells(3, seed=22)
+    kw = dict(n_sparse=10, sigma_stress=0.02, random_state=0, n_threads=1)
+    m1 = KernelPotential(soap, **kw).fit(train)
+    m2 = KernelPotential(soap, **kw).fit(train, client=client)
+    for k in m1.sparse_points_:
+        np.testing.assert_array_equal(m1.sparse_points_[k], m2.sparse_points_[k])
+    e1, s1 = m1.predict(test, return_std=True)
+    e2, s2 = m2.predict(test, return_std=True)
+    np.testing.assert_allclose(e2, e1, rtol=1e-9)
+    np.testing.assert_allclose(s2, s1, rtol=1e-9)
+    for a in test:
+        f1, f2 = m1.predict_forces(a), m2.predict_forces(a)
+        assert np.abs(f1 - f2).max() <= 1e-9 * np.abs(f1).max()
+        v1, v2 = m1.predict_stress(a), m2.predict_stress(a)
+        assert np.abs(v1 - v2).max() <= 1e-9 * np.abs(v1).max()
+    assert m2.hyperparameters_["log_marginal_likelihood"] == pytest.approx(
+        m1.hyperparameters_["log_marginal_likelihood"], rel=1e-10)
+    # the structures were scattered once for selection and data pass, and then released
+    assert client.id not in distributed._scattered
