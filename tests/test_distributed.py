@@ -245,3 +245,22 @@ def test_model_fit_with_client_equals_serial(client, soap):
         m1.hyperparameters_["log_marginal_likelihood"], rel=1e-10)
     # the structures were scattered once for selection and data pass, and then released
     assert client.id not in distributed._scattered
+
+
+def test_selection_pieces(monkeypatch, soap, frames):
+    """A worker's block is computed in pieces: the same environments, ids offset globally, a
+    sample within the cap."""
+    monkeypatch.setattr(distributed, "SELECT_PIECE_ATOMS", 20)
+    keys = [13, 29]
+    env, ids = sparse_points.collect_environments(keys, soap, frames[5:17], 1, frame_offset=5)
+    got, gids = distributed._collect_block(soap, frames[5:17], keys, 5, 1, None, None)
+    for z in keys:
+        np.testing.assert_array_equal(got[z], env[z])
+        np.testing.assert_array_equal(gids[z], ids[z])
+    rng = np.random.default_rng(1)
+    got, gids = distributed._collect_block(soap, frames[5:17], keys, 5, 1, {13: 7, 29: 9}, rng)
+    assert got[13].shape[0] == 7 and got[29].shape[0] == 9
+    for z in keys:
+        rows = [{tuple(r): k for k, r in enumerate(ids[z].tolist())}[tuple(r)]
+                for r in gids[z].tolist()]
+        np.testing.assert_array_equal(got[z], env[z][rows])

@@ -65,6 +65,9 @@ SAMPLE_MIN = 5000
 #: Blocks per worker: the structures are scattered and processed in this many pieces per worker
 #: (progress reports and transfers overlapping the work), all folded into one factor per class.
 BLOCKS_PER_WORKER = 4
+#: Atoms per piece of a block whose features are computed at once during selection (bounds
+#: the features a worker holds before sampling: about this many x n_features x 8 bytes).
+SELECT_PIECE_ATOMS = 20000
 
 
 # -- placement of the structures on the workers -------------------------------------------------
@@ -259,29 +262,56 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
 
 # -- selection ----------------------------------------------------------------------------------
 def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
-    """Worker task: features (a sample when over ``caps``) of a block's environments."""
+    """Worker task: features (a sample when over ``caps``) of a block's environments.
+
+    The block is processed in pieces of about :data:`SELECT_PIECE_ATOMS` atoms, each sampled
+    down to its share of ``caps`` before the next is computed, so a worker holds the features
+    of one piece plus the sample, whatever the size of its block.
+    """
     from kmlip._threads import serial_blas
 
-    # collect_environments has no per-structure callback: locate a failure by redoing the
-    # structures one at a time (only on the error path)
-    try:
-        with serial_blas():
-            env, ids = sparse_points.collect_environments(keys, descriptor, frames, n_threads,
-                                                          frame_offset=start)
-    except Exception as exc:
-        for k, a in enumerate(frames):
-            try:
-                sparse_points.collect_environments(keys, descriptor, [a], n_threads)
-            except Exception as exc_k:  # noqa: BLE001
-                raise _located(exc_k, start + k) from exc_k
-        raise _located(exc, start) from exc
-    if caps is not None:
-        for z in list(env):
-            n, cap = env[z].shape[0], caps.get(z)
-            if cap is not None and n > cap:
-                sel = np.sort(rng.choice(n, size=cap, replace=False))
-                env[z], ids[z] = env[z][sel], ids[z][sel]
-    return env, ids
+    n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
+    total = max(1, int(n_atoms.sum()))
+    cum = np.concatenate([[0], np.cumsum(n_atoms)])
+    cuts = np.unique(np.searchsorted(cum, np.arange(0, total, SELECT_PIECE_ATOMS), "left"))
+    bounds = [int(c) for c in cuts if c < len(frames)] + [len(frames)]
+    feats: dict = {z: [] for z in keys}
+    ids: dict = {z: [] for z in keys}
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        try:
+            with serial_blas():
+                env, eid = sparse_points.collect_environments(
+                    keys, descriptor, frames[lo:hi], n_threads, frame_offset=start + lo)
+        except Exception as exc:
+            # collect_environments has no per-structure callback: find the structure by
+            # redoing them one at a time (only on the error path)
+            for k in range(lo, hi):
+                try:
+                    sparse_points.collect_environments(keys, descriptor, [frames[k]], n_threads)
+                except Exception as exc_k:  # noqa: BLE001
+                    raise _located(exc_k, start + k) from exc_k
+            raise _located(exc, start + lo) from exc
+        share = (cum[hi] - cum[lo]) / total
+        for z in env:
+            X, I = env[z], eid[z]
+            if caps is not None and caps.get(z) is not None:
+                cap = math.ceil(caps[z] * share)
+                if X.shape[0] > cap:
+                    sel = np.sort(rng.choice(X.shape[0], size=cap, replace=False))
+                    X, I = X[sel], I[sel]
+            feats[z].append(X)
+            ids[z].append(I)
+    out_env, out_ids = {}, {}
+    for z in keys:
+        if not feats[z]:
+            continue
+        X, I = np.concatenate(feats[z]), np.concatenate(ids[z])
+        if caps is not None and caps.get(z) is not None and X.shape[0] > caps[z]:
+            # the pieces' rounded-up shares may exceed the block's cap by a few
+            sel = np.sort(rng.choice(X.shape[0], size=caps[z], replace=False))
+            X, I = X[sel], I[sel]
+        out_env[z], out_ids[z] = X, I
+    return out_env, out_ids
 
 
 def _sample_caps(spec, blocks, n_atoms, n_workers, sample) -> list | None:
