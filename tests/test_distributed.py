@@ -264,3 +264,22 @@ def test_selection_pieces(monkeypatch, soap, frames):
         rows = [{tuple(r): k for k, r in enumerate(ids[z].tolist())}[tuple(r)]
                 for r in gids[z].tolist()]
         np.testing.assert_array_equal(got[z], env[z][rows])
+
+
+def test_sample_budget_is_global_and_stratified(soap, frames):
+    """The sample budget per key is shared by the blocks in proportion to their environments
+    of that key (not multiplied by the number of workers)."""
+    spec = sparse_points.validate(5, "cur", frames, soap)
+    keys = sorted(spec.counts)
+    w = distributed._key_weights(soap, frames, keys)
+    for n_workers in (2, 8):
+        blocks = distributed._partition(np.array([len(a) for a in frames]),
+                                        [f"w{i}" for i in range(n_workers)])
+        caps = distributed._sample_caps(spec, blocks, w, 40)
+        for j, z in enumerate(keys):
+            got = np.array([c[z] for c in caps])
+            want = np.array([w[b.start:b.stop, j].sum() for b in blocks]) / w[:, j].sum() * 40
+            assert np.all(got >= want) and np.all(got <= want + 1)
+    assert distributed._sample_caps(spec, blocks, w, "all") is None
+    idx_spec = sparse_points.validate(0, np.array([1, 2]), frames, soap)
+    assert distributed._sample_caps(idx_spec, blocks, w, "auto") is None

@@ -32,14 +32,19 @@ so sums over workers), so a distributed fit gives the serial model to rounding. 
 each worker's blocks run one after another on that worker, and the merge tree is fixed.
 
 Selection sample: CUR / FPS / random need the features of candidate environments on the
-client. Each block of structures returns, per kernel key ``k``, at most
-``ceil(C_k * atoms(block) / atoms(all))`` environments, ``C_k = n_workers * cap_k``, drawn
-uniformly without replacement (seeded from ``random_state`` and the block number, so the choice
-is reproducible), with ``cap_k = max(20 * n_sparse_k, 5000)`` by default (``sample``); about
-``cap_k`` environments per key per worker reach the client. When a training set has no more
-atoms than ``C_k`` (atom-centred descriptors), every environment is returned and the choice is
-exactly the serial one. Sparse points given as indices need the exact environments, so such
-requests always return every environment of the keys requested.
+client. Per kernel key ``k`` at most about ``C_k = max(20 * n_sparse_k, 5000)`` environments
+(``sample``) reach the client in total, whatever the number of workers: each block of
+structures returns at most ``ceil(C_k * n_k(block) / n_k(all))`` of its environments, drawn
+uniformly without replacement with a generator spawned from ``random_state`` for that block
+(reproducible for a given partition, i.e. list of workers). ``n_k`` counts the key's
+environments (atoms of that species) for atom-centred descriptors, atoms for others. So the
+client's memory (``C_k * n_features * 8`` bytes per key) and the cost of the selection do not
+grow with the cluster, and a worker's share of the sample shrinks as workers are added. When a
+key has no more than ``C_k`` environments (atom-centred descriptors), all of them are returned
+and the choice is exactly the serial one. A uniform sample keeps CUR's leverage-score choice
+representative; FPS on a sample can miss rare outliers of the full set: pass ``sample="all"``
+to select among every environment. Sparse points given as indices need the exact
+environments, so such requests always return every environment of the keys requested.
 
 Errors: an exception raised while a worker processes structure ``i`` reaches the caller with
 its own type and the message ``"structure i (Dask worker ADDRESS): <message>"``; a worker that
@@ -58,8 +63,8 @@ import numpy as np
 from kmlip.gp import sparse_points, training
 from kmlip.gp.sparse import ClassFactor
 
-#: Default sample of the selection: at most max(SAMPLE_FACTOR * n_sparse_k, SAMPLE_MIN)
-#: environments per kernel key per worker.
+#: Default sample of the selection: about max(SAMPLE_FACTOR * n_sparse_k, SAMPLE_MIN)
+#: environments per kernel key in total (see the module notes).
 SAMPLE_FACTOR = 20
 SAMPLE_MIN = 5000
 #: Blocks per worker: the structures are scattered and processed in this many pieces per worker
@@ -261,6 +266,23 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
 
 
 # -- selection ----------------------------------------------------------------------------------
+def _key_weights(descriptor, frames, keys) -> np.ndarray:
+    """Per structure and key, the weight of its share of the sample: the number of
+    environments of that key for atom-centred descriptors (atoms of that species), the number
+    of atoms otherwise (a proxy: the environments are known only once computed).
+
+    Returns
+    -------
+    ndarray, shape (n_frames, n_keys)
+    """
+    keys = np.asarray(list(keys), dtype=np.int64)
+    if getattr(descriptor, "atom_centred", True):
+        return np.array([[np.count_nonzero(a.numbers == z) for z in keys] for a in frames],
+                        dtype=np.float64).reshape(len(frames), len(keys))
+    return np.repeat(np.array([len(a) for a in frames], dtype=np.float64)[:, None],
+                     len(keys), axis=1)
+
+
 def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
     """Worker task: features (a sample when over ``caps``) of a block's environments.
 
@@ -270,6 +292,8 @@ def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
     """
     from kmlip._threads import serial_blas
 
+    keys = list(keys)
+    weights = _key_weights(descriptor, frames, keys)
     n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
     total = max(1, int(n_atoms.sum()))
     cum = np.concatenate([[0], np.cumsum(n_atoms)])
@@ -291,11 +315,11 @@ def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
                 except Exception as exc_k:  # noqa: BLE001
                     raise _located(exc_k, start + k) from exc_k
             raise _located(exc, start + lo) from exc
-        share = (cum[hi] - cum[lo]) / total
         for z in env:
             X, I = env[z], eid[z]
             if caps is not None and caps.get(z) is not None:
-                cap = math.ceil(caps[z] * share)
+                j = keys.index(z)
+                cap = math.ceil(caps[z] * weights[lo:hi, j].sum() / max(weights[:, j].sum(), 1))
                 if X.shape[0] > cap:
                     sel = np.sort(rng.choice(X.shape[0], size=cap, replace=False))
                     X, I = X[sel], I[sel]
@@ -314,24 +338,29 @@ def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
     return out_env, out_ids
 
 
-def _sample_caps(spec, blocks, n_atoms, n_workers, sample) -> list | None:
-    """Per block ``{key: max environments returned}``, or None for everything."""
-    if sample == "all" or spec.method is None:
+def _sample_caps(spec, blocks, weights, sample) -> list | None:
+    """Per block ``{key: max environments returned}``, or None for everything.
+
+    ``weights``: :func:`_key_weights` of all structures, columns in ``sorted(spec.counts)``.
+    """
+    if spec.method is None or (isinstance(sample, str) and sample == "all"):
         return None
-    if isinstance(sample, str) and sample != "auto":
-        raise ValueError(f"sample must be 'auto', 'all' or a positive int, got {sample!r}")
-    if sample != "auto" and (isinstance(sample, bool) or not isinstance(sample, (int, np.integer))
-                             or sample < 1):
-        raise ValueError(f"sample must be 'auto', 'all' or a positive int, got {sample!r}")
-    total = max(1, int(np.sum(n_atoms)))
+    bad = ValueError(f"sample must be 'auto', 'all' or a positive int, got {sample!r}")
+    if isinstance(sample, str):
+        if sample != "auto":
+            raise bad
+    elif isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or sample < 1:
+        raise bad
+    keys = sorted(spec.counts)
+    total = np.maximum(weights.sum(axis=0), 1.0)
     caps = []
     for b in blocks:
-        share = int(np.sum(n_atoms[b.start:b.stop])) / total
+        share = weights[b.start:b.stop].sum(axis=0) / total
         c = {}
-        for z, m in spec.counts.items():
-            per_worker = max(SAMPLE_FACTOR * int(m), SAMPLE_MIN) if sample == "auto" \
-                else int(sample)
-            c[z] = max(1, math.ceil(n_workers * per_worker * share))
+        for j, z in enumerate(keys):
+            m = spec.counts[z]
+            budget = max(SAMPLE_FACTOR * int(m), SAMPLE_MIN) if sample == "auto" else int(sample)
+            c[z] = max(1, math.ceil(budget * share[j]))
         caps.append(c)
     return caps
 
@@ -349,9 +378,10 @@ def choose(client, spec, descriptor, frames: Sequence, random_state, n_threads: 
         Unused: each worker runs its blocks with as many OpenMP threads as it has Dask
         threads (``threads_per_worker``).
     sample : "auto", "all" or int
-        Environments per kernel key per worker returned for the selection (see the module
-        notes): "auto" ``max(20 * n_sparse_k, 5000)``, "all" every environment (the serial
-        choice exactly), or that number.
+        Environments per kernel key, in total over the workers, returned for the selection
+        (see the module notes): "auto" about ``max(20 * n_sparse_k, 5000)``, "all" every
+        environment (the serial choice exactly), or about that number. Ignored for sparse
+        points given as indices (every environment is returned).
 
     Returns
     -------
@@ -370,8 +400,7 @@ def choose(client, spec, descriptor, frames: Sequence, random_state, n_threads: 
         return sparse_points.choose_from(spec, {}, {}, frames, rng, descriptor.key_name)
     placement = _place_frames(client, frames, reuse=True)
     blocks = placement.blocks
-    n_atoms = np.array([len(a) for a in frames], dtype=np.int64)
-    caps = _sample_caps(spec, blocks, n_atoms, len(placement.workers), sample)
+    caps = _sample_caps(spec, blocks, _key_weights(descriptor, frames, keys), sample)
     # one child generator per block, spawned without advancing rng's own stream, so the client's
     # selection draws the same numbers as the serial one
     block_rngs = rng.spawn(len(blocks)) if caps is not None else [None] * len(blocks)
