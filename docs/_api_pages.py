@@ -15,22 +15,23 @@ SECTIONS = [
     ("Uncertainty and active learning", ("kmlip.uncertainty", "kmlip.active")),
     ("Baselines", ("kmlip.ewald",)),
     ("Sparse GP building blocks", ("kmlip.gp",)),
+    ("LAMMPS", ("kmlip.lammps",)),
     ("Command line", ("kmlip.cli",)),
     ("Model, prediction and files", ("kmlip",)),
 ]
-#: Packages whose ``__init__`` only re-exports names of their modules (documented there).
-REEXPORTING = ("kmlip", "kmlip.descriptors", "kmlip.gp", "kmlip.active")
+#: Names documented by hand on the API index page (``docs/api/index.rst``).
+MANUAL = ("kmlip",)
 
 
 def public_modules() -> list[str]:
-    """Every importable, non-private module of kmlip, except the packages that only re-export
-    and the per-subcommand modules of the CLI (the command-line page shows their options)."""
+    """Every non-private module and package of kmlip, except the per-subcommand modules of the
+    CLI (the command-line page shows their options)."""
     import kmlip
 
     names = []
     for info in pkgutil.walk_packages(kmlip.__path__, "kmlip."):
         parts = info.name.split(".")
-        if any(p.startswith("_") for p in parts) or info.name in REEXPORTING:
+        if any(p.startswith("_") for p in parts):
             continue
         if info.name.startswith("kmlip.cli.") and info.name != "kmlip.cli.main":
             continue
@@ -38,6 +39,28 @@ def public_modules() -> list[str]:
             continue
         names.append(info.name)
     return sorted(names)
+
+
+def reexports(modname: str) -> dict[str, tuple[str, str]]:
+    """``{name: (role, canonical name)}`` when ``modname`` is a package whose ``__all__`` only
+    holds classes and functions defined in other modules; else ``{}``."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(modname)
+    if not hasattr(mod, "__path__") or not getattr(mod, "__all__", None):
+        return {}
+    out = {}
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        home = getattr(obj, "__module__", None)
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or home in (None, modname):
+            return {}
+        role = "class" if inspect.isclass(obj) else "func"
+        if inspect.isclass(obj) and issubclass(obj, BaseException):
+            role = "exc"
+        out[name] = (role, f"{home}.{obj.__qualname__}")
+    return out
 
 
 def _undocumented_data(modname: str) -> list[str]:
@@ -78,9 +101,18 @@ def write_api_pages(directory: str) -> list[str]:
         os.unlink(os.path.join(directory, stale))
     for m in modules:
         title = f"``{m}``"
-        text = f"{title}\n{'=' * len(title)}\n\n.. automodule:: {m}\n"
-        for name in _undocumented_data(m):
-            text += f"\n.. autodata:: {m}.{name}\n"
+        text = f"{title}\n{'=' * len(title)}\n\n"
+        homes = reexports(m)
+        if homes:
+            # a package that gathers names of its modules: link to where they are documented
+            text += f".. automodule:: {m}\n   :no-members:\n\n"
+            text += "Names it exports, documented in their modules:\n\n"
+            text += "".join(f"* :{role}:`{m}.{name} <{home}>`\n"
+                            for name, (role, home) in homes.items())
+        else:
+            text += f".. automodule:: {m}\n"
+            for name in _undocumented_data(m):
+                text += f"\n.. autodata:: {m}.{name}\n"
         _write(os.path.join(directory, f"{m}.rst"), text)
     toc = []
     for title, _ in SECTIONS:
