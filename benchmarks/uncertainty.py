@@ -139,14 +139,42 @@ def make_model(setting: str, n_sparse: int):
 
 
 def per_atom(model, frames) -> dict[str, np.ndarray]:
-    """Force errors (n, 3) eV/Å, uncertainty (n,) eV/Å and the measures (n,) eV², pooled."""
-    out = {k: [] for k in ("dF", "uncertainty", *MEASURES)}
+    """Force errors (n, 3) eV/Å, uncertainty (n,) eV/Å, the measures (n,) eV² and the cheap
+    per-atom force variance ``forces_var_diag`` (n,) eV²/Å², pooled."""
+    from kmlip.uncertainty import force_variance_diag
+
+    st = model.fitted_state_
+    out = {k: [] for k in ("dF", "uncertainty", *MEASURES, "forces_var_diag")}
     for a in frames:
         r = model.compute(a, ("forces", "uncertainty", *MEASURES))
         out["dF"].append(r.forces - a.get_forces())
         for k in ("uncertainty", *MEASURES):
             out[k].append(getattr(r, k))
+        X, G = st.descriptor.transform(a, gradients=True)
+        out["forces_var_diag"].append(force_variance_diag(st, a, X, G, r.novelty))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def measure_table(res: dict) -> dict:
+    """For each per-atom measure: the calibration it gets on the calibration frames, and the
+    ratios of the median uncertainty of each set to that of the training frames, Spearman and
+    coverage on the pooled held-out sets."""
+    from kmlip.uncertainty import coverage, fit_calibration, spearman
+
+    data = res["data"]
+    out = {}
+    for k in (*MEASURES, "forces_var_diag"):
+        cal = fit_calibration(k, data["calibration"][k], data["calibration"]["dF"])
+        u = {name: cal.uncertainty(d[k]) for name, d in data.items()}
+        pooled = data["all held-out"]
+        out[k] = {"scale": cal.scale, "floor": cal.floor,
+                  "ratio": {name: float(np.median(v) / np.median(u["train"]))
+                            for name, v in u.items()},
+                  "raw_ratio": {name: float(np.median(d[k]) / np.median(data["train"][k]))
+                                for name, d in data.items()},
+                  "spearman_held_out": spearman(pooled[k], np.linalg.norm(pooled["dF"], axis=1)),
+                  "coverage_held_out": coverage(pooled["dF"], u["all held-out"])}
+    return out
 
 
 def figures(d: dict[str, np.ndarray]) -> dict[str, float]:
@@ -197,6 +225,7 @@ def run_setting(setting: str, args) -> dict:
     pooled = {k: np.concatenate([res["data"][s][k] for s in tests]) for k in res["data"]["hot"]}
     res["sets"]["all held-out"] = figures(pooled)
     res["data"]["all held-out"] = pooled
+    res["measures"] = measure_table(res)
     # coverage on the pooled held-out sets with each measure's own calibration
     for k in MEASURES:
         c = Calibration(k, alt[k]["scale"], alt[k]["floor"], 1, None)
@@ -239,6 +268,16 @@ def markdown(res: dict) -> str:
         lines.append(f"| {k} | {v['scale']:.4g} | {v['floor']:.4g} "
                      f"| {100 * v['coverage_after']:.1f} % | {100 * v['coverage_held_out']:.1f} % "
                      f"| {100 * v['coverage_compressed']:.1f} % |")
+    novel = [k for k in ("compressed", "pure Au") if k in sets]
+    lines += ["", "Each measure calibrated on the calibration frames (u = sqrt(b² + a² m)): "
+              "median u of a set / median u of the training frames (raw measure ratio in "
+              "brackets), and on all held-out sets pooled",
+              "", "| measure | " + " | ".join(f"{k} / training" for k in novel)
+              + " | Spearman | within ±2u |", "|---|" + "---|" * (len(novel) + 2)]
+    for k, v in res["measures"].items():
+        lines.append(f"| {k} | " + " | ".join(
+            f"{v['ratio'][n]:.2f}× ({v['raw_ratio'][n]:.3g}×)" for n in novel)
+            + f" | {v['spearman_held_out']:.2f} | {100 * v['coverage_held_out']:.1f} % |")
     return "\n".join(lines)
 
 
