@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from kmlip.cli._files import check_output, check_readable, first_line, load_model, read_structures
+from kmlip.uncertainty import predicted_measures
 
 DESCRIPTION = (
     "Compare a model's predictions with the labels of structures the model was not trained on: "
@@ -21,8 +22,9 @@ DESCRIPTION = (
     "the uncertainty is calibrated on these structures (KernelPotential.calibrate), the figures "
     "are printed before and after, and the calibrated model is written to -o.")
 
-#: the per-atom measures reported beside the calibrated uncertainty
-MEASURES = ("novelty", "energies_var")
+#: the per-atom measures reported beside the calibrated uncertainty: those the prediction path
+#: computes (``forces_var_diag`` joins once the model computes it)
+MEASURES = predicted_measures()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
