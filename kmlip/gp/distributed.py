@@ -52,6 +52,8 @@ dies (e.g. killed for memory) raises :class:`RuntimeError` naming the structures
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import math
 import threading
@@ -265,6 +267,71 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
     return out
 
 
+# -- worker memory allocator ----------------------------------------------------------------
+_malloc_lock = threading.Lock()
+_malloc_users = [0]
+
+
+@contextlib.contextmanager
+def _task_malloc():
+    """glibc's malloc tuned for a kmlip task on a Dask worker, restored afterwards.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's
+    mmap threshold at 128 kB: every per-structure temporary above it (features, pair gradients,
+    kernel rows) is then a fresh mmap whose pages fault in again, which cost 40% more CPU in the
+    data pass (measured, benchmarks/scaling_dask.py). During the task the thresholds are raised
+    (temporaries reuse the heap); afterwards they are set back to the environment's values (or
+    glibc's defaults) and the heap is trimmed, so the worker returns the memory as Dask expects.
+    """
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    with _malloc_lock:
+        _malloc_users[0] += 1
+        if _malloc_users[0] == 1:
+            libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    try:
+        yield
+    finally:
+        with _malloc_lock:
+            _malloc_users[0] -= 1
+            if _malloc_users[0] == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, _env_int("MALLOC_TRIM_THRESHOLD_", 128 << 10))
+                libc.mallopt(_M_MMAP_THRESHOLD, _env_int("MALLOC_MMAP_THRESHOLD_", 128 << 10))
+                libc.malloc_trim(0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _env_int(name: str, default: int) -> int:
+    import os
+
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc through ctypes, or None (another C library, or no mallopt)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 # -- selection ----------------------------------------------------------------------------------
 def _key_weights(descriptor, frames, keys) -> np.ndarray:
     """Per structure and key, the weight of its share of the sample: the number of
@@ -303,7 +370,7 @@ def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
     ids: dict = {z: [] for z in keys}
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         try:
-            with serial_blas():
+            with serial_blas(), _task_malloc():
                 env, eid = sparse_points.collect_environments(
                     keys, descriptor, frames[lo:hi], n_threads, frame_offset=start + lo)
         except Exception as exc:
@@ -442,7 +509,7 @@ def _accumulate_block(kernel, frames, extras, start, prev, n_threads, precision,
         done[0] += 1
 
     try:
-        with serial_blas():
+        with serial_blas(), _task_malloc():
             factors, t_rows = training.accumulate(
                 kernel, frames, labels, e0_totals, baselines, n_threads, precision, block_rows,
                 factors=None if prev is None else prev.factors, on_frame=tick)
