@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SOAP": "kmlip.descriptors.soap",
     "ACSF": "kmlip.descriptors.acsf",
+    "Distance2b": "kmlip.descriptors.distance2b",
     "neighbor_list": "kmlip.neighbors",
     "KernelPotential": "kmlip.model",
     "load": "kmlip.model",

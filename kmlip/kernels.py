@@ -231,7 +231,8 @@ class SparseBasis:
         return out
 
     def derivative_rows(self, X: np.ndarray, Z: np.ndarray, G, n_threads: int | None = None,
-                        max_chunk_bytes: int = 64 << 20, precision: str = "double"):
+                        max_chunk_bytes: int = 64 << 20, precision: str = "double",
+                        n_atoms: int | None = None):
         """Unit kernel rows of force components and virial components.
 
         Parameters
@@ -249,6 +250,8 @@ class SparseBasis:
             accumulation stays in double. "auto" uses "mixed" for a species whose sparse points
             all lie within ``MIXED_MAX_SPREAD`` of u (then the float32 rounding is at most that
             fraction of a plain float32 GEMM's), "double" otherwise.
+        n_atoms : int, optional
+            Atoms of the structure (default: one environment per atom, ``len(X)``).
 
         Returns
         -------
@@ -261,7 +264,7 @@ class SparseBasis:
         """
         n = X.shape[0]
         Xh, inv = normalize(X)
-        outF = np.zeros((3 * n, self.n_sparse))
+        outF = np.zeros((3 * (n if n_atoms is None else int(n_atoms)), self.n_sparse))
         outW = np.zeros((9, self.n_sparse))
         if self.n_sparse == 0 or G.n_entries == 0:
             return outF, outW
@@ -427,6 +430,31 @@ class SparseBasis:
     def local_energies(self, X: np.ndarray, Z: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """Unit local energies only, shape (n_atoms,)."""
         return self.local_rows(X, Z) @ alpha
+
+    # -- prior variances (the interface shared with kmlip.pair_kernel.PairSEBasis) ----------
+    def cross(self, XA, ZA, XB, ZB) -> np.ndarray:
+        """Unit kernel between two sets of environments, (n_A, n_B)."""
+        Ah, _ = normalize(XA)
+        Bh, _ = normalize(XB)
+        out = np.zeros((XA.shape[0], XB.shape[0]))
+        for z in np.intersect1d(ZA, ZB):
+            a, b = np.flatnonzero(ZA == z), np.flatnonzero(ZB == z)
+            out[np.ix_(a, b)] = kernel(Ah[a], Bh[b], self.zeta)
+        return out
+
+    def self_kernel(self, X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+        """Unit prior variance of each local energy: 1, or 0 for an empty environment."""
+        Xh, _ = normalize(X)
+        return np.einsum("ij,ij->i", Xh, Xh)
+
+    def energy_prior(self, X: np.ndarray, Z: np.ndarray) -> float:
+        """Unit prior variance of the sum of the local energies."""
+        return energy_prior_variance(X, Z, self.zeta)
+
+    def force_prior_variance(self, X: np.ndarray, Z: np.ndarray, G,
+                             n_atoms: int) -> np.ndarray:
+        """Unit prior variance of every force component, (n_atoms, 3)."""
+        return force_prior_variance(X, Z, G, self.zeta)
 
 
 def contract_forces(G, v: np.ndarray, n_atoms: int, n_threads: int | None = None):

@@ -58,8 +58,8 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from kmlip import io as model_io
-from kmlip import kernels, metrics, prediction
 from kmlip import labels as lab
+from kmlip import metrics, prediction
 from kmlip._threads import resolve_threads, serial_blas
 from kmlip.gp import e0 as e0_mod
 from kmlip.gp import hyperparameters as hp
@@ -67,6 +67,7 @@ from kmlip.gp import sparse_points, training
 from kmlip.gp.sparse import cholesky_jitter
 from kmlip.gp.state import (
     FittedState,
+    _species_with_points,
     baseline_from_dict,
     baseline_to_dict,
     copy_component,
@@ -75,6 +76,7 @@ from kmlip.gp.state import (
     jsonable,
     unjson,
 )
+from kmlip.gp.terms import KernelSum, Term
 
 PRECISIONS = ("auto", "double", "mixed")
 
@@ -85,7 +87,7 @@ class _Config:
 
     hyper: hp.Hyperparameters
     keys: lab.LabelKeys
-    zeta: int
+    terms: tuple  # of _TermConfig, one per kernel term
     e0: dict | None
     jitter: float
     block_size: int | None
@@ -93,24 +95,47 @@ class _Config:
     precision: str
 
 
+@dataclass(frozen=True)
+class _TermConfig:
+    """One kernel term's parameters: its descriptor, ζ (None where it does not apply) and the
+    sparse-point request."""
+
+    descriptor: Any
+    zeta: int | None
+    n_sparse: Any
+    sparse_method: Any
+
+
+def _is_term_list(v) -> bool:
+    return isinstance(v, (list, tuple))
+
+
 class KernelPotential(BaseEstimator):
     """Sparse GP potential: a descriptor + normalised dot-product kernel, as GAP.
 
     Parameters
     ----------
-    descriptor : Descriptor
-        Anything following :class:`kmlip.descriptors.base.Descriptor` (e.g. ``SOAP(...)``).
-    zeta : int
-        Kernel exponent ζ (>= 1). All parameters after ``descriptor`` are keyword-only.
-    delta : float
-        Kernel scale δ in eV (prior std of a local energy).
-    n_sparse : int or dict
-        Sparse environments per species of the centre atom (an int for every species, or
-        ``{symbol: int}``), capped at the number of training environments of that species.
-    sparse_method : str, array or dict
-        ``"cur"`` (leverage scores), ``"fps"`` (farthest point) or ``"random"`` (see
-        :mod:`kmlip.gp.selection`); a 1-D int array of global environment indices (atoms of all
-        training frames concatenated in order); or ``{symbol: indices or (M_z, F) features}``.
+    descriptor : Descriptor or list of Descriptor
+        Anything following :class:`kmlip.descriptors.base.Descriptor` (e.g. ``SOAP(...)``);
+        a list makes a **sum of kernels** (e.g. ``[Distance2b(...), SOAP(...)]``, GAP's usual
+        two-body + SOAP model): each term has its own environments, sparse points, δ and
+        selection, and the per-term parameters below may then be lists (one entry per term)
+        or scalars (applying to every term).
+    zeta : int, or list of int or None
+        Kernel exponent ζ (>= 1) of the normalised dot-product kernel; None for a term with
+        a kernel of its own (Distance2b's squared exponential), where a scalar ζ is ignored.
+        All parameters after ``descriptor`` are keyword-only.
+    delta : float or list of float
+        Kernel scale δ in eV (prior std of a local energy), per term for a sum.
+    n_sparse : int or dict, or a list of them
+        Sparse environments per kernel key (centre species; species pair ``"Cu-Al"`` for
+        Distance2b): an int for every key, or ``{key name: int}``, capped at the number of
+        training environments of that key.
+    sparse_method : str, array or dict, or a list of them
+        ``"cur"`` (leverage scores), ``"fps"`` (farthest point), ``"random"`` or ``"uniform"``
+        (evenly spaced, GAP's choice for two-body terms; see :mod:`kmlip.gp.selection`); a 1-D
+        int array of global environment indices (atoms of all training frames concatenated in
+        order); or ``{key name: indices or (M_k, F) features}``.
     sigma_energy : float or None
         Energy noise in eV per atom (a total energy has ``sigma_energy * sqrt(n_atoms)``);
         None: energies are not used as labels.
@@ -203,13 +228,7 @@ class KernelPotential(BaseEstimator):
     # -- parameters ------------------------------------------------------------------------------
     def _config(self) -> _Config:
         """All parameters checked (TypeError/ValueError naming the parameter), before any work."""
-        d = self.descriptor
-        if d is None or not all(hasattr(d, a) for a in ("transform", "species_z", "n_features")):
-            raise TypeError("descriptor must be a kmlip descriptor (e.g. SOAP(...)), got "
-                            f"{type(d).__name__}")
-        if isinstance(self.zeta, bool) or not isinstance(self.zeta, (int, np.integer)) \
-                or not 1 <= self.zeta <= 64:
-            raise ValueError(f"zeta must be an integer in [1, 64], got {self.zeta!r}")
+        terms, delta = self._terms_config()
         sig = {}
         for name in ("sigma_energy", "sigma_force", "sigma_stress"):
             v = getattr(self, name)
@@ -242,10 +261,53 @@ class KernelPotential(BaseEstimator):
         keys = lab.LabelKeys(self.energy_key, self.forces_key, self.stress_key,
                              sig["sigma_energy"] is not None, sig["sigma_force"] is not None,
                              sig["sigma_stress"] is not None)
-        return _Config(hyper=hp.Hyperparameters(lab.positive(self.delta, "delta"), **sig),
-                       keys=keys, zeta=int(self.zeta), e0=e0_mod.validate_e0(self.e0),
+        return _Config(hyper=hp.Hyperparameters(delta, **sig),
+                       keys=keys, terms=terms, e0=e0_mod.validate_e0(self.e0),
                        jitter=float(self.jitter), block_size=None if bs is None else int(bs),
                        n_threads=resolve_threads(self.n_threads), precision=self.precision)
+
+    def _terms_config(self):
+        """(terms, delta): per-term parameters of a single descriptor or a sum of kernels."""
+        multi = _is_term_list(self.descriptor)
+        descs = list(self.descriptor) if multi else [self.descriptor]
+        if not descs:
+            raise ValueError("descriptor is an empty list; give at least one descriptor")
+        for t, d in enumerate(descs):
+            if d is None or not all(hasattr(d, a) for a in ("transform", "species_z",
+                                                            "n_features")):
+                where = f"descriptor[{t}]" if multi else "descriptor"
+                raise TypeError(f"{where} must be a kmlip descriptor (e.g. SOAP(...)), got "
+                                f"{type(d).__name__}")
+
+        def per_term(name, value):
+            if multi and _is_term_list(value):
+                if len(value) != len(descs):
+                    raise ValueError(f"{name} has {len(value)} entries but descriptor has "
+                                     f"{len(descs)} terms")
+                return list(value), True
+            return [value] * len(descs), False
+
+        zetas, zlist = per_term("zeta", self.zeta)
+        terms = []
+        n_sparse, _ = per_term("n_sparse", self.n_sparse)
+        methods, _ = per_term("sparse_method", self.sparse_method)
+        for t, (d, z) in enumerate(zip(descs, zetas, strict=True)):
+            where = f"zeta[{t}]" if zlist else "zeta"
+            if not getattr(d, "uses_zeta", True):
+                if zlist and z is not None:
+                    raise ValueError(f"{where} must be None for {type(d).__name__} (its kernel "
+                                     f"is its own), got {z!r}")
+                z = None
+            elif isinstance(z, bool) or not isinstance(z, (int, np.integer)) \
+                    or not 1 <= z <= 64:
+                raise ValueError(f"{where} must be an integer in [1, 64], got {z!r}")
+            else:
+                z = int(z)
+            terms.append(_TermConfig(d, z, n_sparse[t], methods[t]))
+        deltas, dlist = per_term("delta", self.delta)
+        deltas = [lab.positive(v, f"delta[{t}]" if dlist else "delta")
+                  for t, v in enumerate(deltas)]
+        return tuple(terms), (tuple(deltas) if multi else deltas[0])
 
     # -- fitted state ----------------------------------------------------------------------------
     def __sklearn_is_fitted__(self) -> bool:
@@ -259,13 +321,17 @@ class KernelPotential(BaseEstimator):
     R_ = property(lambda self: self._fitted().R, doc="Posterior factor, (M, M) upper.")
     L_hat_ = property(lambda self: self._fitted().L_hat, doc="Cholesky factor of unit K_MM.")
     jitter_ = property(lambda self: self._fitted().jitter, doc="Jitter used.")
-    basis_ = property(lambda self: self._fitted().basis, doc="SparseBasis.")
-    descriptor_ = property(lambda self: self._fitted().descriptor, doc="Fitted descriptor copy.")
+    basis_ = property(lambda self: self._fitted().basis, doc="SparseBasis (one term).")
+    descriptor_ = property(lambda self: self._fitted().descriptor,
+                           doc="Fitted descriptor copy (a list for a sum of kernels).")
     baseline_ = property(lambda self: self._fitted().baseline, doc="Fitted baseline copy.")
     factors_ = property(lambda self: dict(self._fitted().factors), doc="Per-class QR factors.")
     e0_ = property(lambda self: dict(self._fitted().e0), doc="{symbol: eV}.")
     species_ = property(lambda self: list(self._fitted().species), doc="Predictable species.")
-    delta_ = property(lambda self: self._fitted().hyper.delta, doc="δ (eV).")
+    delta_ = property(lambda self: (list(self._fitted().hyper.delta)
+                                    if isinstance(self._fitted().hyper.delta, tuple)
+                                    else self._fitted().hyper.delta),
+                      doc="δ (eV); a list, one per term, for a sum of kernels.")
     sigma_energy_ = property(lambda self: self._fitted().hyper.sigma_energy)
     sigma_force_ = property(lambda self: self._fitted().hyper.sigma_force)
     sigma_stress_ = property(lambda self: self._fitted().hyper.sigma_stress)
@@ -275,9 +341,13 @@ class KernelPotential(BaseEstimator):
     log_marginal_likelihood_ = property(lambda self: self._fitted().log_marginal_likelihood)
 
     @property
-    def sparse_points_(self) -> dict[str, np.ndarray]:
-        b = self._fitted().basis
-        return {chemical_symbols[z]: b.points[z] for z in b.species_z}
+    def sparse_points_(self):
+        """``{key name: (M_k, F) descriptor vectors}`` (a list of such dicts for a sum of
+        kernels, one per term)."""
+        st = self._fitted()
+        out = [{t.descriptor.key_name(k): t.basis.points[k] for k in t.basis.species_z}
+               for t in st.kernel.terms]
+        return out[0] if st.single else out
 
     @property
     def sparse_indices_(self) -> dict[str, np.ndarray] | None:
@@ -291,7 +361,8 @@ class KernelPotential(BaseEstimator):
         return {**st.hyper.as_dict(), "log_marginal_likelihood": st.log_marginal_likelihood}
 
     # -- fit ---------------------------------------------------------------------------------------
-    def fit(self, frames, y=None, optimize: bool = False, optimize_delta: bool = True):
+    def fit(self, frames, y=None, optimize: bool = False, optimize_delta: bool = True,
+            client=None):
         """Fits the sparse GP to labelled structures.
 
         Parameters
@@ -306,6 +377,10 @@ class KernelPotential(BaseEstimator):
             ``delta_``, ``sigma_*_`` (constructor arguments stay unchanged).
         optimize_delta : bool
             Include δ in the optimisation.
+        client : dask.distributed.Client, optional
+            Run the descriptor and kernel-row passes on its workers (:mod:`kmlip.gp.distributed`:
+            structures are scattered in blocks, each worker streams its block into triangular
+            factors, and the factors are tree-reduced); the same model as a serial fit.
 
         Returns
         -------
@@ -314,11 +389,11 @@ class KernelPotential(BaseEstimator):
         t_start = time.perf_counter()
         cfg = self._config()
         frames = lab.as_frames(frames)
-        desc = self.descriptor
-        for k, a in enumerate(frames):
-            lab.check_species(a, desc.species_z, f"frame {k}", "descriptor")
-        spec = sparse_points.validate(self.n_sparse, self.sparse_method, frames,
-                                      int(desc.n_features))
+        for tc in cfg.terms:
+            for k, a in enumerate(frames):
+                lab.check_species(a, tc.descriptor.species_z, f"frame {k}", "descriptor")
+        specs = [sparse_points.validate(tc.n_sparse, tc.sparse_method, frames, tc.descriptor)
+                 for tc in cfg.terms]
         labels = [lab.read_labels(a, k, cfg.keys) for k, a in enumerate(frames)]
         present = sorted({int(z) for a in frames for z in a.numbers})
         if cfg.e0 is not None:
@@ -328,37 +403,54 @@ class KernelPotential(BaseEstimator):
         # kmlip's own OpenMP loops call BLAS per block; BLAS threads beside them would spin
         # (and a threaded SVD in the sparse selection is slower than a serial one here)
         with serial_blas():
-            state = self._train(frames, labels, present, spec, cfg, optimize, optimize_delta,
-                                t_start)
+            state = self._train(frames, labels, present, specs, cfg, optimize, optimize_delta,
+                                t_start, client)
         self.fitted_state_ = state
         return self
 
-    def _train(self, frames, labels, present, spec, cfg: _Config, optimize: bool,
-               optimize_delta: bool, t_start: float) -> FittedState:
+    def _train(self, frames, labels, present, specs, cfg: _Config, optimize: bool,
+               optimize_delta: bool, t_start: float, client=None) -> FittedState:
         timings = {}
+        if client is not None:
+            import functools
+
+            from kmlip.gp import distributed
+
+            choose = functools.partial(distributed.choose, client)
+            accumulate = functools.partial(distributed.accumulate, client)
+        else:
+            choose, accumulate = sparse_points.choose, training.accumulate
         t0 = time.perf_counter()
-        desc = copy_component(self.descriptor)
         baseline = copy_component(self.baseline)
         base = [training.baseline_values(baseline, a) for a in frames]
         e0 = cfg.e0 if cfg.e0 is not None else self._fit_e0(frames, labels, base, present, cfg)
         timings["baseline_e0"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        points, sparse_idx = sparse_points.choose(spec, desc, frames, self.random_state,
-                                                  cfg.n_threads)
+        terms, sparse_idx = [], None
+        single = len(cfg.terms) == 1
+        for t, (tc, spec) in enumerate(zip(cfg.terms, specs, strict=True)):
+            desc = copy_component(tc.descriptor)
+            points, idx = choose(spec, desc, frames, self.random_state, cfg.n_threads)
+            terms.append(Term(desc, desc.make_basis(points, tc.zeta)))
+            if single:
+                sparse_idx = idx
+            elif idx:
+                sparse_idx = {**(sparse_idx or {}), **{f"{t}:{k}": v for k, v in idx.items()}}
+        kernel = KernelSum(terms)
         timings["selection"] = time.perf_counter() - t0
-        basis = kernels.SparseBasis(points, cfg.zeta, species_z=desc.species_z)
-        M = basis.n_sparse
-        self._log(f"{len(frames)} frames, M = {M} sparse points (" + ", ".join(
-            f"{chemical_symbols[z]}: {len(basis.points[z])}" for z in basis.species_z) + ")")
+        M = kernel.n_sparse
+        self._log(f"{len(frames)} frames, M = {M} sparse points (" + "; ".join(
+            ", ".join(f"{t.descriptor.key_name(k)}: {len(t.basis.points[k])}"
+                      for k in t.basis.species_z) for t in terms) + ")")
 
         t0 = time.perf_counter()
-        L_hat, jit = cholesky_jitter(basis.kmm(), cfg.jitter)
+        L_hat, jit = cholesky_jitter(kernel.kmm(), cfg.jitter)
         bar = self._progress(len(frames), "kmlip fit")
         e0_tab = np.array([e0.get(s, 0.0) for s in chemical_symbols])
         try:
-            factors, t_rows = training.accumulate(
-                desc, basis, frames, labels, [float(np.sum(e0_tab[a.numbers])) for a in frames],
+            factors, t_rows = accumulate(
+                kernel, frames, labels, [float(np.sum(e0_tab[a.numbers])) for a in frames],
                 base, cfg.n_threads, cfg.precision, training.block_rows_for(M, cfg.block_size),
                 on_frame=None if bar is None else (lambda: bar.update(1)))
         finally:
@@ -368,16 +460,21 @@ class KernelPotential(BaseEstimator):
         timings["qr"] = time.perf_counter() - t0 - t_rows
 
         t0 = time.perf_counter()
-        species = tuple(chemical_symbols[z] for z in desc.species_z
-                        if z in basis.points or chemical_symbols[z] in e0)
+        with_points = set(_species_with_points(terms))
+        order = []
+        for t in terms:
+            order += [z for z in t.descriptor.species_z if z not in order]
+        species = tuple(chemical_symbols[z] for z in order
+                        if z in with_points or chemical_symbols[z] in e0)
         state = FittedState.solved(
-            factors=factors, L_hat=L_hat, hyper=cfg.hyper, descriptor=desc, baseline=baseline,
-            basis=basis, sparse_indices=sparse_idx, species=species, e0=dict(e0), jitter=jit)
+            factors=factors, L_hat=L_hat, hyper=cfg.hyper, kernel=kernel, baseline=baseline,
+            sparse_indices=sparse_idx, species=species, e0=dict(e0), jitter=jit)
         if optimize:
             hyper, info = hp.optimize(state.factors, state.L_hat, state.hyper,
-                                      optimize_delta=optimize_delta)
+                                      optimize_delta=optimize_delta,
+                                      groups=[kernel.columns(t) for t in range(len(kernel))])
             state = state.with_hyperparameters(hyper, info)
-            self._log("optimised: " + ", ".join(f"{k}={v:.4g}" for k, v in
+            self._log("optimised: " + ", ".join(f"{k}={v}" for k, v in
                                                 hyper.as_dict().items() if v is not None))
         timings["solve"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
@@ -423,10 +520,10 @@ class KernelPotential(BaseEstimator):
         with serial_blas():
             base = [training.baseline_values(state.baseline, a) for a in frames]
             factors, _ = training.accumulate(
-                state.descriptor, state.basis, frames, labels,
+                state.kernel, frames, labels,
                 [float(np.sum(state.e0_table[a.numbers])) for a in frames], base,
                 cfg.n_threads, cfg.precision,
-                training.block_rows_for(state.basis.n_sparse, cfg.block_size),
+                training.block_rows_for(state.n_sparse, cfg.block_size),
                 factors=state.factors)
             new = state.with_factors(factors)
         self.fitted_state_ = new
@@ -496,7 +593,8 @@ class KernelPotential(BaseEstimator):
         st = self._fitted()
         st.require_factors("the log marginal likelihood")
         hyper = st.hyper.updated(delta, sigma_energy, sigma_force, sigma_stress)
-        sol = hp.solve(st.factors, st.L_hat, hyper, gradient=eval_gradient)
+        sol = hp.solve(st.factors, st.L_hat, hyper, gradient=eval_gradient,
+                       groups=[st.kernel.columns(t) for t in range(len(st.kernel))])
         if eval_gradient:
             return sol.log_marginal_likelihood, sol.gradient
         return sol.log_marginal_likelihood
@@ -531,7 +629,8 @@ class KernelPotential(BaseEstimator):
         st = self._fitted()
         st.require_factors("optimize_hyperparameters")
         hyper, info = hp.optimize(st.factors, st.L_hat, st.hyper, optimize_delta=optimize_delta,
-                                  bounds=bounds)
+                                  bounds=bounds,
+                                  groups=[st.kernel.columns(t) for t in range(len(st.kernel))])
         self.fitted_state_ = st.with_hyperparameters(hyper, info)
         return self.hyperparameters_
 
@@ -687,7 +786,8 @@ class KernelPotential(BaseEstimator):
         params = {}
         for k, v in self.get_params(deep=False).items():
             if k == "descriptor":
-                params[k] = descriptor_to_dict(v)
+                params[k] = [descriptor_to_dict(d) for d in v] if _is_term_list(v) \
+                    else descriptor_to_dict(v)
             elif k == "baseline":
                 params[k] = baseline_to_dict(v)
             elif k == "random_state" and isinstance(v, np.random.Generator):
@@ -724,7 +824,9 @@ class KernelPotential(BaseEstimator):
             if unknown:
                 raise ValueError(f"unknown parameters {unknown}")
             params = {k: unjson(v) for k, v in params.items()}
-            params["descriptor"] = descriptor_from_dict(params.get("descriptor"))
+            d = params.get("descriptor")
+            params["descriptor"] = [descriptor_from_dict(x) for x in d] \
+                if isinstance(d, list) else descriptor_from_dict(d)
             params["baseline"] = baseline_from_dict(params.get("baseline"), trusted_modules)
             model = cls(**params)
             model._config()

@@ -32,6 +32,7 @@ from ase import Atoms
 
 from kmlip import kernels
 from kmlip._threads import serial_blas
+from kmlip.gp.sparse import predictive_variance
 from kmlip.gp.training import baseline_values
 from kmlip.labels import check_species, is_periodic
 
@@ -122,6 +123,8 @@ def compute(state, atoms: Atoms, properties: Iterable[str] = ("energy",),
 
 
 def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Prediction:
+    if not state.atom_centred:
+        return _compute_terms(state, atoms, props, nt)
     n = len(atoms)
     Z = np.asarray(atoms.numbers, dtype=np.int64)
     periodic = is_periodic(atoms)
@@ -199,6 +202,111 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
         Fr, _ = basis.derivative_rows(X, Z, G, n_threads=nt)
         kss = kernels.force_prior_variance(X, Z, G, basis.zeta).reshape(-1)
         out.forces_var = state.variance(Fr, kss, "force").reshape(n, 3)
+    return out
+
+
+def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction:
+    """:func:`_compute` for a sum of kernels, or a term whose environments are not atoms: each
+    term's local energies go to the atoms that own its environments; variances use the joint
+    posterior of all terms (their prior variances add up, each with its own δ²)."""
+    import scipy.linalg as sla
+
+    from kmlip.gp.terms import atom_prior, atom_rows
+
+    n = len(atoms)
+    Z = np.asarray(atoms.numbers, dtype=np.int64)
+    periodic = is_periodic(atoms)
+    want_f = "forces" in props
+    want_s = "stress" in props and periodic
+    want_fvar = "forces_var" in props
+    want_e = bool(props & {"energy", "free_energy"}) or want_f or want_s
+    want_unc = "uncertainty" in props
+    measure = state.uncertainty_map.measure if want_unc else None
+    want_lvar = "energies_var" in props or measure == "energies_var"
+    want_nov = "novelty" in props or measure == "novelty"
+    want_evar = "energy_var" in props
+    rows = want_lvar or want_evar or want_nov
+    need_grad = want_f or want_s
+    kernel = state.kernel
+    deltas = state.hyper.delta if isinstance(state.hyper.delta, tuple) else (state.hyper.delta,)
+    d2s = [float(d) ** 2 for d in deltas]
+    dcol = np.broadcast_to(np.asarray(state.column_delta, dtype=np.float64),
+                           (kernel.n_sparse,))
+    dcol = np.array(dcol)
+
+    def _var(K, prior, what):
+        # full prior variances (eV²), delta per column: the vector form of the formula
+        return predictive_variance(K, prior, state.L_hat, state.R, dcol, what)
+
+    eps_atoms = np.zeros(n)
+    f = np.zeros((n, 3))
+    W = np.zeros((3, 3))
+    envs, K_envs = [], []
+    for t, term in enumerate(kernel.terms):
+        basis, desc, d2 = term.basis, term.descriptor, d2s[t]
+        alpha = state.alpha[kernel.columns(t)]
+        if want_fvar or not need_grad:
+            env = desc.environments(atoms, gradients=want_fvar, n_threads=nt)
+            eps, v, K = basis.evaluate(env.features, env.keys, alpha, grad=need_grad, rows=rows,
+                                       n_threads=nt)
+            if need_grad:
+                ft, Wt = kernels.contract_forces(env.gradients, d2 * v, n, n_threads=nt)
+        else:
+            held = {}
+
+            def grad_fn(e, basis=basis, alpha=alpha, d2=d2, held=held):
+                held["eval"] = basis.evaluate(e.features, e.keys, alpha, grad=True, rows=rows,
+                                              n_threads=nt)
+                return d2 * held["eval"][1]
+
+            env, _, ft, Wt = desc.backprop_environments(atoms, grad_fn, n_threads=nt)
+            eps, _, K = held["eval"]
+        envs.append(env)
+        K_envs.append(K)
+        eps_atoms += env.per_atom(d2 * eps, n)
+        if need_grad:
+            f += ft
+            W += Wt
+    out = Prediction()
+    local = eps_atoms + state.e0_table[Z]
+    if "energies" in props or want_e:
+        out.energies = local
+    if want_e:
+        E_b, F_b, S_b = (0.0, None, None) if state.baseline is None \
+            else baseline_values(state.baseline, atoms)
+        out.baseline_energy = E_b
+        out.energy = float(np.sum(local)) + E_b
+        if want_f:
+            out.forces = f if F_b is None else f + F_b
+        if want_s:
+            s = kernels.virial_voigt(W.reshape(9)) / atoms.get_volume()
+            out.stress = s if S_b is None else s + S_b
+    if want_lvar or want_nov:
+        K_atom = atom_rows(envs, n, K_envs, kernel)
+        prior = atom_prior(envs, n, kernel, d2s)
+        if want_lvar:
+            out.energies_var = _var(K_atom, prior, "local energy") \
+                if kernel.n_sparse else prior
+        if want_nov:
+            if kernel.n_sparse:
+                A = sla.solve_triangular(state.L_hat, (K_atom * dcol).T, lower=True,
+                                         check_finite=False)
+                out.novelty = np.maximum(prior - np.sum(A * A, axis=0), 0.0)
+            else:
+                out.novelty = prior
+        if want_unc:
+            cal = state.uncertainty_map
+            out.uncertainty = cal.uncertainty(getattr(out, cal.measure))
+    if want_evar:
+        K_tot = np.concatenate([K.sum(0) for K in K_envs])
+        prior = sum(d2 * term.basis.energy_prior(e.features, e.keys)
+                    for d2, term, e in zip(d2s, kernel.terms, envs, strict=True))
+        out.energy_var = float(_var(K_tot[None, :], np.array([prior]), "energy")[0])
+    if want_fvar:
+        Fr, _ = kernel.derivative_rows(envs, n, nt, "double")
+        kss = sum(d2 * term.basis.force_prior_variance(e.features, e.keys, e.gradients, n)
+                  for d2, term, e in zip(d2s, kernel.terms, envs, strict=True)).reshape(-1)
+        out.forces_var = _var(Fr, kss, "force").reshape(n, 3)
     return out
 
 

@@ -48,9 +48,9 @@ def cual_cluster(seed: int = 0) -> Atoms:
 
 @pytest.fixture(scope="session")
 def d2b():
-    from kmlip.descriptors.distance2b import Distance2B
+    from kmlip.descriptors.histogram import PairHistogram
 
-    return Distance2B(["Cu", "Al"], r_cut=4.5, n_max=8)
+    return PairHistogram(["Cu", "Al"], r_cut=4.5, n_max=8)
 
 
 @pytest.fixture(scope="session")

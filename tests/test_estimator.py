@@ -41,6 +41,12 @@ class _Exploding:
     def to_dict(self):
         return self.inner.to_dict()
 
+    def environments(self, *args, **kw):
+        # the protocol's default: environments from this object's own transform
+        from kmlip.descriptors.base import Descriptor
+
+        return Descriptor.environments(self, *args, **kw)
+
     def transform(self, *args, **kw):
         self.calls += 1
         if self.calls > self.after:

@@ -10,7 +10,7 @@ from ase.build import bulk
 from sklearn.base import clone
 
 from kmlip.descriptors.base import MAX_FEATURES, Descriptor
-from kmlip.descriptors.distance2b import Distance2B
+from kmlip.descriptors.histogram import PairHistogram
 from kmlip.descriptors.soap import SOAP
 
 SOAP_KW = dict(species=["Cu", "Al"], r_cut=4.0, n_max=3, l_max=2, sigma=0.5)
@@ -103,8 +103,8 @@ def test_soap_accepts_numpy_scalars_and_bools():
 
 
 @pytest.mark.parametrize("make", [lambda: SOAP(**SOAP_KW, normalize=True),
-                                  lambda: Distance2B(**D2B_KW, width=0.4)],
-                         ids=["SOAP", "Distance2B"])
+                                  lambda: PairHistogram(**D2B_KW, width=0.4)],
+                         ids=["SOAP", "PairHistogram"])
 def test_get_params_identity_and_clone(make):
     species = ["Cu", "Al"]
     desc = make()
@@ -159,11 +159,11 @@ D2B_BAD = [
 
 @pytest.mark.parametrize("name, value, exc, words", D2B_BAD,
                          ids=[f"{n}={v!r}"[:40] for n, v, _, _ in D2B_BAD])
-def test_distance2b_rejects_bad_parameters(name, value, exc, words):
+def test_pair_histogram_rejects_bad_parameters(name, value, exc, words):
     with pytest.raises(exc) as info:
-        Distance2B(**{**D2B_KW, name: value})
+        PairHistogram(**{**D2B_KW, name: value})
     assert name in str(info.value) and words in str(info.value), str(info.value)
-    desc = Distance2B(**D2B_KW)
+    desc = PairHistogram(**D2B_KW)
     with pytest.raises(exc):
         desc.set_params(**{name: value})
     assert desc.get_params() == D2B_KW | {"width": None, "cutoff_width": 0.5}
@@ -171,7 +171,7 @@ def test_distance2b_rejects_bad_parameters(name, value, exc, words):
 
 def test_set_species_order_is_by_atomic_number():
     # a set has no order of its own; layouts must not depend on string hashing
-    desc = Distance2B(species={"Cu", "Al", "Ni"}, r_cut=4.5, n_max=4)
+    desc = PairHistogram(species={"Cu", "Al", "Ni"}, r_cut=4.5, n_max=4)
     assert desc.species_z == (13, 28, 29)
     assert desc.to_dict()["params"]["species"] == ["Al", "Ni", "Cu"]
     assert Descriptor.from_dict(desc.to_dict()).species_z == (13, 28, 29)
@@ -191,8 +191,8 @@ BAD_DESCRIPTIONS = [
     {"type": "SOAP", "params": {"species": [{"Cu": 1}]}},
     {"type": "SOAP", "params": {"species": ["Cu"], "r_cut": None}},
     {"type": "SOAP", "params": {"species": ["Cu"], "bogus": 1}},
-    {"type": "Distance2B", "params": {"species": ["Cu"], "r_cut": 4.0, "n_max": 10**12}},
-    {"type": "Distance2B", "params": {"species": ["Cu"], "r_cut": "4.0"}},
+    {"type": "PairHistogram", "params": {"species": ["Cu"], "r_cut": 4.0, "n_max": 10**12}},
+    {"type": "PairHistogram", "params": {"species": ["Cu"], "r_cut": "4.0"}},
 ]
 
 
@@ -201,5 +201,5 @@ def test_from_dict_raises_value_error(d):
     with pytest.raises(ValueError) as info:
         Descriptor.from_dict(d)
     assert type(info.value) is ValueError
-    if isinstance(d, dict) and d.get("type") in ("SOAP", "Distance2B"):
+    if isinstance(d, dict) and d.get("type") in ("SOAP", "PairHistogram"):
         assert d["type"] in str(info.value)

@@ -22,6 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default=None, metavar="NAME",
                    help="ASE format name of the training file, e.g. extxyz "
                         "(default: guessed from the file name and content)")
+    p.add_argument("--model", default=None, metavar="SPEC.json",
+                   help="a JSON model spec instead of the SOAP options below, e.g. a sum of "
+                        "kernels: {\"terms\": [{\"descriptor\": {\"type\": \"Distance2b\", "
+                        "\"params\": {\"species\": [\"Cu\"], \"r_cut\": 5.0}}, \"delta\": 0.5, "
+                        "\"n_sparse\": 20, \"sparse_method\": \"uniform\"}, {\"descriptor\": "
+                        "{\"type\": \"SOAP\", \"params\": {...}}, \"delta\": 0.2, \"zeta\": 4}]}; "
+                        "per-term keys: descriptor, delta, zeta, n_sparse, sparse_method "
+                        "(the sparse-GP options below fill what a term leaves out; "
+                        "default: one SOAP term from the options below)")
     g = p.add_argument_group("SOAP descriptor")
     g.add_argument("--species", nargs="+", default=None, metavar="SYMBOL",
                    help="chemical symbols the potential accepts "
@@ -43,9 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-sparse", type=int, default=1000, metavar="M",
                    help="sparse points per species (default: %(default)s; capped at the "
                         "number of atomic environments)")
-    g.add_argument("--sparse-method", default="cur", choices=["cur", "fps", "random"],
+    g.add_argument("--sparse-method", default="cur",
+                   choices=["cur", "fps", "random", "uniform"],
                    help="how sparse points are chosen: CUR leverage scores, farthest-point "
-                        "sampling or random (default: %(default)s)")
+                        "sampling, random or uniform (default: %(default)s)")
     g.add_argument("--sigma-energy", type=float, default=0.002,
                    help="energy noise in eV per atom (default: %(default)s)")
     g.add_argument("--sigma-force", type=float, default=0.02,
@@ -100,6 +110,55 @@ def _dask_client(args: argparse.Namespace):
         yield client
 
 
+#: Keys of one term of a ``--model`` spec and the option that fills each when left out.
+TERM_KEYS = {"descriptor": None, "delta": "delta", "zeta": "zeta", "n_sparse": "n_sparse",
+             "sparse_method": "sparse_method"}
+
+
+def read_model_spec(path: str, args: argparse.Namespace):
+    """Descriptor(s) and per-term parameters of a JSON model spec (see ``--model``).
+
+    Raises
+    ------
+    ValueError
+        Unreadable JSON or a malformed spec, naming the file and the cause.
+    """
+    import json
+
+    from kmlip.descriptors.base import Descriptor
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            spec = json.load(fh)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the model spec ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    terms = spec.get("terms") if isinstance(spec, dict) else None
+    if not isinstance(terms, list) or not terms:
+        raise ValueError(f"{path}: the model spec needs a non-empty list 'terms'")
+    descs, params = [], {k: [] for k in TERM_KEYS if k != "descriptor"}
+    for t, term in enumerate(terms):
+        if not isinstance(term, dict):
+            raise ValueError(f"{path}: terms[{t}] must be an object")
+        unknown = sorted(set(term) - set(TERM_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: terms[{t}] has unknown keys {unknown}; known: "
+                             f"{sorted(TERM_KEYS)}")
+        try:
+            descs.append(Descriptor.from_dict(term.get("descriptor")))
+        except ValueError as exc:
+            raise ValueError(f"{path}: terms[{t}]: {exc}") from None
+        for k, opt in TERM_KEYS.items():
+            if opt is not None:
+                default = None if (k == "zeta" and not descs[-1].uses_zeta) \
+                    else getattr(args, opt)
+                params[k].append(term.get(k, default))
+    if len(descs) == 1:
+        return descs[0], {k: v[0] for k, v in params.items()}
+    return descs, params
+
+
 def run(args: argparse.Namespace) -> int:
     from kmlip import SOAP, KernelPotential
 
@@ -111,10 +170,14 @@ def run(args: argparse.Namespace) -> int:
         if "X" in species:
             raise ValueError(f"{args.train}: holds dummy atoms 'X' (Z = 0), which no potential "
                              "can describe")
-    soap = SOAP(species=species, r_cut=args.r_cut, n_max=args.n_max, l_max=args.l_max,
-                sigma=args.sigma)
-    model = KernelPotential(descriptor=soap, zeta=args.zeta, delta=args.delta,
-                            n_sparse=args.n_sparse, sparse_method=args.sparse_method,
+    if args.model is not None:
+        descriptor, per_term = read_model_spec(args.model, args)
+    else:
+        descriptor = SOAP(species=species, r_cut=args.r_cut, n_max=args.n_max,
+                          l_max=args.l_max, sigma=args.sigma)
+        per_term = {"zeta": args.zeta, "delta": args.delta, "n_sparse": args.n_sparse,
+                    "sparse_method": args.sparse_method}
+    model = KernelPotential(descriptor=descriptor, **per_term,
                             sigma_energy=args.sigma_energy, sigma_force=args.sigma_force,
                             sigma_stress=args.sigma_stress, energy_key=args.energy_key,
                             forces_key=args.forces_key, stress_key=args.stress_key,

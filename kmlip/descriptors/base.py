@@ -100,6 +100,53 @@ class PairGradients:
         return out
 
 
+@dataclass(frozen=True)
+class Environments:
+    """The local environments of one structure, as the kernel sees them.
+
+    An atom-centred descriptor (SOAP, ACSF) has one environment per atom, keyed by the atom's
+    atomic number. Other descriptors may have other environments: :class:`Distance2b
+    <kmlip.descriptors.distance2b.Distance2b>` has one per pair of atoms within the cutoff.
+    Each environment contributes a local energy; the total energy is their sum, and the
+    per-atom energy of atom ``i`` is the sum of the local energies of the environments it
+    owns, each split equally among its owners.
+
+    Attributes
+    ----------
+    features : ndarray, shape (n_env, n_features)
+    keys : ndarray of int64, shape (n_env,)
+        Kernel block of each environment: environments with different keys never correlate
+        (the atomic number of the centre for atom-centred descriptors; see
+        :meth:`Descriptor.kernel_keys`).
+    owners : ndarray of int64, shape (n_env, p)
+        Atoms that share each environment's local energy, ``1/p`` each (``p = 1`` for
+        atom-centred descriptors, 2 for pairs).
+    gradients : PairGradients or None
+        Derivatives of the features; its ``centers`` index environments.
+    """
+
+    features: np.ndarray
+    keys: np.ndarray
+    owners: np.ndarray
+    gradients: PairGradients | None = None
+
+    @property
+    def n_env(self) -> int:
+        return int(self.features.shape[0])
+
+    def per_atom(self, values: np.ndarray, n_atoms: int) -> np.ndarray:
+        """Per-environment values (n_env, ...) summed onto their owners (n_atoms, ...)."""
+        values = np.asarray(values, dtype=np.float64)
+        p = self.owners.shape[1]
+        if p == 1 and self.owners.shape[0] == n_atoms \
+                and np.array_equal(self.owners[:, 0], np.arange(n_atoms)):
+            return values.copy()
+        out = np.zeros((n_atoms,) + values.shape[1:])
+        for c in range(p):
+            np.add.at(out, self.owners[:, c], values / p)
+        return out
+
+
 class Descriptor:
     """Base class of descriptors (the protocol the GP relies on).
 
@@ -118,6 +165,12 @@ class Descriptor:
     species_z: tuple[int, ...]
     n_features: int
     cutoff: float
+    #: One environment per atom, keyed by its atomic number (see :class:`Environments`);
+    #: descriptors of other environments set it False and override :meth:`environments`.
+    atom_centred: bool = True
+    #: The kernel exponent zeta applies (the normalised dot-product kernel); a descriptor with
+    #: a kernel of its own (see :meth:`make_basis`) sets it False.
+    uses_zeta: bool = True
 
     def _setup(self) -> None:
         """Validates the stored parameters and derives the private state."""
@@ -126,6 +179,91 @@ class Descriptor:
     def transform(self, atoms, gradients: bool = False, n_threads: int | None = None):
         """Features (n_atoms, n_features), or ``(X, PairGradients)`` when ``gradients``."""
         raise NotImplementedError
+
+    # -- environments and the kernel (what the GP calls) --------------------------------------
+    def kernel_keys(self) -> tuple[int, ...]:
+        """Keys of the kernel blocks (:attr:`Environments.keys`) this descriptor can produce;
+        atom-centred descriptors: the atomic numbers of ``species``."""
+        return tuple(self.species_z)
+
+    def key_name(self, key: int) -> str:
+        """Name of a kernel key in model files and ``n_sparse`` dicts (a chemical symbol)."""
+        from ase.data import chemical_symbols
+
+        return chemical_symbols[int(key)]
+
+    def key_from_name(self, name) -> int:
+        """Inverse of :meth:`key_name`; ValueError for a name that is not one of this
+        descriptor's keys."""
+        for k in self.kernel_keys():
+            if self.key_name(k) == name:
+                return k
+        raise ValueError(f"{name!r} is not a kernel key of {type(self).__name__} (keys: "
+                         f"{[self.key_name(k) for k in self.kernel_keys()]})")
+
+    def keys_present(self, numbers) -> tuple[int, ...]:
+        """Keys that structures made of the atomic numbers ``numbers`` can produce."""
+        present = {int(z) for z in np.asarray(numbers).ravel()}
+        return tuple(k for k in self.kernel_keys() if k in present)
+
+    def environments(self, atoms, gradients: bool = False, n_threads: int | None = None,
+                     **kw) -> Environments:
+        """The structure's local environments (atom-centred: one per atom, from
+        :meth:`transform`); ``kw`` is passed on to :meth:`transform`."""
+        n = len(atoms)
+        keys = np.asarray(atoms.numbers, dtype=np.int64)
+        owners = np.arange(n, dtype=np.int64)[:, None]
+        if gradients:
+            X, G = self.transform(atoms, gradients=True, n_threads=n_threads, **kw)
+            return Environments(X, keys, owners, G)
+        return Environments(self.transform(atoms, gradients=False, n_threads=n_threads),
+                            keys, owners)
+
+    def backprop_environments(self, atoms, grad_fn, n_threads: int | None = None):
+        """Environments, then forces and virial of a scalar ``E`` given ``dE/dX``.
+
+        Parameters
+        ----------
+        grad_fn : callable
+            ``grad_fn(env)`` returns ``dE/d env.features``, shape (n_env, n_features).
+
+        Returns
+        -------
+        env : Environments
+        V : ndarray, shape (n_env, n_features), as returned by ``grad_fn``
+        forces : ndarray, shape (n_atoms, 3)
+        virial : ndarray, shape (3, 3)
+            ``dE/d eps`` (unsymmetrised).
+        """
+        if self.atom_centred:
+            keys = np.asarray(atoms.numbers, dtype=np.int64)
+            owners = np.arange(len(atoms), dtype=np.int64)[:, None]
+            held = {}
+
+            def fn(X):
+                held["env"] = Environments(X, keys, owners)
+                return grad_fn(held["env"])
+
+            X, V, forces, virial = self.backprop(atoms, fn, n_threads=n_threads)
+            return held.get("env", Environments(X, keys, owners)), V, forces, virial
+        from kmlip.kernels import contract_forces
+
+        env = self.environments(atoms, gradients=True, n_threads=n_threads)
+        V = np.ascontiguousarray(grad_fn(env), dtype=np.float64)
+        if V.shape != env.features.shape:
+            raise ValueError(f"grad_fn returned shape {V.shape}, expected "
+                             f"{env.features.shape}")
+        forces, virial = contract_forces(env.gradients, V, len(atoms), n_threads=n_threads)
+        return env, V, forces, virial
+
+    def make_basis(self, points, zeta: int | None):
+        """The sparse basis of this descriptor's kernel on sparse points ``{key: (M_k, F)}``:
+        the normalised dot-product kernel of degree ``zeta`` by default."""
+        from kmlip.kernels import SparseBasis
+
+        if zeta is None:
+            raise ValueError(f"{type(self).__name__} needs an integer zeta (got None)")
+        return SparseBasis(points, zeta, species_z=self.kernel_keys())
 
     def backprop(self, atoms, grad_fn, n_threads: int | None = None):
         """Features, then forces and virial of a scalar ``E(X)`` given ``dE/dX``.

@@ -1,189 +1,200 @@
-"""A two-body descriptor: smooth radial histograms of neighbour distances per species.
+"""GAP's ``distance_2b``: one environment per pair of atoms, described by its distance.
 
-For centre ``i`` and neighbour species ``b`` (index in ``species``)::
+Environments are the unordered pairs ``(i, j, image)`` with ``r_ij < r_cut`` whose species pair is
+one of ``pairs`` (all pairs of ``species`` by default); each pair is one local environment with
+the single feature ``r_ij`` (Å). Its local energy enters the total as an atom's does, and is split
+half and half between the two atoms in per-atom energies. The kernel between two pairs of the same
+species pair is GAP's squared exponential on the distance, weighted by a smooth cutoff
+(:class:`kmlip.pair_kernel.PairSEBasis`)::
 
-    X_i[b * n_max + n] = sum_{j in b, r_ij < r_cut} fc(r_ij) * exp(-(r_ij - mu_n)^2 / (2 w^2))
+    k(r, r') = delta^2 fc(r) fc(r') exp(-(r - r')^2 / (2 theta^2)),
 
-with ``mu_n`` evenly spaced on ``[0.5, r_cut]`` (Å), ``w`` their spacing unless given, and ``fc``
-a shifted cosine that goes from 1 at ``r_cut - cutoff_width`` to 0 at ``r_cut``. With the
-normalised dot-product kernel of degree ζ it yields a many-body (EAM-like) energy model; it is
-cheap (pure NumPy, O(pairs × n_max)) and mostly serves tests and quick baselines.
+with ``fc`` a shifted cosine going from 1 at ``r_cut - cutoff_width`` to 0 at ``r_cut``; pairs of
+different species pairs do not correlate. Pairs come from kmlip's compiled neighbour list; the
+per-pair work left (one distance, one unit vector) is a few vectorised NumPy operations.
 
-Gradients follow :class:`kmlip.descriptors.base.PairGradients`: per centre, first the self term
-(``-sum`` of the pair terms of that centre, so that entries sharing (centre, neighbour) add up to
-the full derivative even for periodic images of the centre itself), then one entry per
-neighbour-list pair with ``values = phi'(r) r_hat_ij`` in the block of the neighbour's species.
+Gradients follow :class:`kmlip.descriptors.base.PairGradients` with environments as centres:
+pair ``e = (i, j)`` has two entries, ``(e, i, -r_hat, 0)`` and ``(e, j, +r_hat, r_ij)``, so that
+``sum values ⊗ vectors = r_hat ⊗ r_ij = d r / d eps`` (the virial).
 """
 from __future__ import annotations
 
+from itertools import combinations_with_replacement
+
 import numpy as np
-from ase.data import chemical_symbols
+from ase.data import atomic_numbers, chemical_symbols
 
-from kmlip._validate import check_int, check_real, check_species
-from kmlip.descriptors.base import MAX_CUTOFF, MAX_FEATURES, Descriptor, PairGradients
+from kmlip._validate import check_real, check_species
+from kmlip.descriptors.base import MAX_CUTOFF, Descriptor, Environments, PairGradients
 
-#: Upper bound of n_max (see :class:`Distance2B`).
-MAX_N_MAX = 1000
-
-
-def _pairs(atoms, cutoff: float):
-    """Full neighbour list sorted by centre: (i, j, r_ij vectors, distances)."""
-    try:
-        from kmlip.neighbors import neighbor_list  # the package's own (compiled) list
-    except ImportError:
-        neighbor_list = None
-    if neighbor_list is not None:
-        nl = neighbor_list(atoms, cutoff)
-        i = np.asarray(nl.centers, dtype=np.int64)
-        j = np.asarray(nl.neighbors, dtype=np.int64)
-        D = np.asarray(nl.vectors, dtype=np.float64)
-        d = np.asarray(nl.distances, dtype=np.float64)
-    else:
-        from ase.neighborlist import neighbor_list as ase_nl
-
-        i, j, D, d = ase_nl("ijDd", atoms, cutoff)
-        i = i.astype(np.int64)
-        j = j.astype(np.int64)
-    order = np.argsort(i, kind="stable")
-    return i[order], j[order], np.ascontiguousarray(D[order]), d[order]
+#: Key of a species pair (a, b), a <= b: ``KEY_BASE * a + b``.
+KEY_BASE = 1000
 
 
-class Distance2B(Descriptor):
-    """Two-body radial descriptor with analytic gradients.
+def pair_key(za: int, zb: int) -> int:
+    """Kernel key of the species pair (order-independent)."""
+    a, b = sorted((int(za), int(zb)))
+    return KEY_BASE * a + b
+
+
+class Distance2b(Descriptor):
+    """GAP's two-body descriptor: pairs of atoms and their distance.
 
     Parameters
     ----------
     species : list of str or int
-        Chemical symbols (or atomic numbers) the descriptor accepts, centres and neighbours;
-        a list, tuple, set or 1-D array. ASE's dummy atom ``"X"`` (Z = 0) is refused.
+        Chemical symbols (or atomic numbers) of the structures it accepts.
     r_cut : float
-        Cutoff radius in Å, > 0.5 (the Gaussians' centres lie on [0.5, r_cut]).
-    n_max : int, default 8
-        Number of Gaussians per neighbour species, 2..1000 (at 1000 their spacing is already
-        below 0.01 Å for r_cut < 10 Å; more only costs memory).
-    width : float or None, default None
-        Gaussian width ``w`` in Å (> 0); ``None`` uses the spacing of the centres ``mu_n``.
+        Cutoff radius, Å (> 0).
+    theta : float, default 1.0
+        Length scale of the squared-exponential kernel on the distance, Å (> 0).
     cutoff_width : float, default 0.5
-        Width in Å of the cosine transition ending at ``r_cut``, in (0, r_cut].
-
-    The arguments are stored unchanged (``get_params`` returns the objects passed) and validated
-    on construction and by ``set_params``: ``TypeError`` for a wrong type (bools are not
-    numbers), ``ValueError`` for a bad value, naming the parameter.
+        Width of the cosine transition ending at ``r_cut``, Å, in (0, r_cut].
+    pairs : list of (str, str) or None
+        Species pairs that get a two-body term (default: every pair of ``species``).
 
     Attributes
     ----------
     n_features : int
-        ``len(species) * n_max``.
+        1 (the distance).
     cutoff : float
         ``r_cut`` (Å).
     """
 
-    def __init__(self, species, r_cut: float, n_max: int = 8, width: float | None = None,
-                 cutoff_width: float = 0.5):
+    atom_centred = False
+    uses_zeta = False
+
+    def __init__(self, species, r_cut: float, theta: float = 1.0, cutoff_width: float = 0.5,
+                 pairs=None):
         self.species = species
         self.r_cut = r_cut
-        self.n_max = n_max
-        self.width = width
+        self.theta = theta
         self.cutoff_width = cutoff_width
+        self.pairs = pairs
         self._setup()
 
     def _setup(self) -> None:
         zs = check_species(self.species)
-        r_cut = check_real("r_cut", self.r_cut, low=0.5, low_open=True, high=MAX_CUTOFF,
+        r_cut = check_real("r_cut", self.r_cut, low=0.0, low_open=True, high=MAX_CUTOFF,
                            unit="Å")
-        n_max = check_int("n_max", self.n_max, low=2, high=MAX_N_MAX)
-        width = None if self.width is None else check_real(
-            "width", self.width, low=0.0, low_open=True, high=r_cut, unit="Å")
+        theta = check_real("theta", self.theta, low=0.0, low_open=True, high=1e3, unit="Å")
         cw = check_real("cutoff_width", self.cutoff_width, low=0.0, low_open=True, unit="Å")
         if cw > r_cut:
             raise ValueError(f"cutoff_width must be in (0, r_cut={r_cut:g}] Å, got "
                              f"{self.cutoff_width!r}")
-        n_features = len(zs) * n_max
-        if n_features > MAX_FEATURES:
-            raise ValueError(f"Distance2B with {len(zs)} species and n_max={n_max} has "
-                             f"{n_features:,} features per atom, more than the limit of "
-                             f"{MAX_FEATURES:,}; lower n_max or use fewer species")
+        if self.pairs is None:
+            keys = [pair_key(a, b) for a, b in combinations_with_replacement(zs, 2)]
+        else:
+            if isinstance(self.pairs, (str, bytes)) or not hasattr(self.pairs, "__iter__"):
+                raise TypeError("pairs must be a list of (species, species) pairs or None")
+            keys = []
+            for p in self.pairs:
+                if isinstance(p, (str, bytes)) or len(p) != 2:
+                    raise ValueError(f"pairs: {p!r} is not a pair of species")
+                zp = [atomic_numbers.get(s, 0) if isinstance(s, str) else int(s) for s in p]
+                if any(z not in zs for z in zp):
+                    raise ValueError(f"pairs: {p!r} has a species not in species "
+                                     f"{[chemical_symbols[z] for z in zs]}")
+                keys.append(pair_key(*zp))
+            if not keys:
+                raise ValueError("pairs must name at least one species pair")
         self.species_z = zs
-        self._r_cut, self._n_max, self._cw = r_cut, n_max, cw
-        self.n_features = n_features
+        self._keys = tuple(sorted(set(keys)))
+        self._r_cut, self._theta, self._cw = r_cut, theta, cw
+        self.n_features = 1
         self.cutoff = r_cut
-        self._mu = np.linspace(0.5, r_cut, n_max)
-        self._w = width if width is not None else float(self._mu[1] - self._mu[0])
 
-    def _species_index(self, atoms) -> np.ndarray:
-        lookup = {z: k for k, z in enumerate(self.species_z)}
-        Z = atoms.get_atomic_numbers()
-        bad = sorted({int(z) for z in Z if int(z) not in lookup})
+    # -- protocol ---------------------------------------------------------------------------
+    def kernel_keys(self) -> tuple[int, ...]:
+        return self._keys
+
+    def key_name(self, key: int) -> str:
+        a, b = divmod(int(key), KEY_BASE)
+        return f"{chemical_symbols[a]}-{chemical_symbols[b]}"
+
+    def key_from_name(self, name) -> int:
+        if isinstance(name, str) and name.count("-") == 1:
+            a, b = name.split("-")
+            za, zb = atomic_numbers.get(a, 0), atomic_numbers.get(b, 0)
+            if za and zb and pair_key(za, zb) in self._keys:
+                return pair_key(za, zb)
+        return super().key_from_name(name)
+
+    def keys_present(self, numbers) -> tuple[int, ...]:
+        present = {int(z) for z in np.asarray(numbers).ravel()}
+        return tuple(k for k in self._keys
+                     if k // KEY_BASE in present and k % KEY_BASE in present)
+
+    def make_basis(self, points, zeta=None):
+        """:class:`kmlip.pair_kernel.PairSEBasis` with this descriptor's θ and cutoff (ζ does
+        not apply: pass None)."""
+        from kmlip.pair_kernel import PairSEBasis
+
+        if zeta is not None:
+            raise ValueError(f"zeta does not apply to Distance2b (its kernel is a squared "
+                             f"exponential with theta={self._theta:g}); pass zeta=None for "
+                             "this term")
+        return PairSEBasis(points, theta=self._theta, r_cut=self._r_cut,
+                           cutoff_width=self._cw, keys=self._keys)
+
+    def _pairs(self, atoms, n_threads=None):
+        """Unordered pairs within the cutoff of the chosen species pairs:
+        (i, j, r_ij vectors, distances, keys)."""
+        from kmlip.neighbors import neighbor_list
+
+        Z = np.asarray(atoms.numbers, dtype=np.int64)
+        bad = sorted({int(z) for z in Z if int(z) not in self.species_z})
         if bad:
-            names = [chemical_symbols[z] for z in bad]
-            raise ValueError(f"species {names} not declared in the descriptor's species "
-                             f"{list(self.species)}")
-        return np.array([lookup[int(z)] for z in Z], dtype=np.int64)
+            raise ValueError(f"species {[chemical_symbols[z] for z in bad]} not declared in "
+                             f"the descriptor's species {list(self.species)}")
+        nl = neighbor_list(atoms, self._r_cut, n_threads=n_threads)
+        i = np.asarray(nl.centers, dtype=np.int64)
+        j = np.asarray(nl.neighbors, dtype=np.int64)
+        D = np.asarray(nl.vectors, dtype=np.float64)
+        d = np.asarray(nl.distances, dtype=np.float64)
+        # each unordered pair appears twice in a full list: keep i < j, and for an image of
+        # the atom itself the copy whose vector points into the upper half-space
+        first = np.where(D[:, 0] != 0, D[:, 0], np.where(D[:, 1] != 0, D[:, 1], D[:, 2]))
+        keep = ((i < j) | ((i == j) & (first > 0))) & (d < self._r_cut)
+        i, j, D, d = i[keep], j[keep], D[keep], d[keep]
+        keys = KEY_BASE * np.minimum(Z[i], Z[j]) + np.maximum(Z[i], Z[j])
+        if len(self._keys) < len(self.species_z) * (len(self.species_z) + 1) // 2:
+            sel = np.isin(keys, self._keys)
+            i, j, D, d, keys = i[sel], j[sel], D[sel], d[sel], keys[sel]
+        return i, j, D, d, keys
 
-    def _radial(self, d: np.ndarray):
-        """phi_n(d) and d phi_n / d r for each distance, shapes (n_pairs, n_max)."""
-        r0 = self._r_cut - self._cw
-        x = np.clip((d - r0) / self._cw, 0.0, 1.0)
-        fc = 0.5 * (1.0 + np.cos(np.pi * x))
-        dfc = np.where((d > r0) & (d < self._r_cut),
-                       -0.5 * np.pi / self._cw * np.sin(np.pi * x), 0.0)
-        u = d[:, None] - self._mu[None, :]
-        g = np.exp(-0.5 * u * u / self._w**2)
-        phi = fc[:, None] * g
-        dphi = dfc[:, None] * g - fc[:, None] * g * u / self._w**2
-        return phi, dphi
+    def environments(self, atoms, gradients: bool = False, n_threads: int | None = None,
+                     **kw) -> Environments:
+        """One environment per pair within the cutoff (see the module docstring)."""
+        i, j, D, d, keys = self._pairs(atoms, n_threads)
+        X = d[:, None].copy()
+        owners = np.stack([i, j], axis=1)
+        if not gradients:
+            return Environments(X, keys, owners)
+        n_env = len(d)
+        rhat = D / d[:, None]
+        values = np.zeros((2 * n_env, 3, 1))
+        values[0::2, :, 0] = -rhat
+        values[1::2, :, 0] = rhat
+        vectors = np.zeros((2 * n_env, 3))
+        vectors[1::2] = D
+        neighbors = np.empty(2 * n_env, dtype=np.int64)
+        neighbors[0::2] = i
+        neighbors[1::2] = j
+        centers = np.repeat(np.arange(n_env, dtype=np.int64), 2)
+        G = PairGradients(centers=centers, neighbors=neighbors, values=values, vectors=vectors,
+                          offsets=2 * np.arange(n_env + 1, dtype=np.int64))
+        return Environments(X, keys, owners, G)
 
     def transform(self, atoms, gradients: bool = False, n_threads: int | None = None):
-        """Features, and optionally per-pair gradients.
+        """Pair distances (n_pairs, 1), and optionally their :class:`PairGradients` (centres
+        are pairs). See :meth:`environments` for the pairs' atoms and keys."""
+        env = self.environments(atoms, gradients=gradients, n_threads=n_threads)
+        return (env.features, env.gradients) if gradients else env.features
 
-        Parameters
-        ----------
-        atoms : ase.Atoms
-        gradients : bool
-            Also return :class:`PairGradients`.
-        n_threads : int or None
-            Ignored (pure NumPy); accepted for protocol compatibility.
-
-        Returns
-        -------
-        X : ndarray, shape (n_atoms, n_features)
-        G : PairGradients, only when ``gradients``
-        """
-        spec = self._species_index(atoms)
-        n = len(atoms)
-        i, j, D, d = _pairs(atoms, self._r_cut)
-        keep = d < self._r_cut
-        i, j, D, d = i[keep], j[keep], D[keep], d[keep]
-        phi, dphi = self._radial(d)
-        nm = self._n_max
-        X = np.zeros((n, self.n_features))
-        cols = spec[j][:, None] * nm + np.arange(nm)[None, :]
-        np.add.at(X, (np.repeat(i, nm).reshape(-1, nm), cols), phi)
-        if not gradients:
-            return X
-        n_pairs = len(i)
-        counts = np.bincount(i, minlength=n)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum(counts + 1)  # +1: the self term of each centre
-        # Entry index of each pair: after its centre's self term, in neighbour-list order.
-        pair_start = offsets[:-1] + 1
-        rank = np.arange(n_pairs) - np.repeat(np.cumsum(counts) - counts, counts)
-        pos = pair_start[i] + rank
-        n_e = int(offsets[-1])
-        values = np.zeros((n_e, 3, self.n_features))
-        rhat = D / d[:, None]
-        pair_vals = np.zeros((n_pairs, 3, self.n_features))
-        rows = np.arange(n_pairs)
-        for k in range(nm):
-            pair_vals[rows, :, spec[j] * nm + k] = rhat * dphi[:, k:k + 1]
-        values[pos] = pair_vals
-        self_vals = np.zeros((n, 3, self.n_features))
-        np.add.at(self_vals, i, pair_vals)
-        values[offsets[:-1]] = -self_vals
-        centers = np.repeat(np.arange(n, dtype=np.int64), counts + 1)
-        neighbors = np.arange(n, dtype=np.int64)[centers].copy()
-        neighbors[pos] = j
-        vectors = np.zeros((n_e, 3))
-        vectors[pos] = D
-        return X, PairGradients(centers=centers, neighbors=neighbors, values=values,
-                                vectors=vectors, offsets=offsets)
+    def backprop(self, atoms, grad_fn, n_threads: int | None = None):
+        """Pair distances, then forces and virial of ``E(X)`` given ``dE/dX`` (the protocol's
+        default contraction of the pair gradients)."""
+        env, V, forces, virial = self.backprop_environments(
+            atoms, lambda e: grad_fn(e.features), n_threads=n_threads)
+        return env.features, V, forces, virial

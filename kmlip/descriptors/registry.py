@@ -7,8 +7,11 @@ from typing import Any
 _TYPES = {
     "SOAP": "kmlip.descriptors.soap",
     "ACSF": "kmlip.descriptors.acsf",
-    "Distance2B": "kmlip.descriptors.distance2b",
+    "Distance2b": "kmlip.descriptors.distance2b",
+    "PairHistogram": "kmlip.descriptors.histogram",
 }
+#: Names used by older model files.
+_ALIASES = {"Distance2B": "PairHistogram"}
 
 
 def build(d: dict[str, Any]):
@@ -22,6 +25,7 @@ def build(d: dict[str, Any]):
         raise ValueError(f"descriptor description must be a dict with 'type' and 'params', "
                          f"got {_short(d)}")
     name, params = d["type"], d["params"]
+    name = _ALIASES.get(name, name) if isinstance(name, str) else name
     if not isinstance(name, str) or name not in _TYPES:
         raise ValueError(f"unknown descriptor type {_short(name)}; known: {sorted(_TYPES)}")
     if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):

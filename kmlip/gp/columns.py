@@ -32,6 +32,7 @@ from kmlip import labels as lab
 from kmlip.gp import training
 from kmlip.gp.sparse import FIXED_CLASSES, FREE_CLASSES, ClassFactor, _qr_r, cholesky_jitter
 from kmlip.gp.state import FittedState
+from kmlip.gp.terms import KernelSum, Term
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def label_keys(state: FittedState, keys: lab.LabelKeys | None = None) -> lab.Lab
                          h.sigma_force is not None, h.sigma_stress is not None)
 
 
-def _rows_of(state: FittedState, basis: kernels.SparseBasis, frames: Sequence,
+def _rows_of(state: FittedState, kernel: KernelSum, frames: Sequence,
              keys: lab.LabelKeys, n_threads: int | None) -> list[FrameRows]:
     from kmlip._threads import resolve_threads
     from kmlip.gp.training import baseline_values
@@ -157,13 +158,13 @@ def _rows_of(state: FittedState, basis: kernels.SparseBasis, frames: Sequence,
             lab.check_species(a, state.species_z, f"frame {k}", "model")
             labels = lab.read_labels(a, k, keys)
             e0_total = float(np.sum(state.e0_table[a.numbers]))
-            rows = training.frame_rows(state.descriptor, basis, a, labels, e0_total,
+            rows = training.frame_rows(kernel, a, labels, e0_total,
                                        baseline_values(state.baseline, a), n_threads, "double")
             out.append(FrameRows(tuple((c, np.array(K), np.array(y, dtype=np.float64),
                                         np.array(s, dtype=np.float64))
                                        for c, K, y, s in sorted(rows, key=_class_rank))))
     finally:
-        basis.release_scratch()
+        kernel.release_scratch()
     return out
 
 
@@ -186,8 +187,8 @@ def build_cache(state: FittedState, frames: Sequence, keys: lab.LabelKeys | None
     n_threads : int or None
     """
     frames = lab.as_frames(frames)
-    rows = _rows_of(state, state.basis, frames, label_keys(state, keys), n_threads)
-    return RowCache(tuple(rows), state.basis.n_sparse)
+    rows = _rows_of(state, state.kernel, frames, label_keys(state, keys), n_threads)
+    return RowCache(tuple(rows), state.n_sparse)
 
 
 def add_rows(state: FittedState, cache: RowCache, frames: Sequence,
@@ -207,10 +208,10 @@ def add_rows(state: FittedState, cache: RowCache, frames: Sequence,
     check_cache(state, cache)
     state.require_factors("add_rows")
     frames = lab.as_frames(frames)
-    new = _rows_of(state, state.basis, frames, label_keys(state, keys), n_threads)
+    new = _rows_of(state, state.kernel, frames, label_keys(state, keys), n_threads)
     factors = {c: ClassFactor(np.array(f.T), f.n_rows, f.log_scale_sum)
                for c, f in state.factors.items()}
-    n1 = state.basis.n_sparse + 1
+    n1 = state.n_sparse + 1
     for fr in new:
         for cls, K, y, s in fr.rows:
             A = np.empty((K.shape[0], n1))
@@ -260,6 +261,9 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
         match the cache.
     """
     state.require_factors("add_columns")
+    if not (state.atom_centred and state.basis.zeta is not None):
+        raise ValueError("adding sparse points needs a single atom-centred kernel term "
+                         "(not a sum of kernels); refit with the points instead")
     frames = lab.as_frames(frames)
     keys = label_keys(state, keys)
     if cache is None:
@@ -298,7 +302,8 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
     new_to_ext = np.concatenate([ext.offsets[z] + (old.points[z].shape[0] if z in old.points
                                                    else 0) + np.arange(add[z].shape[0])
                                  for z in delta_basis.species_z]).astype(np.int64)
-    new_rows = _rows_of(state, delta_basis, frames, keys, n_threads)
+    new_rows = _rows_of(state, KernelSum([Term(state.descriptor, delta_basis)]), frames, keys,
+                        n_threads)
     frames_ext = []
     for k, (fo, fn) in enumerate(zip(cache.frames, new_rows, strict=True)):
         if [r[0] for r in fo.rows] != [r[0] for r in fn.rows] or any(
@@ -318,8 +323,9 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
     species = tuple(chemical_symbols[z] for z in state.descriptor.species_z
                     if z in ext.points or chemical_symbols[z] in state.e0)
     new_state = FittedState.solved(
-        factors=factors, L_hat=L_hat, hyper=state.hyper, descriptor=state.descriptor,
-        baseline=state.baseline, basis=ext, sparse_indices=None, species=species,
+        factors=factors, L_hat=L_hat, hyper=state.hyper,
+        kernel=KernelSum([Term(state.descriptor, ext)]),
+        baseline=state.baseline, sparse_indices=None, species=species,
         e0=dict(state.e0), jitter=jit, optimization=state.optimization,
         calibration=state.calibration)
     return new_state, cache_ext
@@ -337,9 +343,9 @@ def lab_z(symbol) -> int:
 def check_cache(state: FittedState, cache: RowCache) -> None:
     if not isinstance(cache, RowCache):
         raise TypeError(f"cache must be a RowCache, got {type(cache).__name__}")
-    if cache.n_columns != state.basis.n_sparse:
+    if cache.n_columns != state.n_sparse:
         raise ValueError(f"the row cache has {cache.n_columns} columns but the model has "
-                         f"{state.basis.n_sparse} sparse points")
+                         f"{state.n_sparse} sparse points")
     n_cache = {}
     for f in cache.frames:
         for cls, K, _, _ in f.rows:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from kmlip.gp.sparse import FREE_CLASSES, Solution, optimize_hyperparameters, solve_stack
 from kmlip.labels import positive
 
@@ -18,7 +20,7 @@ class Hyperparameters:
 
     Attributes
     ----------
-    delta : float
+    delta : float, or tuple of float (a sum of kernels: one per term)
     sigma_energy : float or None
         eV per atom.
     sigma_force : float or None
@@ -27,7 +29,7 @@ class Hyperparameters:
         Virial noise, eV per atom.
     """
 
-    delta: float
+    delta: float | tuple[float, ...]
     sigma_energy: float | None = None
     sigma_force: float | None = None
     sigma_stress: float | None = None
@@ -40,7 +42,13 @@ class Hyperparameters:
         """A copy with the given (validated, positive) values replaced; None keeps a value."""
         new = {}
         if delta is not None:
-            new["delta"] = positive(delta, "delta")
+            if isinstance(self.delta, tuple):
+                if np.ndim(delta) == 0 or len(delta) != len(self.delta):
+                    raise ValueError(f"delta must be a sequence of {len(self.delta)} values "
+                                     "(one per kernel term)")
+                new["delta"] = tuple(positive(d, f"delta[{t}]") for t, d in enumerate(delta))
+            else:
+                new["delta"] = positive(delta, "delta")
         for name, v in (("sigma_energy", sigma_energy), ("sigma_force", sigma_force),
                         ("sigma_stress", sigma_stress)):
             if v is not None:
@@ -48,7 +56,8 @@ class Hyperparameters:
         return replace(self, **new)
 
     def as_dict(self) -> dict:
-        return {"delta": self.delta, "sigma_energy": self.sigma_energy,
+        delta = list(self.delta) if isinstance(self.delta, tuple) else self.delta
+        return {"delta": delta, "sigma_energy": self.sigma_energy,
                 "sigma_force": self.sigma_force, "sigma_stress": self.sigma_stress}
 
 
@@ -66,14 +75,29 @@ def free_sigmas(factors: dict, hyper: Hyperparameters) -> dict[str, float]:
     return out
 
 
-def solve(factors: dict, L_hat, hyper: Hyperparameters, gradient: bool = False) -> Solution:
+def column_delta(hyper: Hyperparameters, groups=None):
+    """δ as :func:`kmlip.gp.sparse.solve_stack` takes it: the scalar, or one value per column
+    (``groups``: the columns of each kernel term)."""
+    if not isinstance(hyper.delta, tuple):
+        return hyper.delta
+    if len(hyper.delta) == 1:
+        return hyper.delta[0]
+    M = max(g.stop for g in groups)
+    d = np.empty(M)
+    for g, v in zip(groups, hyper.delta, strict=True):
+        d[g] = v
+    return d
+
+
+def solve(factors: dict, L_hat, hyper: Hyperparameters, gradient: bool = False,
+          groups=None) -> Solution:
     """Weights, posterior factor and log marginal likelihood at ``hyper``."""
-    return solve_stack(factors, L_hat, hyper.delta, free_sigmas(factors, hyper),
+    return solve_stack(factors, L_hat, column_delta(hyper, groups), free_sigmas(factors, hyper),
                        gradient=gradient)
 
 
 def optimize(factors: dict, L_hat, hyper: Hyperparameters, optimize_delta: bool = True,
-             bounds: dict | None = None) -> tuple[Hyperparameters, dict]:
+             bounds: dict | None = None, groups=None) -> tuple[Hyperparameters, dict]:
     """Maximises the log marginal likelihood over log δ and the log σ's of the classes in use.
 
     L-BFGS-B within ``bounds`` (``{name: (low, high)}``; defaults δ in [1e-4, 1e3] eV, σ in
@@ -89,11 +113,15 @@ def optimize(factors: dict, L_hat, hyper: Hyperparameters, optimize_delta: bool 
     sig = free_sigmas(factors, hyper)
     if bounds:
         bounds = {{v: k for k, v in SIGMA_OF_CLASS.items()}.get(k, k): v for k, v in bounds.items()}
+    multi = isinstance(hyper.delta, tuple)
     d, s, res = optimize_hyperparameters(factors, L_hat, hyper.delta, sig,
-                                         optimize_delta=optimize_delta, bounds=bounds)
-    new = replace(hyper, delta=float(d), **{SIGMA_OF_CLASS[c]: float(v) for c, v in s.items()})
+                                         optimize_delta=optimize_delta, bounds=bounds,
+                                         groups=list(groups) if multi else None)
+    new = replace(hyper, delta=tuple(float(x) for x in d) if multi else float(d),
+                  **{SIGMA_OF_CLASS[c]: float(v) for c, v in s.items()})
     return new, {"success": bool(res.success), "message": str(res.message),
                  "n_iterations": int(res.nit)}
 
 
-__all__ = ["SIGMA_OF_CLASS", "Hyperparameters", "free_sigmas", "optimize", "solve"]
+__all__ = ["SIGMA_OF_CLASS", "Hyperparameters", "column_delta", "free_sigmas", "optimize",
+           "solve"]

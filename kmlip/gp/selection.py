@@ -14,6 +14,10 @@ Methods (on row-normalised features, the space the kernel sees):
     environment. O(n M F).
 ``"random"``
     Uniform sampling without replacement.
+``"uniform"``
+    As GAP's ``sparse_method=uniform``: points evenly spaced over the range of the data along
+    its first principal axis (the distance itself for a two-body descriptor), each the
+    environment nearest to its grid value (duplicates dropped, so possibly fewer). Raw features.
 
 User-supplied choices are handled by the model (indices or explicit feature arrays).
 """
@@ -24,7 +28,7 @@ from sklearn.utils.extmath import randomized_svd
 
 from kmlip.kernels import normalize
 
-METHODS = ("cur", "fps", "random")
+METHODS = ("cur", "fps", "random", "uniform")
 
 
 def _rng(random_state) -> np.random.Generator:
@@ -104,12 +108,38 @@ def random_select(X: np.ndarray, n_select: int, random_state=None) -> np.ndarray
     return np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
 
 
+def uniform_select(X: np.ndarray, n_select: int) -> np.ndarray:
+    """Indices of up to ``n_select`` rows evenly spread along the first principal axis of X
+    (see the module docstring), sorted."""
+    X = np.asarray(X, dtype=np.float64)
+    n = X.shape[0]
+    m = min(int(n_select), n)
+    if m <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if X.shape[1] == 1:
+        t = X[:, 0]
+    else:
+        Xc = X - X.mean(axis=0)
+        t = Xc @ np.linalg.svd(Xc, full_matrices=False)[2][0]
+    order = np.argsort(t, kind="stable")
+    ts = t[order]
+    grid = np.linspace(ts[0], ts[-1], m)
+    pos = np.clip(np.searchsorted(ts, grid), 1, n - 1) if n > 1 else np.zeros(m, dtype=int)
+    if n > 1:
+        left = np.abs(grid - ts[pos - 1]) <= np.abs(ts[pos] - grid)
+        pos = np.where(left, pos - 1, pos)
+    return np.unique(order[pos]).astype(np.int64)
+
+
 def select(X: np.ndarray, n_select: int, method: str = "cur", random_state=None) -> np.ndarray:
-    """Dispatches to :func:`cur_select`, :func:`fps_select` or :func:`random_select`."""
+    """Dispatches to :func:`cur_select`, :func:`fps_select`, :func:`random_select` or
+    :func:`uniform_select`."""
     if method == "cur":
         return cur_select(X, n_select, random_state)
     if method == "fps":
         return fps_select(X, n_select, random_state)
     if method == "random":
         return random_select(X, n_select, random_state)
+    if method == "uniform":
+        return uniform_select(X, n_select)
     raise ValueError(f"unknown sparse_method {method!r}; use one of {METHODS}, indices or arrays")

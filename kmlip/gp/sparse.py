@@ -272,7 +272,7 @@ class Solution:
     n_labels: int
 
 
-def solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
+def solve_stack(factors: dict, L_hat: np.ndarray, delta, sigmas: dict,
                 gradient: bool = False) -> Solution:
     """Weights, posterior factor and log marginal likelihood for given hyperparameters.
 
@@ -286,7 +286,7 @@ def solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
         return _solve_stack(factors, L_hat, delta, sigmas, gradient)
 
 
-def _solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
+def _solve_stack(factors: dict, L_hat: np.ndarray, delta, sigmas: dict,
                  gradient: bool = False) -> Solution:
     """Weights, posterior factor and log marginal likelihood for given hyperparameters.
 
@@ -296,18 +296,26 @@ def _solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
         ``{class: ClassFactor}`` from :meth:`StreamingQR.finalize`.
     L_hat : ndarray, shape (M, M)
         Cholesky factor of the unit ``K_hat_MM + jitter I``.
-    delta : float
-        Kernel scale (eV).
+    delta : float or ndarray, shape (M,)
+        Kernel scale (eV); a vector gives every column its own scale (a sum of kernels: the
+        columns of term t carry ``delta_t``, and K_MM is block diagonal by term, so
+        ``K_MM = D K_hat D`` has the Cholesky factor ``D L_hat``).
     sigmas : dict
         Noise scale of each free class present (``"energy"``, ``"forces"``, ``"virial"``).
     gradient : bool
-        Also compute the analytic gradient of the log marginal likelihood.
+        Also compute the analytic gradient of the log marginal likelihood (with a vector
+        ``delta``, ``gradient["delta"]`` is per column; sum it over a term's columns).
 
     Returns
     -------
     Solution
     """
     M = L_hat.shape[0]
+    vector = np.ndim(delta) > 0
+    if vector:
+        delta = np.asarray(delta, dtype=np.float64)
+        if delta.shape != (M,):
+            raise ValueError(f"delta must be a scalar or have shape ({M},), got {delta.shape}")
     d2 = delta * delta
     scales, n_labels, log_lambda = {}, 0, 0.0
     used = [(cls, f) for cls, f in factors.items() if f.n_rows > 0]
@@ -324,7 +332,7 @@ def _solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
         r += k
         n_labels += f.n_rows
         log_lambda += 2.0 * f.n_rows * math.log(s) + 2.0 * f.log_scale_sum
-    S[r:, :M] = delta * L_hat.T
+    S[r:, :M] = L_hat.T * delta if vector else delta * L_hat.T
     T = _qr_r(S)
     R = np.ascontiguousarray(T[:M, :M])
     q = T[:M, M]
@@ -334,7 +342,8 @@ def _solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
         raise np.linalg.LinAlgError("singular posterior factor R")
     alpha = sla.solve_triangular(R, q, lower=False, check_finite=False)
     logdet_P = 2.0 * float(np.sum(np.log(diag)))
-    logdet_K = 2.0 * M * math.log(delta) + 2.0 * float(np.sum(np.log(np.diag(L_hat))))
+    log_delta = 2.0 * float(np.sum(np.log(delta))) if vector else 2.0 * M * math.log(delta)
+    logdet_K = log_delta + 2.0 * float(np.sum(np.log(np.diag(L_hat))))
     lml = -0.5 * (rho2 + log_lambda + logdet_P - logdet_K + n_labels * math.log(2 * math.pi))
     grad = None
     if gradient:
@@ -345,77 +354,113 @@ def _solve_stack(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
                 continue
             s = scales[cls]
             Rc, zc = f.T[:, :M], f.T[:, M]
-            res = zc - d2 * (Rc @ alpha)
-            tr = float(np.sum((Rc @ Rinv) ** 2))
-            # d(-2 log p)/d log sigma_c
-            g = -2.0 / s**2 * float(res @ res) + 2.0 * f.n_rows - 2.0 * d2 * d2 / s**2 * tr
+            if vector:
+                res = zc - Rc @ (d2 * alpha)
+                tr = float(np.sum(((Rc * d2) @ Rinv) ** 2))
+                g = -2.0 / s**2 * float(res @ res) + 2.0 * f.n_rows - 2.0 / s**2 * tr
+            else:
+                res = zc - d2 * (Rc @ alpha)
+                tr = float(np.sum((Rc @ Rinv) ** 2))
+                # d(-2 log p)/d log sigma_c
+                g = -2.0 / s**2 * float(res @ res) + 2.0 * f.n_rows - 2.0 * d2 * d2 / s**2 * tr
             grad[cls] = -0.5 * g
-        Ka = L_hat.T @ alpha
-        tr_k = float(np.sum((L_hat.T @ Rinv) ** 2))
-        grad["delta"] = -0.5 * (2.0 * M - 2.0 * d2 * (float(Ka @ Ka) + tr_k))
+        if vector:
+            # per column m: d(-2 log p)/d log delta_m = 2 - 2 (xi_m^2 + Sigma_xi,mm), with
+            # xi = L_hat^T D alpha the whitened weights and Sigma_xi their posterior covariance
+            xi = L_hat.T @ (delta * alpha)
+            sig = np.sum((L_hat.T @ (delta[:, None] * Rinv)) ** 2, axis=1)
+            grad["delta"] = -0.5 * (2.0 - 2.0 * (xi * xi + sig))
+        else:
+            Ka = L_hat.T @ alpha
+            tr_k = float(np.sum((L_hat.T @ Rinv) ** 2))
+            grad["delta"] = -0.5 * (2.0 * M - 2.0 * d2 * (float(Ka @ Ka) + tr_k))
     return Solution(alpha=alpha, R=R, log_marginal_likelihood=lml, gradient=grad,
                     n_labels=n_labels)
 
 
-def optimize_hyperparameters(factors: dict, L_hat: np.ndarray, delta: float, sigmas: dict,
+def optimize_hyperparameters(factors: dict, L_hat: np.ndarray, delta, sigmas: dict,
                              optimize_delta: bool = True, bounds: dict | None = None,
-                             maxiter: int = 200):
+                             maxiter: int = 200, groups=None):
     """Maximises the log marginal likelihood over log delta and log sigma_c (L-BFGS-B).
 
     Parameters
     ----------
     factors, L_hat : as in :func:`solve_stack`
-    delta : float
-        Starting kernel scale.
+    delta : float, or sequence of float with ``groups``
+        Starting kernel scale(s).
     sigmas : dict
         Starting noise scales of the free classes to optimise.
     optimize_delta : bool
         Optimise delta as well.
     bounds : dict, optional
-        ``{name: (low, high)}`` in natural units; defaults delta in [1e-4, 1e3] eV,
-        sigmas in [1e-7, 1e2].
+        ``{name: (low, high)}`` in natural units; defaults delta in [1e-4, 1e3] eV (the bound
+        of "delta" applies to every term's), sigmas in [1e-7, 1e2].
     maxiter : int
+    groups : sequence of slice, optional
+        Columns of each kernel term (a sum of kernels: one delta per term).
 
     Returns
     -------
-    delta : float
+    delta : float, or tuple of float with ``groups``
     sigmas : dict
     result : scipy.optimize.OptimizeResult
     """
     from scipy.optimize import minimize
 
-    names = (["delta"] if optimize_delta else []) + [c for c in sigmas if c in factors
-                                                     and factors[c].n_rows > 0]
+    M = L_hat.shape[0]
+    n_d = 0 if not optimize_delta else (1 if groups is None else len(groups))
+    d_names = ["delta"] if groups is None else [f"delta_{t}" for t in range(len(groups))]
+    names = d_names[:n_d] + [c for c in sigmas if c in factors and factors[c].n_rows > 0]
+    start = [delta] if groups is None else list(delta)
     defaults = {"delta": (1e-4, 1e3)}
     bounds = dict(bounds or {})
-    x0 = np.log([delta if n == "delta" else sigmas[n] for n in names])
-    bnds = [tuple(np.log(bounds.get(n, defaults.get(n, (1e-7, 1e2))))) for n in names]
+
+    def bound(n):
+        key = "delta" if n.startswith("delta") else n
+        return bounds.get(n, bounds.get(key, defaults.get(key, (1e-7, 1e2))))
+
+    x0 = np.log([start[d_names.index(n)] if n in d_names else sigmas[n] for n in names])
+    bnds = [tuple(np.log(bound(n))) for n in names]
     x0 = np.clip(x0, [b[0] for b in bnds], [b[1] for b in bnds])
 
     def unpack(x):
-        d = delta
+        d = list(start)
         s = dict(sigmas)
         for n, v in zip(names, np.exp(x), strict=True):
-            if n == "delta":
-                d = float(v)
+            if n in d_names:
+                d[d_names.index(n)] = float(v)
             else:
                 s[n] = float(v)
         return d, s
 
+    def columns(d):
+        if groups is None:
+            return d[0]
+        col = np.empty(M)
+        for g, v in zip(groups, d, strict=True):
+            col[g] = v
+        return col
+
     def fun(x):
         d, s = unpack(x)
         try:
-            sol = solve_stack(factors, L_hat, d, s, gradient=True)
+            sol = solve_stack(factors, L_hat, columns(d), s, gradient=True)
         except np.linalg.LinAlgError:
             return 1e300, np.zeros_like(x)
-        return -sol.log_marginal_likelihood, -np.array([sol.gradient[n] for n in names])
+        g = []
+        for n in names:
+            if n in d_names and groups is not None:
+                g.append(float(np.sum(sol.gradient["delta"][groups[d_names.index(n)]])))
+            else:
+                g.append(sol.gradient["delta" if n in d_names else n])
+        return -sol.log_marginal_likelihood, -np.array(g)
 
     if not names:
         raise ValueError("nothing to optimise")
     res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bnds,
                    options={"maxiter": maxiter})
     d, s = unpack(res.x)
-    return d, s, res
+    return (d[0] if groups is None else tuple(d)), s, res
 
 
 #: Round-off floor of the negative-variance check, as a fraction of ``delta^2 max(k**, 1)``:
@@ -448,9 +493,10 @@ def predictive_variance(K_star: np.ndarray, k_ss: np.ndarray, L_hat: np.ndarray,
     K_star : ndarray, shape (n, M)
         *Unit* kernel rows of the predicted quantities.
     k_ss : ndarray, shape (n,)
-        *Unit* prior variances of the predicted quantities.
+        *Unit* prior variances of the predicted quantities (with a vector ``delta``: the full
+        prior variances, eV², since each term has its own scale).
     L_hat, R : as in :class:`Solution`
-    delta : float
+    delta : float or ndarray, shape (M,)
     what : str
         Name used in the warning when a clearly negative value is clipped.
 
@@ -460,8 +506,18 @@ def predictive_variance(K_star: np.ndarray, k_ss: np.ndarray, L_hat: np.ndarray,
         Variances in (eV)^2 (or the squared unit of the quantity).
     """
     K_star = np.atleast_2d(np.asarray(K_star, dtype=np.float64))
-    d2 = delta * delta
     k_ss = np.asarray(k_ss, dtype=np.float64)
+    if np.ndim(delta) > 0:
+        # a sum of kernels: delta per column, k_ss already the full prior variance (eV²)
+        d = np.asarray(delta, dtype=np.float64)
+        if K_star.shape[1] == 0:
+            return k_ss
+        A = sla.solve_triangular(L_hat, (K_star * d).T, lower=True, check_finite=False)
+        B = sla.solve_triangular(R, (K_star * (d * d)).T, trans="T", lower=False,
+                                 check_finite=False)
+        var = k_ss - np.sum(A * A, axis=0) + np.sum(B * B, axis=0)
+        return _clip_negative(var, k_ss, 1.0, what)
+    d2 = delta * delta
     if K_star.shape[1] == 0:
         return d2 * k_ss
     A = sla.solve_triangular(L_hat, K_star.T, lower=True, check_finite=False)

@@ -66,21 +66,38 @@ def _index_array(v, where: str, n_max: int) -> np.ndarray:
     return arr
 
 
-def validate(n_sparse, sparse_method, frames: Sequence, n_features: int) -> SparseSpec:
+def validate(n_sparse, sparse_method, frames: Sequence, descriptor) -> SparseSpec:
     """Checks ``n_sparse`` and ``sparse_method`` against the training frames (no features yet).
+
+    Counts and methods are per kernel key of the descriptor (:meth:`Descriptor.kernel_keys`:
+    the centre species of atom-centred descriptors, species pairs for
+    :class:`~kmlip.descriptors.distance2b.Distance2b`), named as the descriptor names them.
 
     Raises
     ------
     TypeError, ValueError
         Naming the parameter and what is wrong with it.
     """
-    present = sorted({int(z) for a in frames for z in a.numbers})
-    env_count = {z: sum(int(np.count_nonzero(a.numbers == z)) for a in frames) for z in present}
+    n_features = int(descriptor.n_features)
+    numbers = np.concatenate([np.asarray(a.numbers) for a in frames]) if len(frames) else []
+    present = sorted(descriptor.keys_present(numbers))
+    centred = getattr(descriptor, "atom_centred", True)
+    env_count = {z: sum(int(np.count_nonzero(a.numbers == z)) for a in frames)
+                 for z in present} if centred else None
+
+    def key_of(s, where):
+        if centred:
+            return _symbol(s, where)
+        try:
+            return descriptor.key_from_name(s)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
     if isinstance(n_sparse, Mapping):
         counts = {}
         for s, v in n_sparse.items():
-            _symbol(s, "n_sparse")
-            counts[atomic_numbers[s]] = _count(v, f"n_sparse[{s!r}]")
+            z = key_of(s, "n_sparse")
+            counts[z] = _count(v, f"n_sparse[{s!r}]")
         counts = {z: counts.get(z, 0) for z in present}
     else:
         c = _count(n_sparse, "n_sparse")
@@ -94,7 +111,7 @@ def validate(n_sparse, sparse_method, frames: Sequence, n_features: int) -> Spar
     if isinstance(method, Mapping):
         per = {}
         for s, v in method.items():
-            z = _symbol(s, "sparse_method")
+            z = key_of(s, "sparse_method")
             arr = np.asarray(v)
             if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
                 if arr.shape[1] != n_features:
@@ -104,49 +121,96 @@ def validate(n_sparse, sparse_method, frames: Sequence, n_features: int) -> Spar
                     raise ValueError(f"sparse_method[{s!r}]: sparse points contain NaN or inf")
                 per[z] = ("points", np.array(arr, dtype=np.float64))
                 continue
+            if not centred:
+                raise ValueError(f"sparse_method[{s!r}]: index arrays need atom-centred "
+                                 f"environments; give {type(descriptor).__name__}'s sparse "
+                                 "points as an (M, n_features) float array or a method name")
             if z not in env_count:
                 raise ValueError(f"sparse_method[{s!r}]: no {s} environments in training")
             per[z] = ("indices", _index_array(arr, f"sparse_method[{s!r}]", env_count[z]))
         return SparseSpec(counts=counts, per_species=per)
+    if not centred:
+        raise ValueError(f"sparse_method as global indices needs atom-centred environments; "
+                         f"{type(descriptor).__name__} takes a method name or points")
     n_total = sum(len(a) for a in frames)
     idx = _index_array(method, "sparse_method", n_total)
     return SparseSpec(counts=counts, global_indices=idx)
 
 
+def collect_environments(keys: Sequence[int], descriptor, frames: Sequence, n_threads: int,
+                         frame_offset: int = 0):
+    """Features of every environment of the given kernel keys, and where each comes from.
+
+    Parameters
+    ----------
+    keys : sequence of int
+    descriptor : Descriptor
+    frames : sequence of ase.Atoms
+    n_threads : int
+    frame_offset : int
+        Added to the frame numbers in the ids (for blocks of a larger set).
+
+    Returns
+    -------
+    env : dict
+        ``{key: (n_k, F) features}`` (keys without environments are left out).
+    env_ids : dict
+        ``{key: (n_k, 2) int64 (frame, environment index in the frame)}``.
+    """
+    feats: dict[int, list] = {z: [] for z in keys}
+    ids: dict[int, list] = {z: [] for z in keys}
+    for k, a in enumerate(frames):
+        e = descriptor.environments(a, gradients=False, n_threads=n_threads)
+        for z in keys:
+            rows = np.flatnonzero(e.keys == z)
+            if rows.size:
+                feats[z].append(e.features[rows])
+                ids[z].append(np.stack([np.full(rows.size, k + frame_offset), rows], axis=1))
+    env = {z: np.concatenate(feats[z]) for z in keys if feats[z]}
+    env_ids = {z: np.concatenate(ids[z]).astype(np.int64) for z in keys if ids[z]}
+    return env, env_ids
+
+
 def choose(spec: SparseSpec, descriptor, frames: Sequence, random_state, n_threads: int):
-    """Sparse points per species.
+    """Sparse points per kernel key (one pass of :func:`collect_environments`, then
+    :func:`choose_from`).
 
     Returns
     -------
     points : dict
-        ``{Z: (M_z, F) raw descriptor vectors}``.
+        ``{key: (M_k, F) raw descriptor vectors}``.
     indices : dict or None
-        ``{symbol: (M_z, 2) int64 (frame, atom)}`` of the points taken from the training set.
+        ``{key name: (M_k, 2) int64 (frame, environment)}`` of the points taken from the
+        training set.
     """
     if spec.per_species is not None and all(kind == "points"
                                             for kind, _ in spec.per_species.values()):
         return {z: v for z, (_, v) in spec.per_species.items()}, None
     rng = random_state if isinstance(random_state, np.random.Generator) \
         else np.random.default_rng(random_state)
+    env, env_ids = collect_environments(sorted(spec.counts), descriptor, frames, n_threads)
+    return choose_from(spec, env, env_ids, frames, rng, descriptor.key_name)
+
+
+def choose_from(spec: SparseSpec, env: dict, env_ids: dict, frames: Sequence,
+                rng: np.random.Generator, key_name=None):
+    """Sparse points chosen among collected environments (see :func:`choose`).
+
+    ``env`` and ``env_ids`` as returned by :func:`collect_environments` (possibly a sample of
+    all environments, e.g. gathered from workers); ``frames`` is only used for global indices.
+    """
+    if key_name is None:
+        key_name = chemical_symbols.__getitem__
     present = sorted(spec.counts)
-    feats: dict[int, list] = {z: [] for z in present}
-    ids: dict[int, list] = {z: [] for z in present}
-    for k, a in enumerate(frames):
-        X = descriptor.transform(a, gradients=False, n_threads=n_threads)
-        for z in present:
-            rows = np.flatnonzero(a.numbers == z)
-            if rows.size:
-                feats[z].append(X[rows])
-                ids[z].append(np.stack([np.full(rows.size, k), rows], axis=1))
-    env = {z: np.concatenate(feats[z]) for z in present if feats[z]}
-    env_ids = {z: np.concatenate(ids[z]).astype(np.int64) for z in present if ids[z]}
     points, chosen = {}, {}
     if spec.method is not None:
         for z in present:
+            if z not in env:
+                continue
             m = min(spec.counts[z], env[z].shape[0])
             sel = selection.select(env[z], m, spec.method, rng)
             points[z] = env[z][sel]
-            chosen[chemical_symbols[z]] = env_ids[z][sel]
+            chosen[key_name(z)] = env_ids[z][sel]
         return points, chosen
     if spec.per_species is not None:
         for z, (kind, v) in spec.per_species.items():
@@ -173,4 +237,4 @@ def choose(spec: SparseSpec, descriptor, frames: Sequence, random_state, n_threa
     return points, chosen
 
 
-__all__ = ["SparseSpec", "choose", "validate"]
+__all__ = ["SparseSpec", "choose", "choose_from", "collect_environments", "validate"]

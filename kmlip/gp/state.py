@@ -24,6 +24,7 @@ import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
 from kmlip import kernels
+from kmlip.descriptors.distance2b import KEY_BASE
 from kmlip.gp import hyperparameters as hp
 from kmlip.gp.sparse import (
     FIXED_CLASSES,
@@ -32,6 +33,7 @@ from kmlip.gp.sparse import (
     PosteriorVariance,
     predictive_variance,
 )
+from kmlip.gp.terms import KernelSum, Term
 from kmlip.uncertainty import Calibration, default_calibration
 
 #: Largest kernel exponent a model file may carry (ζ is a small integer in practice).
@@ -156,12 +158,15 @@ class FittedState:
 
     Attributes
     ----------
-    descriptor, baseline
-        Copies taken at fit time (the estimator's parameters may change afterwards).
-    basis : SparseBasis
-        Sparse points per centre species and the kernel exponent ζ.
+    kernel : KernelSum
+        The kernel terms: copies of the descriptors taken at fit time (the estimator's
+        parameters may change afterwards) and their sparse bases (sparse points per kernel
+        key, ζ). :attr:`descriptor` and :attr:`basis` give a single-term model's.
+    baseline
+        Copy taken at fit time.
     sparse_indices : mapping or None
-        ``{symbol: (M_z, 2) (frame, atom)}`` of sparse points taken from the training set.
+        ``{key name: (M_k, 2) (frame, environment)}`` of sparse points taken from the training
+        set (a sum of kernels: keys ``"t:name"`` with t the term).
     species : tuple of str
         Species the model predicts (with sparse points or an e0).
     e0 : mapping
@@ -172,8 +177,10 @@ class FittedState:
     factors : mapping
         ``{label class: ClassFactor}`` (may be empty for a file saved without them).
     hyper : Hyperparameters
+        (δ is a tuple, one per term, for a sum of kernels.)
     alpha : ndarray (M,)
-        Weights, ``eps_i = delta^2 sum_m alpha_m k_hat(p_i, s_m)``.
+        Weights, ``eps_i = delta_t^2 sum_m alpha_m k_hat_t(p_i, s_m)`` over the columns of
+        each term t.
     R : ndarray (M, M)
         Upper triangular, ``R^T R = K_MM + K_MN Lambda^-1 K_NM``.
     log_marginal_likelihood : float
@@ -187,9 +194,8 @@ class FittedState:
         Map from a per-atom measure to the per-atom uncertainty (None: uncalibrated).
     """
 
-    descriptor: Any
+    kernel: KernelSum
     baseline: Any
-    basis: kernels.SparseBasis
     sparse_indices: Mapping[str, np.ndarray] | None
     species: tuple[str, ...]
     e0: Mapping[str, float]
@@ -214,7 +220,9 @@ class FittedState:
         n_labels = {c: int(f.n_rows) for c, f in factors.items()}
         if sum(n_labels.values()) == 0:
             raise ValueError("no labels to fit")
-        sol = hp.solve(factors, L_hat, hyper)
+        kernel = kw["kernel"]
+        sol = hp.solve(factors, L_hat, hyper,
+                       groups=[kernel.columns(t) for t in range(len(kernel))])
         kw["e0"] = MappingProxyType(dict(kw["e0"]))
         if kw.get("sparse_indices") is not None:
             kw["sparse_indices"] = MappingProxyType(dict(kw["sparse_indices"]))
@@ -222,6 +230,46 @@ class FittedState:
                    alpha=_frozen(sol.alpha), R=_frozen(sol.R),
                    log_marginal_likelihood=float(sol.log_marginal_likelihood),
                    n_labels=MappingProxyType(n_labels), **kw)
+
+    # -- the kernel terms ---------------------------------------------------------------------
+    @property
+    def single(self) -> bool:
+        """One kernel term (a descriptor and its basis), as most models."""
+        return self.kernel.single
+
+    @property
+    def descriptor(self):
+        """The descriptor of a single-term model; a sum of kernels: the list of them."""
+        if self.single:
+            return self.kernel.terms[0].descriptor
+        return [t.descriptor for t in self.kernel.terms]
+
+    @property
+    def descriptors(self) -> tuple:
+        return tuple(t.descriptor for t in self.kernel.terms)
+
+    @property
+    def basis(self):
+        """The sparse basis of a single-term model (ValueError for a sum of kernels)."""
+        if not self.single:
+            raise ValueError("a sum of kernels has one sparse basis per term "
+                             "(fitted_state_.kernel.terms[t].basis)")
+        return self.kernel.terms[0].basis
+
+    @property
+    def n_sparse(self) -> int:
+        """Sparse points of all terms."""
+        return self.kernel.n_sparse
+
+    @property
+    def column_delta(self):
+        """δ per column (a scalar for one term), as :mod:`kmlip.gp.sparse` takes it."""
+        return self.kernel.column_scale(self.hyper.delta)
+
+    @property
+    def atom_centred(self) -> bool:
+        """One atom-centred term: variances take the per-species fast path."""
+        return self.single and getattr(self.kernel.terms[0].descriptor, "atom_centred", True)
 
     @property
     def uncertainty_map(self) -> Calibration:
@@ -311,23 +359,50 @@ class FittedState:
 
     def variance(self, K_star: np.ndarray, k_ss: np.ndarray, what: str) -> np.ndarray:
         """Epistemic variance of predictions with unit kernel rows ``K_star`` (n, M) and unit
-        prior variances ``k_ss`` (n,): ``delta^2 k** - |L^-1 k*|^2 + |R^-T k*|^2`` (eV²...)."""
-        return predictive_variance(K_star, k_ss, self.L_hat, self.R, self.hyper.delta, what)
+        prior variances ``k_ss`` (n,): ``delta^2 k** - |L^-1 k*|^2 + |R^-T k*|^2`` (eV²...).
+        A sum of kernels takes ``k_ss`` as the full prior variance (eV², each term scaled by
+        its own δ²)."""
+        return predictive_variance(K_star, k_ss, self.L_hat, self.R, self.column_delta, what)
 
     # -- arrays and JSON ----------------------------------------------------------------------
     def to_arrays(self, include_factors: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-        """Arrays and a JSON-able description, as stored in model files (see :mod:`kmlip.io`)."""
+        """Arrays and a JSON-able description, as stored in model files (see :mod:`kmlip.io`).
+
+        A single atom-centred term keeps the layout of format version 2 (``descriptor``,
+        ``zeta``, ``columns`` by chemical symbol); other models list their ``terms``.
+        """
         arrays: dict[str, np.ndarray] = {"alpha": self.alpha, "R": self.R, "L_hat": self.L_hat}
-        columns = []
-        basis = self.basis
-        for z in basis.species_z:
-            s = chemical_symbols[z]
-            arrays[f"sparse_points__{s}"] = basis.points[z]
-            columns.append({"symbol": s, "Z": int(z), "offset": int(basis.offsets[z]),
-                            "count": int(basis.points[z].shape[0])})
-            if self.sparse_indices is not None and s in self.sparse_indices:
-                arrays[f"sparse_indices__{s}"] = np.asarray(self.sparse_indices[s],
-                                                            dtype=np.int64)
+        meta_kernel: dict[str, Any] = {}
+        if self.atom_centred:
+            columns = []
+            basis = self.basis
+            for z in basis.species_z:
+                s = chemical_symbols[z]
+                arrays[f"sparse_points__{s}"] = basis.points[z]
+                columns.append({"symbol": s, "Z": int(z), "offset": int(basis.offsets[z]),
+                                "count": int(basis.points[z].shape[0])})
+                if self.sparse_indices is not None and s in self.sparse_indices:
+                    arrays[f"sparse_indices__{s}"] = np.asarray(self.sparse_indices[s],
+                                                                dtype=np.int64)
+            meta_kernel = {"zeta": basis.zeta, "columns": columns,
+                           "descriptor": descriptor_to_dict(self.descriptor)}
+        else:
+            terms = []
+            for t, term in enumerate(self.kernel.terms):
+                b, d = term.basis, term.descriptor
+                cols = []
+                for k in b.species_z:
+                    name = d.key_name(k)
+                    arrays[f"sparse_points__{t}__{name}"] = b.points[k]
+                    cols.append({"name": name, "key": int(k), "offset": int(b.offsets[k]),
+                                 "count": int(b.points[k].shape[0])})
+                    tag = f"{t}:{name}"
+                    if self.sparse_indices is not None and tag in self.sparse_indices:
+                        arrays[f"sparse_indices__{t}__{name}"] = np.asarray(
+                            self.sparse_indices[tag], dtype=np.int64)
+                terms.append({"descriptor": descriptor_to_dict(d), "zeta": b.zeta,
+                              "columns": cols})
+            meta_kernel = {"terms": terms}
         factors = {}
         for cls, f in self.factors.items():
             factors[cls] = {"n_rows": int(f.n_rows), "log_scale_sum": float(f.log_scale_sum)}
@@ -335,10 +410,9 @@ class FittedState:
                 arrays[f"factor__{cls}"] = f.T
         meta = {
             "species": list(self.species), "e0": dict(self.e0), **self.hyper.as_dict(),
-            "jitter": self.jitter, "zeta": basis.zeta,
+            "jitter": self.jitter, **meta_kernel,
             "log_marginal_likelihood": self.log_marginal_likelihood,
-            "n_labels": dict(self.n_labels), "columns": columns,
-            "descriptor": descriptor_to_dict(self.descriptor),
+            "n_labels": dict(self.n_labels),
             "baseline": baseline_to_dict(self.baseline), "factors": factors,
             "factors_included": bool(include_factors and factors),
             "optimization": jsonable(self.optimization),
@@ -360,44 +434,12 @@ class FittedState:
             each other or the descriptor.
         """
         v = _Validator(arrays, meta)
-        descriptor = descriptor_from_dict(v.get("descriptor"))
         baseline = baseline_from_dict(v.get("baseline"), trusted_modules)
-        zeta = v.integer("zeta", 1, MAX_ZETA)
-        F = int(descriptor.n_features)
-        columns = v.get("columns")
-        if not isinstance(columns, list):
-            raise ValueError("'columns' must be a list")
-        points, indices, order, offset = {}, {}, [], 0
-        for col in columns:
-            if not isinstance(col, Mapping):
-                raise ValueError("every entry of 'columns' must be a dict")
-            s = col.get("symbol")
-            if not isinstance(s, str) or atomic_numbers.get(s, 0) == 0:
-                raise ValueError(f"column symbol {s!r} is not a chemical symbol")
-            z = atomic_numbers[s]
-            if col.get("Z") != z or z in points:
-                raise ValueError(f"column of {s}: atomic number {col.get('Z')!r} wrong or "
-                                 "repeated")
-            if z not in descriptor.species_z:
-                raise ValueError(f"sparse points of {s}, a species the descriptor does not have")
-            count = col.get("count")
-            if col.get("offset") != offset or isinstance(count, bool) \
-                    or not isinstance(count, int) or count < 1:
-                raise ValueError(f"column layout of {s} is inconsistent (offset/count)")
-            P = v.array(f"sparse_points__{s}", (count, F), np.float64)
-            points[z] = P
-            key = f"sparse_indices__{s}"
-            if key in arrays:
-                idx = v.array(key, (count, 2), np.int64, finite=False)
-                if np.any(idx < 0):
-                    raise ValueError(f"{key} has negative entries")
-                indices[s] = _frozen(idx, np.int64)
-            order.append(z)
-            offset += count
-        M = offset
-        basis = kernels.SparseBasis(points, zeta, species_z=order)
-        if basis.n_sparse != M:
-            raise ValueError("sparse points and columns disagree")
+        if "terms" in meta:
+            kernel, indices, order = _read_terms(v, arrays)
+        else:
+            kernel, indices, order = _read_single_term(v, arrays)
+        M = kernel.n_sparse
         alpha = v.array("alpha", (M,), np.float64)
         R = v.array("R", (M, M), np.float64)
         L_hat = v.array("L_hat", (M, M), np.float64)
@@ -422,10 +464,21 @@ class FittedState:
         if any(chemical_symbols[z] not in e0 for z in order):
             raise ValueError("'e0' lacks a species that has sparse points")
         known = {chemical_symbols[z] for z in order} | set(e0)
-        if set(species) != {s for s in known if atomic_numbers[s] in descriptor.species_z}:
+        allowed = set().union(*(t.descriptor.species_z for t in kernel.terms))
+        if set(species) != {s for s in known if atomic_numbers[s] in allowed}:
             raise ValueError("'species' does not match the sparse points and e0")
+        if kernel.single:
+            delta = v.positive("delta")
+        else:
+            dl = v.get("delta")
+            if not isinstance(dl, list) or len(dl) != len(kernel):
+                raise ValueError(f"'delta' must be a list of {len(kernel)} values (one per "
+                                 "kernel term)")
+            delta = tuple(v.number(f"delta[{t}]", x) for t, x in enumerate(dl))
+            if not all(0 < x < math.inf for x in delta):
+                raise ValueError("'delta' values must be positive and finite")
         hyper = hp.Hyperparameters(
-            delta=v.positive("delta"), sigma_energy=v.positive("sigma_energy", none=True),
+            delta=delta, sigma_energy=v.positive("sigma_energy", none=True),
             sigma_force=v.positive("sigma_force", none=True),
             sigma_stress=v.positive("sigma_stress", none=True))
         jitter = v.number("jitter", v.get("jitter"))
@@ -467,7 +520,7 @@ class FittedState:
             raise ValueError("'fit_timings' / 'optimization' must be dicts")
         cal = v.get("calibration", None)
         calibration = None if cal is None else Calibration.from_dict(cal)
-        return cls(descriptor=descriptor, baseline=baseline, basis=basis,
+        return cls(kernel=kernel, baseline=baseline,
                    sparse_indices=MappingProxyType(indices) if indices else None,
                    species=tuple(species), e0=MappingProxyType(e0), L_hat=L_hat, jitter=jitter,
                    factors=MappingProxyType(factors), hyper=hyper, alpha=alpha, R=R,
@@ -478,6 +531,109 @@ class FittedState:
     def replace(self, **changes) -> FittedState:
         """A copy with fields replaced (no re-solve; for bookkeeping fields)."""
         return replace(self, _derived={}, **changes)
+
+
+def _read_single_term(v, arrays):
+    """The kernel of a file with format version 1/2 layout (one atom-centred term)."""
+    descriptor = descriptor_from_dict(v.get("descriptor"))
+    zeta = v.integer("zeta", 1, MAX_ZETA)
+    F = int(descriptor.n_features)
+    columns = v.get("columns")
+    if not isinstance(columns, list):
+        raise ValueError("'columns' must be a list")
+    points, indices, order, offset = {}, {}, [], 0
+    for col in columns:
+        if not isinstance(col, Mapping):
+            raise ValueError("every entry of 'columns' must be a dict")
+        s = col.get("symbol")
+        if not isinstance(s, str) or atomic_numbers.get(s, 0) == 0:
+            raise ValueError(f"column symbol {s!r} is not a chemical symbol")
+        z = atomic_numbers[s]
+        if col.get("Z") != z or z in points:
+            raise ValueError(f"column of {s}: atomic number {col.get('Z')!r} wrong or "
+                             "repeated")
+        if z not in descriptor.species_z:
+            raise ValueError(f"sparse points of {s}, a species the descriptor does not have")
+        count = col.get("count")
+        if col.get("offset") != offset or isinstance(count, bool) \
+                or not isinstance(count, int) or count < 1:
+            raise ValueError(f"column layout of {s} is inconsistent (offset/count)")
+        P = v.array(f"sparse_points__{s}", (count, F), np.float64)
+        points[z] = P
+        key = f"sparse_indices__{s}"
+        if key in arrays:
+            idx = v.array(key, (count, 2), np.int64, finite=False)
+            if np.any(idx < 0):
+                raise ValueError(f"{key} has negative entries")
+            indices[s] = _frozen(idx, np.int64)
+        order.append(z)
+        offset += count
+    basis = kernels.SparseBasis(points, zeta, species_z=order)
+    if basis.n_sparse != offset:
+        raise ValueError("sparse points and columns disagree")
+    return KernelSum([Term(descriptor, basis)]), indices, order
+
+
+def _read_terms(v, arrays):
+    """The kernel of a file that lists its ``terms`` (format version 3)."""
+    terms_meta = v.get("terms")
+    if not isinstance(terms_meta, list) or not terms_meta or len(terms_meta) > 64:
+        raise ValueError("'terms' must be a non-empty list (at most 64 kernel terms)")
+    terms, indices = [], {}
+    for t, tm in enumerate(terms_meta):
+        if not isinstance(tm, Mapping):
+            raise ValueError(f"terms[{t}] must be a dict")
+        d = descriptor_from_dict(tm.get("descriptor"))
+        zeta = tm.get("zeta")
+        if getattr(d, "uses_zeta", True):
+            if isinstance(zeta, bool) or not isinstance(zeta, int) or not 1 <= zeta <= MAX_ZETA:
+                raise ValueError(f"terms[{t}]: zeta must be an integer in [1, {MAX_ZETA}]")
+        elif zeta is not None:
+            raise ValueError(f"terms[{t}]: zeta must be null for {type(d).__name__}")
+        cols = tm.get("columns")
+        if not isinstance(cols, list):
+            raise ValueError(f"terms[{t}]: 'columns' must be a list")
+        F = int(d.n_features)
+        points, offset = {}, 0
+        for col in cols:
+            if not isinstance(col, Mapping):
+                raise ValueError(f"terms[{t}]: every column entry must be a dict")
+            name, key, count = col.get("name"), col.get("key"), col.get("count")
+            try:
+                k = d.key_from_name(name)
+            except (ValueError, TypeError):
+                raise ValueError(f"terms[{t}]: {name!r} is not a kernel key of "
+                                 f"{type(d).__name__}") from None
+            if key != k or k in points:
+                raise ValueError(f"terms[{t}]: key of {name!r} wrong or repeated")
+            if col.get("offset") != offset or isinstance(count, bool) \
+                    or not isinstance(count, int) or count < 1:
+                raise ValueError(f"terms[{t}]: column layout of {name} is inconsistent")
+            points[k] = v.array(f"sparse_points__{t}__{name}", (count, F), np.float64)
+            member = f"sparse_indices__{t}__{name}"
+            if member in arrays:
+                idx = v.array(member, (count, 2), np.int64, finite=False)
+                if np.any(idx < 0):
+                    raise ValueError(f"{member} has negative entries")
+                indices[f"{t}:{name}"] = _frozen(idx, np.int64)
+            offset += count
+        basis = d.make_basis(points, zeta)
+        if basis.n_sparse != offset:
+            raise ValueError(f"terms[{t}]: sparse points and columns disagree")
+        terms.append(Term(d, basis))
+    return KernelSum(terms), indices, _species_with_points(terms)
+
+
+def _species_with_points(terms) -> list[int]:
+    """Atomic numbers that some term has sparse points for (the atoms of pair keys count)."""
+    out = []
+    for term in terms:
+        d = term.descriptor
+        for k in term.basis.species_z:
+            zs = [k] if getattr(d, "atom_centred", True) else [
+                z for z in d.species_z if z in divmod(k, KEY_BASE)]
+            out += [z for z in zs if z not in out]
+    return out
 
 
 class _Validator:

@@ -20,21 +20,22 @@ import numpy as np
 
 from kmlip import kernels
 from kmlip.gp.sparse import StreamingQR
+from kmlip.gp.terms import KernelSum
 from kmlip.labels import FrameLabels, voigt
 
 #: A baseline's contribution to one structure: (energy eV, forces (n, 3), stress Voigt (6,)).
 BaselineValues = tuple[float, np.ndarray, np.ndarray]
 
 
-def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabels,
+def frame_rows(kernel: KernelSum, atoms, labels: FrameLabels,
                e0_total: float, base: BaselineValues, n_threads: int, precision: str,
-               grad_buffer=None):
+               grad_buffers=None):
     """(class, unit kernel rows, targets, relative noise) of every label of one structure.
 
     Parameters
     ----------
-    descriptor : Descriptor
-    basis : SparseBasis
+    kernel : KernelSum
+        The model's kernel terms (descriptors and sparse bases).
     atoms : ase.Atoms
     labels : FrameLabels
     e0_total : float
@@ -43,8 +44,8 @@ def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabel
         Baseline energy, forces and Voigt stress (subtracted from the labels).
     n_threads : int
     precision : {"auto", "double", "mixed"}
-    grad_buffer : kmlip.descriptors.soap.GradientBuffer, optional
-        Reused storage for the pair gradients (descriptors with ``accepts_grad_buffer``); the
+    grad_buffers : list, optional
+        Reused storage for each term's pair gradients (:meth:`KernelSum.grad_buffers`); the
         rows returned do not refer to it.
 
     Returns
@@ -52,24 +53,19 @@ def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabel
     list of (str, ndarray (k, M), ndarray (k,), ndarray (k,))
     """
     n = len(atoms)
-    Z = np.asarray(atoms.numbers, dtype=np.int64)
     need_grad = labels.forces is not None or labels.stress is not None
-    if need_grad:
-        kw = {"grad_buffer": grad_buffer} if grad_buffer is not None else {}
-        X, G = descriptor.transform(atoms, gradients=True, n_threads=n_threads, **kw)
-    else:
-        X = descriptor.transform(atoms, gradients=False, n_threads=n_threads)
+    envs = kernel.environments(atoms, need_grad, n_threads, grad_buffers)
     out = []
     E_b, F_b, S_b = base
     if labels.energy is not None:
         y = np.array([labels.energy - e0_total - E_b])
-        row = basis.energy_row(X, Z)[None, :]
+        row = kernel.energy_row(envs)[None, :]
         if labels.energy_sigma is not None:
             out.append(("energy_fixed", row, y, np.array([labels.energy_sigma])))
         else:
             out.append(("energy", row, y, np.array([math.sqrt(n)])))
     if need_grad:
-        Fr, W9 = basis.derivative_rows(X, Z, G, n_threads=n_threads, precision=precision)
+        Fr, W9 = kernel.derivative_rows(envs, n, n_threads, precision)
         if labels.forces is not None:
             y = (labels.forces - F_b).reshape(-1)
             if labels.force_atom_sigma is not None:
@@ -88,7 +84,7 @@ def frame_rows(descriptor, basis: kernels.SparseBasis, atoms, labels: FrameLabel
     return out
 
 
-def accumulate(descriptor, basis: kernels.SparseBasis, frames: Sequence,
+def accumulate(kernel: KernelSum, frames: Sequence,
                labels: Sequence[FrameLabels], e0_totals: Sequence[float],
                baselines: Sequence[BaselineValues], n_threads: int, precision: str,
                block_rows: int, factors: dict | None = None,
@@ -97,6 +93,12 @@ def accumulate(descriptor, basis: kernels.SparseBasis, frames: Sequence,
 
     Parameters
     ----------
+    kernel : KernelSum
+    frames, labels, e0_totals, baselines : sequences, one entry per structure
+    n_threads : int
+    precision : {"auto", "double", "mixed"}
+    block_rows : int
+        Rows per streaming-QR update (:func:`block_rows_for`).
     factors : dict, optional
         Existing ``{class: ClassFactor}`` to extend (online update); copied, never modified.
     on_frame : callable, optional
@@ -112,21 +114,17 @@ def accumulate(descriptor, basis: kernels.SparseBasis, frames: Sequence,
     import copy
     import time
 
-    qr = StreamingQR(basis.n_sparse, block_rows, n_threads=n_threads)
+    qr = StreamingQR(kernel.n_sparse, block_rows, n_threads=n_threads)
     if factors:
         qr.factors = {c: copy.deepcopy(f) for c, f in factors.items()}
     t_rows = 0.0
     # one gradient array for all structures: no fresh pages to fault in per structure
-    grad_buffer = None
-    if getattr(descriptor, "accepts_grad_buffer", False):
-        from kmlip.descriptors.soap import GradientBuffer
-
-        grad_buffer = GradientBuffer()
+    grad_buffers = kernel.grad_buffers()
     try:
         for k, a in enumerate(frames):
             t1 = time.perf_counter()
-            rows = frame_rows(descriptor, basis, a, labels[k], e0_totals[k], baselines[k],
-                              n_threads, precision, grad_buffer)
+            rows = frame_rows(kernel, a, labels[k], e0_totals[k], baselines[k],
+                              n_threads, precision, grad_buffers)
             t_rows += time.perf_counter() - t1
             for cls, K_rows, yv, sc in rows:
                 qr.add(cls, K_rows, yv, sc)
@@ -134,7 +132,7 @@ def accumulate(descriptor, basis: kernels.SparseBasis, frames: Sequence,
                 on_frame()
         return qr.finalize(), t_rows
     finally:
-        basis.release_scratch()
+        kernel.release_scratch()
 
 
 def block_rows_for(M: int, block_size: int | None) -> int:
