@@ -189,6 +189,9 @@ def measure_lammps(folder: Path, plugin: str, model: str, steps: int, ranks: int
     res = parse_lammps(out)
     res["cpu_s"] = cpu
     res["atom_steps_per_s"] = res["atoms"] * res["steps"] / res["loop_s"]
+    # CPU time of the loop, all ranks: wall x LAMMPS's "CPU use" (per rank) x ranks
+    res["cpu_us_per_atom_step"] = (1e6 * res["loop_s"] * res.get("cpu_use_pct", 100.0) / 100.0
+                                   * ranks / (res["atoms"] * res["steps"]))
     return res
 
 
@@ -202,6 +205,7 @@ def measure_ase(folder: Path, model_file: str, steps: int) -> dict:
     res = json.loads(out.strip().splitlines()[-1])
     res["cpu_s"] = cpu
     res["atom_steps_per_s"] = res["atoms"] * res["steps"] / res["loop_s"]
+    res["cpu_us_per_atom_step"] = 1e6 * res["cpu_loop_s"] / (res["atoms"] * res["steps"])
     return res
 
 
@@ -343,12 +347,17 @@ def lammps_part(quick: bool, repeat: int, steps: int, ase_steps: int) -> dict:
     comm2 = statistics.median(x["sections_avg_s"].get("Comm", 0.0) / x["loop_s"]
                               for x in runs["lmp2"])
     print("\n== LAMMPS pair style kmlip vs the ASE calculator path ==")
-    print(f"{'path':28s} {'atom-steps/s':>14s} {'us/atom-step':>13s} {'peak RSS MB':>12s}")
+    print(f"{'path':28s} {'atom-steps/s':>14s} {'us/atom-step':>13s} {'CPU us/atom-step':>17s} "
+          f"{'peak RSS MB':>12s}")
     for k, label in (("ase", "ASE VelocityVerlet, 1 thread"), ("lmp1", "LAMMPS, 1 rank"),
                      ("lmp2", "LAMMPS, 2 ranks")):
-        print(f"{label:28s} {rate[k]:14.0f} {1e6 / rate[k]:13.1f} {med(k, 'peak_rss_mb'):12.0f}")
+        print(f"{label:28s} {rate[k]:14.0f} {1e6 / rate[k]:13.1f} "
+              f"{med(k, 'cpu_us_per_atom_step'):17.1f} {med(k, 'peak_rss_mb'):12.0f}")
+    cpu_ratio = med("ase", "cpu_us_per_atom_step") / med("lmp1", "cpu_us_per_atom_step")
     print(f"LAMMPS (1 rank) / ASE path per atom-step: {speedup:.2f}x  (target >= 1.3; per "
           f"repeat {', '.join(f'{x:.2f}' for x in per_rep_speed)})")
+    print(f"the same in CPU time per atom-step (robust to the other load on the machine): "
+          f"{cpu_ratio:.2f}x")
     print(f"parallel efficiency 1 -> 2 ranks: {eff:.2f}  (target >= 0.85; per repeat "
           f"{', '.join(f'{x:.2f}' for x in per_rep_eff)}); communication "
           f"{100 * comm2:.1f}% of the 2-rank loop")
@@ -388,6 +397,7 @@ def lammps_part(quick: bool, repeat: int, steps: int, ase_steps: int) -> dict:
             "atom_steps_per_s": rate, "speedup_lammps1_over_ase": speedup,
             "efficiency_1_to_2": eff, "per_repeat_speedup": per_rep_speed,
             "per_repeat_efficiency": per_rep_eff, "work_efficiency_cpu": cpu1 / cpu2,
+            "speedup_cpu_lammps1_over_ase": cpu_ratio,
             "projection": rows}
 
 

@@ -32,6 +32,17 @@
 
 using namespace LAMMPS_NS;
 
+// The hot functions are compiled for several x86-64 levels and picked at load time (GCC's
+// target_clones, an ifunc): the plugin is built on a login node and may run on other CPUs, so
+// -march=native is no default, yet AVX2/AVX-512 with FMA double the speed of the kernel's
+// products and of kmlip's SOAP steps (inlined into each clone).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(KMLIP_NO_CLONES)
+#define KMLIP_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KMLIP_CLONES
+#endif
+
 namespace {
 
 const char *const ELEMENTS[] = {
@@ -77,6 +88,65 @@ std::vector<T> take_array(const json &entries, const std::string &name, const ch
   std::vector<T> out((size_t) count);
   if (count) std::memcpy(out.data(), blob.data() + data_start + offset, (size_t) nbytes);
   return out;
+}
+
+// C (nb, ldc) = A (nb, lda) . B (K, ldb) over the first n columns of B, for nb <= 4 * rows of
+// A and n a multiple of 8: 4 x 8 tiles of C in registers, one pass over B per tile row. The
+// callers pad A (zero rows), B and C (zero columns) to those multiples.
+typedef double kmlip_v4d __attribute__((vector_size(32)));
+
+inline kmlip_v4d load4(const double *p)
+{
+  kmlip_v4d v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store4(double *p, kmlip_v4d v)
+{
+  std::memcpy(p, &v, sizeof(v));
+}
+
+KMLIP_CLONES
+void gemm_tiles(int nb, int64_t K, int64_t n, const double *A, int64_t lda, const double *B,
+                int64_t ldb, double *C, int64_t ldc)
+{
+  // explicit 4-wide vectors (GCC/Clang vector extension; two SSE2 registers each in the
+  // default clone): the compiler's own vectoriser ran along k with scalar accumulators
+  for (int b0 = 0; b0 < nb; b0 += 4) {
+    const double *a0 = A + (int64_t) b0 * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+    for (int64_t m0 = 0; m0 < n; m0 += 8) {
+      kmlip_v4d c0a = {0, 0, 0, 0}, c0b = c0a, c1a = c0a, c1b = c0a, c2a = c0a, c2b = c0a,
+                c3a = c0a, c3b = c0a;
+      for (int64_t k = 0; k < K; ++k) {
+        const double *bk = B + k * ldb + m0;
+        const kmlip_v4d ba = load4(bk), bb = load4(bk + 4);
+        const double x0 = a0[k], x1 = a1[k], x2 = a2[k], x3 = a3[k];
+        c0a += x0 * ba;
+        c0b += x0 * bb;
+        c1a += x1 * ba;
+        c1b += x1 * bb;
+        c2a += x2 * ba;
+        c2b += x2 * bb;
+        c3a += x3 * ba;
+        c3b += x3 * bb;
+      }
+      double *r = C + (int64_t) b0 * ldc + m0;
+      store4(r, c0a);
+      store4(r + 4, c0b);
+      store4(r + ldc, c1a);
+      store4(r + ldc + 4, c1b);
+      store4(r + 2 * ldc, c2a);
+      store4(r + 2 * ldc + 4, c2b);
+      store4(r + 3 * ldc, c3a);
+      store4(r + 3 * ldc + 4, c3b);
+    }
+  }
+}
+
+inline int64_t pad8(int64_t n)
+{
+  return (n + 7) / 8 * 8;
 }
 
 }    // namespace
@@ -263,6 +333,33 @@ void PairKMLIP::read_model(const char *path)
     }
     points_hat = take_array<double>(arrays, "points_hat", "<f8", blob, data_start, {M, n_features});
     alpha = take_array<double>(arrays, "alpha", "<f8", blob, data_start, {M});
+    // per species: T = S_hat^T (F, pad8(M_z)) and S_hat (M_z, pad8(F)), zero-padded for the
+    // 4 x 8 tiles of the kernel's two products
+    const int64_t Fp = pad8(n_features);
+    points_t_off.assign(N_Z, 0);
+    points_p_off.assign(N_Z, 0);
+    int64_t tsize = 0, psize = 0;
+    for (int zz = 1; zz < N_Z; ++zz) {
+      if (z_offset[zz] < 0) continue;
+      points_t_off[zz] = tsize;
+      points_p_off[zz] = psize;
+      tsize += n_features * pad8(z_count[zz]);
+      psize += z_count[zz] * Fp;
+    }
+    points_hat_t.assign((size_t) tsize, 0.0);
+    points_hat_p.assign((size_t) psize, 0.0);
+    for (int zz = 1; zz < N_Z; ++zz) {
+      const int64_t o = z_offset[zz], cnt = z_count[zz], mp = pad8(cnt);
+      if (o < 0) continue;
+      const double *src = points_hat.data() + o * n_features;
+      double *dt = points_hat_t.data() + points_t_off[zz];
+      double *dp = points_hat_p.data() + points_p_off[zz];
+      for (int64_t m = 0; m < cnt; ++m)
+        for (int64_t q = 0; q < n_features; ++q) {
+          dt[q * mp + m] = src[m * n_features + q];
+          dp[m * Fp + q] = src[m * n_features + q];
+        }
+    }
     var_factor = take_array<double>(arrays, "variance_factor", "<f8", blob, data_start, {factor_off});
     nov_factor = take_array<double>(arrays, "novelty_factor", "<f8", blob, data_start, {factor_off});
 
@@ -400,22 +497,6 @@ double PairKMLIP::init_one(int i, int j)
 
 /* ---------------------------------------------------------------------- */
 
-void PairKMLIP::ensure_scratch(int64_t n_neigh)
-{
-  const int64_t cap = n_neigh < 16 ? 16 : n_neigh;
-  if ((int64_t) spec.size() >= cap && !work.empty()) return;
-  const int64_t size = (compression == 1) ? kmlip_soap_mu1nu1_work_size(&params, cap)
-                                          : kmlip_soap_work_size(&params, cap);
-  work.assign((size_t) size, 0.0);
-  vec.assign((size_t) (3 * cap), 0.0);
-  gpair.assign((size_t) (3 * cap), 0.0);
-  spec.assign((size_t) cap, 0);
-  jidx.assign((size_t) cap, 0);
-  praw.assign((size_t) n_features, 0.0);
-  pnorm.assign((size_t) n_features, 0.0);
-  vgrad.assign((size_t) n_features, 0.0);
-}
-
 void PairKMLIP::grow_peratom()
 {
   if (atom->nmax > nmax_peratom || at_variance.empty()) {
@@ -431,18 +512,6 @@ void PairKMLIP::grow_peratom()
 void PairKMLIP::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
-
-  double **x = atom->x;
-  double **f = atom->f;
-  const int *type = atom->type;
-  const int nlocal = atom->nlocal;
-  const int inum = list->inum;
-  const int *ilist = list->ilist;
-  const int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
-  const double cut2 = cutoff * cutoff;
-  const int64_t F = n_features;
-  const double d2 = delta * delta;
   const bool want_unc = always_uncertainty || trigger_variance || trigger_novelty
                         || trigger_uncertainty;
   if (want_unc) {
@@ -451,143 +520,234 @@ void PairKMLIP::compute(int eflag, int vflag)
     std::fill(at_novelty.begin(), at_novelty.end(), 0.0);
     std::fill(at_uncertainty.begin(), at_uncertainty.end(), 0.0);
   }
-  ensure_scratch(16);
+  // local centres grouped by species, processed in blocks: the kernel against the species'
+  // sparse points is then two small matrix products per block instead of matrix-vector
+  // products per centre (each sparse point is read once per block, not once per atom)
+  by_species.resize((size_t) n_desc_species);
+  for (auto &v : by_species) v.clear();
+  const int *type = atom->type;
+  for (int ii = 0; ii < list->inum; ++ii) {
+    const int i = list->ilist[ii];
+    const int z = type_z[type[i]];
+    if (z) by_species[(size_t) z_desc_index[z]].push_back(i);
+  }
+  for (int64_t k = 0; k < n_desc_species; ++k) {
+    const auto &centres = by_species[(size_t) k];
+    for (size_t start = 0; start < centres.size(); start += BLOCK) {
+      const int nb = (int) std::min<size_t>(BLOCK, centres.size() - start);
+      compute_block(centres.data() + start, nb, desc_species_z[(size_t) k], want_unc);
+    }
+  }
+  if (vflag_fdotr) virial_fdotr_compute();
+}
 
-  for (int ii = 0; ii < inum; ++ii) {
-    const int i = ilist[ii];
-    const int zi = type_z[type[i]];
-    if (zi == 0) continue;
-    const double xi = x[i][0], yi = x[i][1], zc = x[i][2];
-    const int *jlist = firstneigh[i];
-    const int jnum = numneigh[i];
-    ensure_scratch(jnum);
+// flatten: kmlip's static-inline SOAP steps are inlined into (and vectorised for) each clone
+KMLIP_CLONES __attribute__((flatten))
+void PairKMLIP::compute_block(const int *centres, int nb, int z, bool want_unc)
+{
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+  const int nlocal = atom->nlocal;
+  const double cut2 = cutoff * cutoff;
+  const int64_t F = n_features;
+  const double d2 = delta * delta;
+  const int64_t Mz = z_count[z];
+  const int64_t cs = (compression == 2) ? 0 : z_desc_index[z];
 
-    // neighbours within the SOAP cutoff (strict, as kmlip's neighbour list)
-    int64_t n = 0;
+  // 1. neighbours within the SOAP cutoff (strict, as kmlip's neighbour list), per centre
+  pair_off.assign(BLOCK + 1, 0);
+  int64_t npairs = 0;
+  for (int b = 0; b < nb; ++b) {
+    const int i = centres[b];
+    const int jnum = list->numneigh[i];
+    const int *jlist = list->firstneigh[i];
+    if ((int64_t) spec.size() < npairs + jnum + 1) {
+      const size_t cap = (size_t) (2 * (npairs + jnum + 1));
+      vec.resize(3 * cap);
+      spec.resize(cap);
+      jidx.resize(cap);
+    }
+    const double xi = x[i][0], yi = x[i][1], zi = x[i][2];
     for (int jj = 0; jj < jnum; ++jj) {
       const int j = jlist[jj] & NEIGHMASK;
       const int zj = type_z[type[j]];
       if (zj == 0) continue;
-      const double dx = x[j][0] - xi, dy = x[j][1] - yi, dz = x[j][2] - zc;
-      const double rsq = dx * dx + dy * dy + dz * dz;
-      if (rsq >= cut2) continue;
-      vec[3 * n] = dx;
-      vec[3 * n + 1] = dy;
-      vec[3 * n + 2] = dz;
-      spec[n] = (compression == 2) ? 0 : z_desc_index[zj];
-      jidx[n] = j;
-      ++n;
+      const double dx = x[j][0] - xi, dy = x[j][1] - yi, dz = x[j][2] - zi;
+      if (dx * dx + dy * dy + dz * dz >= cut2) continue;
+      vec[3 * npairs] = dx;
+      vec[3 * npairs + 1] = dy;
+      vec[3 * npairs + 2] = dz;
+      spec[npairs] = (compression == 2) ? 0 : z_desc_index[zj];
+      jidx[npairs] = j;
+      ++npairs;
     }
-    const int64_t cs = (compression == 2) ? 0 : z_desc_index[zi];
-    const int64_t Mz = z_count[zi];
-    const double *Sz = Mz ? points_hat.data() + z_offset[zi] * F : nullptr;
-    const double *az = Mz ? alpha.data() + z_offset[zi] : nullptr;
+    pair_off[b + 1] = npairs;
+  }
+  if (spec.empty()) {
+    vec.resize(3);
+    spec.resize(1);
+    jidx.resize(1);
+  }
 
-    // features, local energy and dE/dp (v), then dE/dr_ij of every pair (gpair)
-    double eps = 0.0;
-    const double *pf = praw.data();
+  // 2. one SOAP workspace per centre (kept from the features to the vector-Jacobian product)
+  work_off.assign(BLOCK + 1, 0);
+  for (int b = 0; b < nb; ++b) {
+    const int64_t n = pair_off[b + 1] - pair_off[b];
+    const int64_t size = (compression == 1) ? kmlip_soap_mu1nu1_work_size(&params, n)
+                                            : kmlip_soap_work_size(&params, n);
+    work_off[b + 1] = work_off[b] + (size + 7) / 8 * 8;
+  }
+  if ((int64_t) work.size() < work_off[nb]) work.resize((size_t) work_off[nb]);
+  const int64_t Fp = pad8(F), Mp = pad8(Mz);
+  const int nb4 = (nb + 3) / 4 * 4;
+  if ((int64_t) feat.size() < BLOCK * Fp) {
+    feat_raw.resize((size_t) (BLOCK * Fp));
+    feat.resize((size_t) (BLOCK * Fp));
+    kv.resize((size_t) (BLOCK * Fp));
+  }
+  std::fill(feat.begin(), feat.begin() + nb4 * Fp, 0.0);
+
+  // 3. features (raw, then unit if the descriptor normalises); rows of stride Fp
+  for (int b = 0; b < nb; ++b) {
+    const int64_t n = pair_off[b + 1] - pair_off[b];
+    const double *vb = vec.data() + 3 * pair_off[b];
+    const int32_t *sb = spec.data() + pair_off[b];
+    double *wb = work.data() + work_off[b];
+    double *pr = feat_raw.data() + b * Fp;
     if (compression == 1) {
-      kmlip_soap_centre_mu1nu1(&params, cs, n, vec.data(), spec.data(), work.data(), praw.data(),
-                               nullptr);
-      if (normalize) {
-        std::memcpy(pnorm.data(), praw.data(), sizeof(double) * F);
-        kmlip_soap_normalize(F, pnorm.data(), 0, nullptr);
-        pf = pnorm.data();
-      }
-      if (Mz) {
-        eps = kmlip_centre_energy_grad(pf, Sz, az, Mz, F, zeta, d2, vgrad.data());
-        if (n)
-          kmlip_soap_centre_vjp_mu1nu1(&params, cs, n, vec.data(), spec.data(), vgrad.data(),
-                                       normalize ? 1 : 0, work.data(), gpair.data());
-      }
+      kmlip_soap_centre_mu1nu1(&params, cs, n, vb, sb, wb, pr, nullptr);
     } else {
-      // one expansion with the pair derivatives serves the features and the vjp
-      // (kmlip_soap_centre + kmlip_soap_centre_vjp would expand twice)
-      const kmlip_soap_workspace ws = kmlip_soap_workspace_(&params, work.data());
-      kmlip_soap_expand_(&params, cs, n, vec.data(), spec.data(), &ws, Mz && n ? 1 : 0);
-      kmlip_soap_power_spectrum_(&params, ws.C, ws.P, praw.data());
-      if (normalize) {
-        std::memcpy(pnorm.data(), praw.data(), sizeof(double) * F);
-        kmlip_soap_normalize(F, pnorm.data(), 0, nullptr);
-        pf = pnorm.data();
-      }
-      if (Mz) {
-        eps = kmlip_centre_energy_grad(pf, Sz, az, Mz, F, zeta, d2, vgrad.data());
-        if (n) {
-          const int64_t R = params.n_species * n_max, LM = (l_max + 1) * (l_max + 1);
-          double *H = ws.adj, *U = H + R * LM, *vv = U + R * R;
-          std::memcpy(vv, vgrad.data(), sizeof(double) * F);
-          if (normalize) kmlip_soap_cotangent_(F, praw.data(), vv);
-          kmlip_soap_adjoint_(&params, ws.C, vv, U, H);
-          for (int64_t k = 0; k < n; ++k)
-            kmlip_soap_pair_vjp_(&params, H, ws.Sall + k * ws.stride, spec[k], vec.data() + 3 * k,
-                                 gpair.data() + 3 * k);
-        }
-      }
+      const kmlip_soap_workspace ws = kmlip_soap_workspace_(&params, wb);
+      kmlip_soap_expand_(&params, cs, n, vb, sb, &ws, (Mz && n) ? 1 : 0);
+      kmlip_soap_power_spectrum_(&params, ws.C, ws.P, pr);
     }
+    double *pf = feat.data() + b * Fp;
+    std::memcpy(pf, pr, sizeof(double) * (size_t) F);
+    if (normalize) kmlip_soap_normalize(F, pf, 0, nullptr);
+  }
 
-    const double ei = z_e0[zi] + eps;
-    if (eflag_global) eng_vdwl += ei;
-    if (eflag_atom) eatom[i] += ei;
-
-    if (Mz && n) {
-      for (int64_t k = 0; k < n; ++k) {
-        const int j = jidx[k];
-        const double gx = gpair[3 * k], gy = gpair[3 * k + 1], gz = gpair[3 * k + 2];
-        f[i][0] += gx;
-        f[i][1] += gy;
-        f[i][2] += gz;
-        f[j][0] -= gx;
-        f[j][1] -= gy;
-        f[j][2] -= gz;
-        // (x_i - x_j) (x) f_i with f_i = g: LAMMPS's pairwise virial tally (global when not
-        // fdotr, per-atom halves to i and j)
-        if (vflag_either)
-          ev_tally_xyz(i, j, nlocal, 1, 0.0, 0.0, gx, gy, gz, -vec[3 * k], -vec[3 * k + 1],
-                       -vec[3 * k + 2]);
-      }
+  // 4. kernel: c = p_hat . s_hat_m, eps = sum_m alpha_m c^zeta and dE/dp (DESIGN.md, "Kernel")
+  //    as two tiled products per block, C = P S_hat^T and V = W S_hat with W = alpha c^(zeta-1)
+  double eps[BLOCK], inv[BLOCK];
+  for (int b = 0; b < nb; ++b) {
+    const double *pf = feat.data() + b * Fp;
+    double nrm = 0.0;
+    for (int64_t q = 0; q < F; ++q) nrm += pf[q] * pf[q];
+    inv[b] = nrm > 0.0 ? 1.0 / std::sqrt(nrm) : 0.0;
+    eps[b] = 0.0;
+  }
+  if (Mz) {
+    if ((int64_t) kc.size() < BLOCK * Mp) {
+      kc.resize((size_t) (BLOCK * Mp));
+      kw.resize((size_t) (BLOCK * Mp));
     }
-
-    if (want_unc) {
-      // unit kernel row k_m = (p_hat . s_hat_m)^zeta and its two quadratic forms
-      double nrm = 0.0;
-      for (int64_t q = 0; q < F; ++q) nrm += pf[q] * pf[q];
-      nrm = std::sqrt(nrm);
-      const double kss = nrm > 0.0 ? 1.0 : 0.0;
-      double expl_var = 0.0, expl_nov = 0.0;
-      if (Mz && nrm > 0.0) {
-        krow.assign((size_t) Mz, 0.0);
-        for (int64_t m = 0; m < Mz; ++m) {
-          const double *s = Sz + m * F;
-          double c = 0.0;
-          for (int64_t q = 0; q < F; ++q) c += pf[q] * s[q];
-          c /= nrm;
-          double kz = 1.0;
-          for (int t = 0; t < zeta; ++t) kz *= c;
-          krow[m] = kz;
-        }
-        const double *Hz = var_factor.data() + z_factor[zi];
-        const double *Wz = nov_factor.data() + z_factor[zi];
-        for (int64_t a = 0; a < Mz; ++a) {
-          double hv = 0.0, wv = 0.0;
-          for (int64_t bcol = 0; bcol <= a; ++bcol) {
-            hv += Hz[a * Mz + bcol] * krow[bcol];
-            wv += Wz[a * Mz + bcol] * krow[bcol];
-          }
-          expl_var += hv * hv;
-          expl_nov += wv * wv;
-        }
+    const double *T = points_hat_t.data() + points_t_off[z];    // (F, Mp)
+    const double *S = points_hat_p.data() + points_p_off[z];    // (Mz, Fp)
+    const double *al = alpha.data() + z_offset[z];
+    gemm_tiles(nb4, F, Mp, feat.data(), Fp, T, Mp, kc.data(), Mp);
+    std::fill(kw.begin(), kw.begin() + nb4 * Mp, 0.0);
+    for (int b = 0; b < nb; ++b) {
+      double *cb = kc.data() + b * Mp, *wbk = kw.data() + b * Mp;
+      double e = 0.0;
+      for (int64_t m = 0; m < Mz; ++m) {
+        const double c = cb[m] * inv[b];
+        double cz1 = 1.0;
+        for (int t = 0; t < zeta - 1; ++t) cz1 *= c;
+        cb[m] = c;
+        wbk[m] = al[m] * cz1;
+        e += wbk[m] * c;
       }
-      const double var = std::max(d2 * (kss - expl_var), 0.0);
-      const double nov = std::max(d2 * (kss - expl_nov), 0.0);
-      at_variance[i] = var;
-      at_novelty[i] = nov;
-      const double m = cal_measure == 1 ? var : nov;
-      at_uncertainty[i] = std::sqrt(cal_floor * cal_floor + cal_scale * cal_scale * m);
+      eps[b] = e;
+    }
+    gemm_tiles(nb4, Mz, Fp, kw.data(), Mp, S, Fp, kv.data(), Fp);
+    for (int b = 0; b < nb; ++b) {
+      double *vb = kv.data() + b * Fp;
+      const double *pf = feat.data() + b * Fp;
+      const double fac = d2 * zeta * inv[b], proj = eps[b] * inv[b];
+      for (int64_t q = 0; q < F; ++q) vb[q] = fac * (vb[q] - proj * pf[q]);
+      eps[b] *= d2;
     }
   }
 
-  if (vflag_fdotr) virial_fdotr_compute();
+  // 5. energies, then dE/dr_ij of every pair into forces and virial
+  for (int b = 0; b < nb; ++b) {
+    const int i = centres[b];
+    const double ei = z_e0[z] + eps[b];
+    if (eflag_global) eng_vdwl += ei;
+    if (eflag_atom) eatom[i] += ei;
+    const int64_t n = pair_off[b + 1] - pair_off[b];
+    if (!Mz || !n || inv[b] == 0.0) continue;
+    const double *vb = vec.data() + 3 * pair_off[b];
+    const int32_t *sb = spec.data() + pair_off[b];
+    const int *jb = jidx.data() + pair_off[b];
+    double *wb = work.data() + work_off[b];
+    const double *v = kv.data() + b * Fp;
+    if ((int64_t) gpair.size() < 3 * n) gpair.resize((size_t) (6 * n));
+    if (compression == 1) {
+      kmlip_soap_centre_vjp_mu1nu1(&params, cs, n, vb, sb, v, normalize ? 1 : 0, wb,
+                                   gpair.data());
+    } else {
+      const kmlip_soap_workspace ws = kmlip_soap_workspace_(&params, wb);
+      const int64_t R = params.n_species * n_max, LM = (l_max + 1) * (l_max + 1);
+      double *H = ws.adj, *U = H + R * LM, *vv = U + R * R;
+      std::memcpy(vv, v, sizeof(double) * (size_t) F);
+      if (normalize) kmlip_soap_cotangent_(F, feat_raw.data() + b * Fp, vv);
+      kmlip_soap_adjoint_(&params, ws.C, vv, U, H);
+      for (int64_t k = 0; k < n; ++k)
+        kmlip_soap_pair_vjp_(&params, H, ws.Sall + k * ws.stride, sb[k], vb + 3 * k,
+                             gpair.data() + 3 * k);
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const int j = jb[k];
+      const double gx = gpair[3 * k], gy = gpair[3 * k + 1], gz = gpair[3 * k + 2];
+      f[i][0] += gx;
+      f[i][1] += gy;
+      f[i][2] += gz;
+      f[j][0] -= gx;
+      f[j][1] -= gy;
+      f[j][2] -= gz;
+      // (x_i - x_j) (x) f_i with f_i = g: LAMMPS's pairwise virial tally (global when not
+      // fdotr, per-atom halves to i and j)
+      if (vflag_either)
+        ev_tally_xyz(i, j, nlocal, 1, 0.0, 0.0, gx, gy, gz, -vb[3 * k], -vb[3 * k + 1],
+                     -vb[3 * k + 2]);
+    }
+  }
+
+  // 6. epistemic variance, novelty and calibrated uncertainty of the local energies
+  if (!want_unc) return;
+  for (int b = 0; b < nb; ++b) {
+    const int i = centres[b];
+    const double kss = inv[b] > 0.0 ? 1.0 : 0.0;
+    double expl_var = 0.0, expl_nov = 0.0;
+    if (Mz && inv[b] > 0.0) {
+      krow.resize((size_t) Mz);
+      for (int64_t m = 0; m < Mz; ++m) {
+        const double c = kc[(size_t) (b * Mp + m)];
+        double kz = 1.0;
+        for (int t = 0; t < zeta; ++t) kz *= c;
+        krow[(size_t) m] = kz;
+      }
+      const double *Hz = var_factor.data() + z_factor[z];
+      const double *Wz = nov_factor.data() + z_factor[z];
+      for (int64_t a = 0; a < Mz; ++a) {
+        double hv = 0.0, wv = 0.0;
+        for (int64_t c = 0; c <= a; ++c) {
+          hv += Hz[a * Mz + c] * krow[(size_t) c];
+          wv += Wz[a * Mz + c] * krow[(size_t) c];
+        }
+        expl_var += hv * hv;
+        expl_nov += wv * wv;
+      }
+    }
+    const double var = std::max(d2 * (kss - expl_var), 0.0);
+    const double nov = std::max(d2 * (kss - expl_nov), 0.0);
+    at_variance[i] = var;
+    at_novelty[i] = nov;
+    const double m = cal_measure == 1 ? var : nov;
+    at_uncertainty[i] = std::sqrt(cal_floor * cal_floor + cal_scale * cal_scale * m);
+  }
 }
 
 /* ---------------------------------------------------------------------- */
@@ -622,8 +782,9 @@ double PairKMLIP::memory_usage()
   bytes += 8.0 * (points_hat.size() + alpha.size() + var_factor.size() + nov_factor.size()
                   + soap_A.size() + soap_B.size() + soap_feat_index.size()
                   + soap_feat_scale.size() + soap_ylm_norm.size());
-  bytes += 8.0 * (work.size() + vec.size() + gpair.size() + praw.size() + pnorm.size()
-                  + vgrad.size() + krow.size()) + 8.0 * (spec.size() + jidx.size());
+  bytes += 8.0 * (points_hat_t.size() + points_hat_p.size() + work.size() + vec.size() + gpair.size() + feat.size()
+                  + feat_raw.size() + kc.size() + kw.size() + kv.size() + krow.size())
+           + 4.0 * (spec.size() + jidx.size());
   bytes += 24.0 * nmax_peratom;
   return bytes;
 }

@@ -72,14 +72,27 @@ class PairKMLIP : public Pair {
   int nmax_peratom = 0;
   std::vector<double> at_variance, at_novelty, at_uncertainty;
 
-  // scratch of one centre
-  std::vector<double> work, vec, gpair, praw, pnorm, vgrad, krow, kscr;
-  std::vector<int32_t> spec;
-  std::vector<int> jidx;
+  // sparse points per species, zero-padded for the kernel's tiled products: transposed
+  // (F, pad8(M_z)) and as rows (M_z, pad8(F))
+  std::vector<double> points_hat_t, points_hat_p;
+  std::vector<int64_t> points_t_off, points_p_off;    // per atomic number
+
+  // scratch of one block of centres of one species (see compute())
+  static constexpr int BLOCK = 32;
+  std::vector<double> work;              // per-centre SOAP workspaces, concatenated
+  std::vector<int64_t> work_off;         // (BLOCK + 1) offsets into work
+  std::vector<double> vec;               // pair vectors of the block's centres
+  std::vector<int32_t> spec;             // neighbour species indices
+  std::vector<int> jidx;                 // neighbour atom indices
+  std::vector<int64_t> pair_off;         // (BLOCK + 1) offsets into vec / spec / jidx
+  std::vector<double> feat_raw, feat;    // (BLOCK, F) raw and (if normalised) unit features
+  std::vector<double> kc, kw, kv;        // (BLOCK, M_z) cosines, weights; (BLOCK, F) dE/dp
+  std::vector<double> gpair, krow;
+  std::vector<std::vector<int>> by_species;
 
   void allocate();
   void read_model(const char *path);
-  void ensure_scratch(int64_t n_neigh);
+  void compute_block(const int *centres, int nb, int z, bool want_unc);
   void grow_peratom();
 };
 
