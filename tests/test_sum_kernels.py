@@ -242,3 +242,36 @@ def test_sum_hyperparameter_optimisation_moves_each_delta(sum_model):
     assert len(m.delta_) == 2 and all(d > 0 for d in m.delta_)
     assert m.log_marginal_likelihood_ >= clone(sum_model).fit(
         cual_cells(6, seed=3)).log_marginal_likelihood_ - 1e-6
+
+
+def test_kmlip_fit_takes_a_json_model_spec_with_a_sum_of_kernels(frames, tmp_path, capsys):
+    import json
+
+    from ase.io import write
+
+    from kmlip import load
+    from kmlip.cli.main import main
+
+    soap_or_skip()
+    train = tmp_path / "train.xyz"
+    write(train, frames[:4], format="extxyz")
+    spec = {"terms": [
+        {"descriptor": {"type": "Distance2b",
+                        "params": {"species": ["Cu", "Al"], "r_cut": 4.0, "theta": 0.8}},
+         "delta": 0.5, "n_sparse": 6, "sparse_method": "uniform"},
+        {"descriptor": {"type": "SOAP", "params": {"species": ["Cu", "Al"], "r_cut": 4.0,
+                                                   "n_max": 3, "l_max": 2, "sigma": 0.5}},
+         "delta": 0.2, "zeta": 2, "n_sparse": 10}]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "m.kmlip"
+    assert main(["fit", str(train), "-o", str(out), "--model", str(path)]) == 0
+    m = load(out)
+    assert [type(d).__name__ for d in m.fitted_state_.descriptors] == ["Distance2b", "SOAP"]
+    assert m.delta_ == [0.5, 0.2]
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"terms": [{"descriptor": {"type": "Nope", "params": {}}}]}))
+    assert main(["fit", str(train), "-o", str(tmp_path / "x.kmlip"), "--model", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Nope" in err and "bad.json" in err
