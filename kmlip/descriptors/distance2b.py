@@ -10,8 +10,8 @@ species pair is GAP's squared exponential on the distance, weighted by a smooth 
     k(r, r') = delta^2 fc(r) fc(r') exp(-(r - r')^2 / (2 theta^2)),
 
 with ``fc`` a shifted cosine going from 1 at ``r_cut - cutoff_width`` to 0 at ``r_cut``; pairs of
-different species pairs do not correlate. Pairs come from kmlip's compiled neighbour list; the
-per-pair work left (one distance, one unit vector) is a few vectorised NumPy operations.
+different species pairs do not correlate. Pairs come from kmlip's compiled neighbour list, and
+the half list, keys and gradients from a compiled OpenMP pass over it (``kmlip/_ext/pairs.pyx``).
 
 Gradients follow :class:`kmlip.descriptors.base.PairGradients` with environments as centres:
 pair ``e = (i, j)`` has two entries, ``(e, i, -r_hat, 0)`` and ``(e, j, +r_hat, r_ij)``, so that
@@ -137,9 +137,11 @@ class Distance2b(Descriptor):
         return PairSEBasis(points, theta=self._theta, r_cut=self._r_cut,
                            cutoff_width=self._cw, keys=self._keys)
 
-    def _pairs(self, atoms, n_threads=None):
-        """Unordered pairs within the cutoff of the chosen species pairs:
-        (i, j, r_ij vectors, distances, keys)."""
+    def environments(self, atoms, gradients: bool = False, n_threads: int | None = None,
+                     **kw) -> Environments:
+        """One environment per pair within the cutoff (see the module docstring)."""
+        from kmlip._ext import pairs as _pairs
+        from kmlip._threads import resolve_threads, threads_for
         from kmlip.neighbors import neighbor_list
 
         Z = np.asarray(atoms.numbers, dtype=np.int64)
@@ -147,42 +149,24 @@ class Distance2b(Descriptor):
         if bad:
             raise ValueError(f"species {[chemical_symbols[z] for z in bad]} not declared in "
                              f"the descriptor's species {list(self.species)}")
-        nl = neighbor_list(atoms, self._r_cut, n_threads=n_threads)
-        i = np.asarray(nl.centers, dtype=np.int64)
-        j = np.asarray(nl.neighbors, dtype=np.int64)
-        D = np.asarray(nl.vectors, dtype=np.float64)
-        d = np.asarray(nl.distances, dtype=np.float64)
-        # each unordered pair appears twice in a full list: keep i < j, and for an image of
-        # the atom itself the copy whose vector points into the upper half-space
-        first = np.where(D[:, 0] != 0, D[:, 0], np.where(D[:, 1] != 0, D[:, 1], D[:, 2]))
-        keep = ((i < j) | ((i == j) & (first > 0))) & (d < self._r_cut)
-        i, j, D, d = i[keep], j[keep], D[keep], d[keep]
-        keys = KEY_BASE * np.minimum(Z[i], Z[j]) + np.maximum(Z[i], Z[j])
-        if len(self._keys) < len(self.species_z) * (len(self.species_z) + 1) // 2:
-            sel = np.isin(keys, self._keys)
-            i, j, D, d, keys = i[sel], j[sel], D[sel], d[sel], keys[sel]
-        return i, j, D, d, keys
-
-    def environments(self, atoms, gradients: bool = False, n_threads: int | None = None,
-                     **kw) -> Environments:
-        """One environment per pair within the cutoff (see the module docstring)."""
-        i, j, D, d, keys = self._pairs(atoms, n_threads)
+        nt = resolve_threads(n_threads)
+        nl = neighbor_list(atoms, self._r_cut, n_threads=nt)
+        n_pairs = len(nl.centers)
+        i, j, D, d, keys, grad = _pairs.half_pairs(
+            np.ascontiguousarray(nl.centers, dtype=np.int64),
+            np.ascontiguousarray(nl.neighbors, dtype=np.int64),
+            np.ascontiguousarray(nl.vectors, dtype=np.float64),
+            np.ascontiguousarray(nl.distances, dtype=np.float64), Z, float(self._r_cut),
+            np.asarray(self._keys, dtype=np.int64), KEY_BASE, bool(gradients),
+            threads_for(nt, 4 * n_pairs))
         X = d[:, None].copy()
         owners = np.stack([i, j], axis=1)
         if not gradients:
             return Environments(X, keys, owners)
+        values, neighbors, vectors = grad
         n_env = len(d)
-        rhat = D / d[:, None]
-        values = np.zeros((2 * n_env, 3, 1))
-        values[0::2, :, 0] = -rhat
-        values[1::2, :, 0] = rhat
-        vectors = np.zeros((2 * n_env, 3))
-        vectors[1::2] = D
-        neighbors = np.empty(2 * n_env, dtype=np.int64)
-        neighbors[0::2] = i
-        neighbors[1::2] = j
-        centers = np.repeat(np.arange(n_env, dtype=np.int64), 2)
-        G = PairGradients(centers=centers, neighbors=neighbors, values=values, vectors=vectors,
+        G = PairGradients(centers=np.repeat(np.arange(n_env, dtype=np.int64), 2),
+                          neighbors=neighbors, values=values, vectors=vectors,
                           offsets=2 * np.arange(n_env + 1, dtype=np.int64))
         return Environments(X, keys, owners, G)
 
