@@ -195,6 +195,24 @@ def measure_lammps(folder: Path, plugin: str, model: str, steps: int, ranks: int
     return res
 
 
+def memory_probe(folder: Path, plugin: str, model: str, replicate: int) -> dict:
+    """Peak RSS and LAMMPS's allocation of one rank for the cell replicated ``replicate``^3
+    times (one force evaluation): the per-atom memory is the slope between two sizes."""
+    from kmlip.lammps import lmp_command
+
+    r = replicate
+    script = (f"units metal\natom_style atomic\nboundary p p p\nread_data data.lmp\n"
+              f"replicate {r} {r} {r}\nplugin load {plugin}\npair_style kmlip\n"
+              f"pair_coeff * * {model} Cu Al\nneighbor {SKIN} bin\nrun 0\ninfo memory\n")
+    (folder / f"mem{r}.lmp").write_text(script)
+    argv, env = lmp_command(1, mpirun=True)
+    env["OMP_NUM_THREADS"] = "1"
+    out, _, _ = run_child([*argv, "-in", f"mem{r}.lmp", "-log", "none", "-nocite"], env, folder)
+    res = parse_lammps(out)
+    return {"atoms": res["atoms"], "peak_rss_mb": res["peak_rss_mb"],
+            "lammps_mem_mb": res.get("lammps_mem_mb_max")}
+
+
 def measure_ase(folder: Path, model_file: str, steps: int) -> dict:
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -232,18 +250,29 @@ def _ase_worker(model_file: str, structure: str, steps: int) -> None:
 
 
 # -- projection ------------------------------------------------------------------------------
-def projection(n_atoms: int, per_atom_step_s: float, rss1: float, rss2: float, density: float,
+def projection(per_atom_step_s: float, mem_small: dict, mem_large: dict, density: float,
                ghost_cut: float, model_mb: float, ranks=(16, 64, 256, 1024)) -> list[dict]:
-    """Memory, compute and communication per rank for 10^6 atoms on ``ranks`` ranks."""
-    m1 = max((rss1 - rss2) / (n_atoms / 2), 0.0)  # MB per local atom
-    m0 = rss1 - m1 * n_atoms
+    """Memory, compute and communication per rank for 10^6 atoms on ``ranks`` ranks.
+
+    Memory per rank ``m0 + m1 (local + ghost atoms)``: m1 the slope of the peak RSS of one rank
+    between the cell and its 2x2x2 replica (which include their ghost shells), m0 the rest
+    (libraries, model, fixed buffers)."""
+    def total(m):
+        n = m["atoms"]
+        L = (n / density) ** (1 / 3)
+        return density * (L + 2 * ghost_cut) ** 3   # local + ghost atoms of one rank
+
+    t1, t2 = total(mem_small), total(mem_large)
+    m1 = max((mem_large["peak_rss_mb"] - mem_small["peak_rss_mb"]) / (t2 - t1), 0.0)
+    m0 = mem_small["peak_rss_mb"] - m1 * t1
     rows = []
     N = 10**6
     for P in ranks:
         n = N / P
         L = (n / density) ** (1 / 3)
         ghosts = density * ((L + 2 * ghost_cut) ** 3 - L**3)
-        rows.append({"ranks": P, "atoms_per_rank": n, "memory_mb_per_rank": m0 + m1 * n,
+        rows.append({"ranks": P, "atoms_per_rank": n,
+                     "memory_mb_per_rank": m0 + m1 * (n + ghosts),
                      "ghost_atoms_per_rank": ghosts,
                      "comm_kb_per_step_per_rank": ghosts * 48 / 1024,
                      "compute_s_per_step": n * per_atom_step_s,
@@ -365,11 +394,13 @@ def lammps_part(quick: bool, repeat: int, steps: int, ase_steps: int) -> dict:
           f"{med('lmp2', 'nlocal'):.0f})")
     cpu1, cpu2 = med("lmp1", "cpu_s"), med("lmp2", "cpu_s")
     cpu_use = {k: med(k, "cpu_use_pct") for k in ("lmp1", "lmp2")}
-    print(f"CPU seconds of the whole run (all ranks, setup included): 1 rank {cpu1:.2f}, "
-          f"2 ranks {cpu2:.2f}: work efficiency {cpu1 / cpu2:.2f} (insensitive to other "
-          f"load on the machine, but counts MPI's busy waiting); LAMMPS 'CPU use' per rank "
-          f"{cpu_use['lmp1']:.0f}% (1 rank), {cpu_use['lmp2']:.0f}% (2 ranks): below 100% the "
-          "machine was busy with other work during the loop")
+    loop_eff = med("lmp1", "cpu_us_per_atom_step") / med("lmp2", "cpu_us_per_atom_step")
+    print(f"work efficiency 1 -> 2 ranks (CPU time of the MD loop, 1 rank / 2 ranks summed): "
+          f"{loop_eff:.2f}: what the decomposition costs (ghosts, communication, imbalance, and "
+          f"MPI's busy waiting for a descheduled partner rank). LAMMPS 'CPU use' per rank "
+          f"{cpu_use['lmp1']:.0f}% (1 rank), {cpu_use['lmp2']:.0f}% (2 ranks): below 100% "
+          f"other work on the machine took the core, and with 2 ranks each step waits for the "
+          f"slower one. Whole runs incl. start-up: {cpu1:.2f} / {cpu2:.2f} CPU-s.")
 
     from kmlip.lammps import read_lammps_header
 
@@ -377,12 +408,16 @@ def lammps_part(quick: bool, repeat: int, steps: int, ase_steps: int) -> dict:
     model_mb = sum(e["nbytes"] for e in h["arrays"].values()) / 2**20
     density = n / atoms.get_volume()
     cut = float(h["descriptor"]["cutoff"]) + SKIN
-    per_atom = 1.0 / rate["lmp1"]
-    rows = projection(n, per_atom, med("lmp1", "peak_rss_mb"), med("lmp2", "peak_rss_mb"),
-                      density, cut, model_mb)
+    # CPU time per atom-step: what a rank costs when it has its core to itself
+    per_atom = 1e-6 * med("lmp1", "cpu_us_per_atom_step")
+    mem_small = memory_probe(folder, plugin, export, 1)
+    mem_large = memory_probe(folder, plugin, export, 2)
+    rows = projection(per_atom, mem_small, mem_large, density, cut, model_mb)
     print(f"\n== projection to 10^6 atoms (from the measured per-atom costs: "
-          f"{1e6 * per_atom:.1f} us per atom-step per rank, memory {rows[0]['m0_mb']:.0f} MB "
-          f"+ {rows[0]['m1_kb_per_atom']:.2f} kB per local atom, model export "
+          f"{1e6 * per_atom:.1f} CPU-us per atom-step per rank, memory {rows[0]['m0_mb']:.0f} "
+          f"MB + {rows[0]['m1_kb_per_atom']:.2f} kB per local or ghost atom (peak RSS of one "
+          f"rank: {mem_small['peak_rss_mb']:.0f} MB for {mem_small['atoms']} atoms, "
+          f"{mem_large['peak_rss_mb']:.0f} MB for {mem_large['atoms']}), model export "
           f"{model_mb:.2f} MB, ghost shell {cut:.1f} Å) ==")
     print(f"{'ranks':>6s} {'atoms/rank':>11s} {'MB/rank':>9s} {'ghosts/rank':>12s} "
           f"{'comm kB/step':>13s} {'compute s/step':>15s}")
@@ -396,9 +431,9 @@ def lammps_part(quick: bool, repeat: int, steps: int, ase_steps: int) -> dict:
     return {"atoms": n, "steps": steps, "ase_steps": ase_steps, "runs": runs,
             "atom_steps_per_s": rate, "speedup_lammps1_over_ase": speedup,
             "efficiency_1_to_2": eff, "per_repeat_speedup": per_rep_speed,
-            "per_repeat_efficiency": per_rep_eff, "work_efficiency_cpu": cpu1 / cpu2,
+            "per_repeat_efficiency": per_rep_eff, "loop_cpu_efficiency": loop_eff,
             "speedup_cpu_lammps1_over_ase": cpu_ratio,
-            "projection": rows}
+            "memory_probe": [mem_small, mem_large], "projection": rows}
 
 
 if __name__ == "__main__":
