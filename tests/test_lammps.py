@@ -62,11 +62,15 @@ def single_point_script(data, plugin, model, **kw) -> str:
         "compute pv all pressure NULL virial\n"
         "compute pea all pe/atom\n"
         "compute esum all reduce sum c_pea\n"
+        "compute sa all stress/atom NULL virial\n"
+        "compute ssum all reduce sum c_sa[1] c_sa[2] c_sa[3] c_sa[4] c_sa[5] c_sa[6]\n"
         "thermo_style custom step pe c_pv[1] c_pv[2] c_pv[3] c_pv[4] c_pv[5] c_pv[6] c_esum\n"
         "thermo_modify format float %.17g\n"
         "run 0\n"
         "print \"$(pe:%.17g) $(c_pv[1]:%.17g) $(c_pv[2]:%.17g) $(c_pv[3]:%.17g) "
-        "$(c_pv[4]:%.17g) $(c_pv[5]:%.17g) $(c_pv[6]:%.17g) $(c_esum:%.17g) $(vol:%.17g)\" "
+        "$(c_pv[4]:%.17g) $(c_pv[5]:%.17g) $(c_pv[6]:%.17g) $(c_esum:%.17g) $(vol:%.17g) "
+        "$(c_ssum[1]:%.17g) $(c_ssum[2]:%.17g) $(c_ssum[3]:%.17g) $(c_ssum[4]:%.17g) "
+        "$(c_ssum[5]:%.17g) $(c_ssum[6]:%.17g)\" "
         "file out.txt\n"
         "write_dump all custom forces.dump id fx fy fz c_pea modify sort id "
         "format float %.17g\n")
@@ -76,8 +80,9 @@ def read_single_point(folder):
     """(energy eV, ASE-convention stress (6,) eV/Å³, forces (n, 3), per-atom energies (n,),
     sum of per-atom energies)."""
     v = np.array(folder.joinpath("out.txt").read_text().split(), dtype=float)
-    e, p, esum, vol = v[0], v[1:7], v[7], v[8]
-    del vol
+    e, p, esum, vol, per_atom = v[0], v[1:7], v[7], v[8], v[9:15]
+    # per-atom virials (compute stress/atom: -P V per atom) add up to the global virial
+    np.testing.assert_allclose(-per_atom / vol, p, rtol=1e-10, atol=1e-10 * np.abs(p).max())
     # LAMMPS: pxx pyy pzz pxy pxz pyz (bar); ASE: xx yy zz yz xz xy, stress = -P
     stress = -np.array([p[0], p[1], p[2], p[5], p[4], p[3]]) / NKTV2P_METAL
     rows = np.loadtxt(folder / "forces.dump", skiprows=9)
@@ -95,12 +100,12 @@ def rattled_triclinic(seed=3, repeat=(2, 2, 2)):
     return lower_triangular(a)
 
 
-def fit_cual(n_sparse=6, seed=0):
+def fit_cual(n_sparse=6, seed=0, **soap_kw):
     """A tiny fitted two-species SOAP model (n_max 4, l_max 3)."""
     from kmlip.descriptors.soap import SOAP
     from kmlip.model import KernelPotential
 
-    soap = SOAP(["Cu", "Al"], r_cut=4.0, n_max=4, l_max=3, sigma=0.5, n_threads=1)
+    soap = SOAP(["Cu", "Al"], r_cut=4.0, n_max=4, l_max=3, sigma=0.5, n_threads=1, **soap_kw)
     model = KernelPotential(soap, n_sparse=n_sparse, zeta=2, sigma_energy=0.002,
                             sigma_force=0.05, sigma_stress=0.02, random_state=seed, n_threads=1)
     return model.fit(cual_cells(6, seed=seed))
@@ -147,6 +152,27 @@ def test_single_point_matches_ase(plugin, cual, tmp_path, n_ranks):
     assert np.abs(stress - s_ref).max() <= 1e-8 * np.abs(s_ref).max()
     # the test can fail: the forces are far from zero and the stress is not isotropic
     assert np.abs(f_ref).max() > 0.1 and np.abs(s_ref[3:]).max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", [{"compression": "mu1nu1"},
+                                  {"compression": "mu2", "normalize": True},
+                                  {"normalize": True}])
+def test_other_soap_modes_match_ase(plugin, tmp_path, mode):
+    from kmlip.calculator import KMLIPCalculator
+    from kmlip.lammps import export_lammps
+
+    model = fit_cual(**mode)
+    path = export_lammps(model, tmp_path / "m.lammps")
+    atoms = rattled_triclinic(seed=11)
+    write_data(atoms, tmp_path / "data.lmp")
+    run_lammps(single_point_script("data.lmp", plugin, path), tmp_path)
+    e, stress, forces, _, _ = read_single_point(tmp_path)
+    atoms.calc = KMLIPCalculator(model)
+    assert abs(e - atoms.get_potential_energy()) <= 1e-8 * abs(atoms.get_potential_energy())
+    f_ref = atoms.get_forces()
+    assert np.abs(forces - f_ref).max() <= 1e-8 * np.abs(f_ref).max()
+    s_ref = atoms.get_stress()
+    assert np.abs(stress - s_ref).max() <= 1e-8 * np.abs(s_ref).max()
 
 
 def test_missing_species_is_a_lammps_error(plugin, cual, tmp_path):
