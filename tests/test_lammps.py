@@ -344,3 +344,16 @@ def test_export_refuses_models_it_cannot_run(fitted, tmp_path):
     with pytest.raises(ValueError, match="single SOAP kernel"):
         export_lammps(fitted, tmp_path / "x.lammps")
     assert not (tmp_path / "x.lammps").exists()
+
+    from kmlip import KernelPotential
+    from kmlip.descriptors.distance2b import Distance2b
+    from kmlip.descriptors.soap import SOAP
+
+    two = KernelPotential(descriptor=[Distance2b(species=["Cu", "Al"], r_cut=4.0),
+                                      SOAP(["Cu", "Al"], r_cut=4.0, n_max=3, l_max=2)],
+                          delta=[0.5, 0.2], n_sparse=[4, 6], zeta=[None, 2],
+                          sparse_method=["uniform", "cur"], e0={"Cu": 0.0, "Al": 0.0},
+                          random_state=0, n_threads=1)
+    two.fit(cual_cells(3, seed=4))
+    with pytest.raises(ValueError, match="sum of 2 kernels"):
+        export_lammps(two, tmp_path / "x.lammps")
