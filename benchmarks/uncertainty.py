@@ -164,7 +164,8 @@ def measure_table(res: dict) -> dict:
     data = res["data"]
     out = {}
     for k in (*MEASURES, "forces_var_diag"):
-        cal = fit_calibration(k, data["calibration"][k], data["calibration"]["dF"])
+        cal = fit_calibration(k, data["calibration"][k], data["calibration"]["dF"],
+                              res["sigma_force"])
         u = {name: cal.uncertainty(d[k]) for name, d in data.items()}
         pooled = data["all held-out"]
         out[k] = {"scale": cal.scale, "floor": cal.floor,
@@ -225,6 +226,7 @@ def run_setting(setting: str, args) -> dict:
     pooled = {k: np.concatenate([res["data"][s][k] for s in tests]) for k in res["data"]["hot"]}
     res["sets"]["all held-out"] = figures(pooled)
     res["data"]["all held-out"] = pooled
+    res["sigma_force"] = model.fitted_state_.hyper.sigma_force
     res["measures"] = measure_table(res)
     # coverage on the pooled held-out sets with each measure's own calibration
     for k in MEASURES:
@@ -269,7 +271,8 @@ def markdown(res: dict) -> str:
                      f"| {100 * v['coverage_after']:.1f} % | {100 * v['coverage_held_out']:.1f} % "
                      f"| {100 * v['coverage_compressed']:.1f} % |")
     novel = [k for k in ("compressed", "pure Au") if k in sets]
-    lines += ["", "Each measure calibrated on the calibration frames (u = sqrt(b² + a² m)): "
+    lines += ["", "Each measure calibrated on the calibration frames (u = sqrt(b² + a² m), "
+              "b <= σ_F): "
               "median u of a set / median u of the training frames (raw measure ratio in "
               "brackets), and on all held-out sets pooled",
               "", "| measure | " + " | ".join(f"{k} / training" for k in novel)

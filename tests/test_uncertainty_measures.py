@@ -115,3 +115,22 @@ def test_calibration_from_data_fits_and_validates():
         with pytest.raises(ValueError, match="measure"):
             unc.Calibration.from_dict({"measure": "forces_var_diag", "scale": 1.0,
                                        "floor": 0.01})
+
+
+def test_floor_is_bounded_by_the_force_noise(cu):
+    rng = np.random.default_rng(1)
+    n = 3000
+    m = rng.uniform(0, 1e-3, n)
+    err = rng.normal(size=(n, 3)) * np.sqrt(0.05 ** 2 + 4.0 * m)[:, None]
+    free = unc.fit_calibration("novelty", m, err)
+    assert abs(free.floor / 0.05 - 1) < 0.15
+    capped = unc.fit_calibration("novelty", m, err, max_floor=0.01)
+    assert capped.floor <= 0.01 * (1 + 1e-9)
+    assert capped.scale > free.scale  # the measure takes the errors the floor may not
+    with pytest.raises(ValueError, match="max_floor"):
+        unc.fit_calibration("novelty", m, err, max_floor=-1.0)
+    # model.calibrate bounds the floor by the model's sigma_force
+    model, frames = cu
+    rep = model.calibrate(frames)
+    assert rep["max_floor"] == model.fitted_state_.hyper.sigma_force
+    assert model.fitted_state_.calibration.floor <= rep["max_floor"] * (1 + 1e-9)
