@@ -43,8 +43,9 @@ skipping near-duplicates of each other and of the existing sparse points.
 Calibration (``calibrate=True``, the default): every labelled frame is a held-out frame for
 the model before it takes it. The learner keeps that model's per-atom measures and force
 errors on it (``calibration.npz``) and after each update fits ``u = sqrt(b² + a² novelty)``
-on all of them (:func:`kmlip.uncertainty.calibration_from_data`; frames held out from the
-one-frame start model are left out), so the model it returns carries a calibration. Those
+on all of them (:func:`kmlip.uncertainty.calibration_from_data`, the floor b at most the
+current σ_F; frames held out from the one-frame start model are left out), so the model it
+returns carries a calibration. Those
 models were worse than the final one, so the calibration errs on the safe side: on the
 benchmark below 95-100 % of the force-error components of an independent run fall within
 ±2u.
@@ -478,7 +479,8 @@ class _Learner:
         try:
             cal, rep = unc.calibration_from_data(
                 meas, np.concatenate([d["errors"] for d in data]), "novelty",
-                np.concatenate([d["uncertainty"] for d in data]), len(calls))
+                np.concatenate([d["uncertainty"] for d in data]), len(calls),
+                self.model.fitted_state_.hyper.sigma_force)
         except (ValueError, np.linalg.LinAlgError) as exc:
             self.say(f"calibration failed ({exc}); keeping the previous map")
             return
