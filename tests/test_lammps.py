@@ -357,3 +357,24 @@ def test_export_refuses_models_it_cannot_run(fitted, tmp_path):
     two.fit(cual_cells(3, seed=4))
     with pytest.raises(ValueError, match="sum of 2 kernels"):
         export_lammps(two, tmp_path / "x.lammps")
+
+
+def test_cli_export_and_the_kmlip_file_itself(plugin, cual, tmp_path, capsys):
+    """`kmlip lammps export` writes what pair_coeff reads; the .kmlip model file given to
+    pair_coeff stops LAMMPS with the export command in the message."""
+    from kmlip.cli.main import main
+    from kmlip.lammps import read_lammps_header
+
+    model, _ = cual
+    model.save(tmp_path / "m.kmlip")
+    assert main(["lammps", "export", str(tmp_path / "m.kmlip")]) == 0
+    out = capsys.readouterr().out.split()
+    exported = tmp_path / "m.kmlip.lammps"
+    assert out[:3] == ["pair_coeff", "*", "*"] and out[3] == str(exported)
+    assert sorted(out[4:]) == ["Al", "Cu"]
+    assert read_lammps_header(exported)["species"] == list(model.fitted_state_.species)
+
+    write_data(rattled_triclinic(), tmp_path / "data.lmp")
+    res = run_lammps(header("data.lmp", plugin, tmp_path / "m.kmlip") + "run 0\n", tmp_path,
+                     check=False)
+    assert res.returncode != 0 and "kmlip lammps export" in res.stdout + res.stderr
