@@ -312,12 +312,8 @@ def main(argv=None) -> int:
         mod = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(HERE))
         spec.loader.exec_module(mod)
-        saved = sys.argv
-        sys.argv = [str(dask_file), *(["--quick"] if args.quick else []), *rest]
-        try:
-            mod.main()
-        finally:
-            sys.argv = saved
+        # its own options: --quick follows ours, anything we do not know is passed on
+        mod.main([*(["--quick"] if args.quick else []), *rest])
     else:
         print("\nDask part: benchmarks/scaling_dask.py is missing (not run)")
     return 0
