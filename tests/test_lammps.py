@@ -242,6 +242,15 @@ def test_per_atom_uncertainty_through_fix_pair(plugin, cual, tmp_path):
     np.testing.assert_allclose(got[:, 2], ref.uncertainty, rtol=1e-7)
     assert np.ptp(ref.novelty) > 1e-3 * d2  # atoms differ: the comparison can fail
 
+    # `pair_style kmlip uncertainty yes`: computed on every step, read without a trigger
+    script = script.replace("pair_style kmlip\n", "pair_style kmlip uncertainty yes\n")
+    script = script.replace("uncertainty 1\n", "uncertainty 0\n").replace(" 1 novelty 1",
+                                                                         " 0 novelty 0")
+    assert "uncertainty yes" in script and "variance 0 novelty 0 uncertainty 0" in script
+    run_lammps(script, tmp_path)
+    again = np.loadtxt(tmp_path / "unc.dump", skiprows=9)[:, 1:4]
+    np.testing.assert_allclose(again, got, rtol=1e-12, atol=1e-14)
+
 
 def _nacl_example():
     import importlib.util
