@@ -18,6 +18,9 @@ import time
 
 #: Seconds an example may take before the build gives up on it.
 TIMEOUT = 600
+#: Smaller settings for examples whose default run takes more than about half a minute (the
+#: page shows the command line used).
+SMALL_SETTINGS = {"learn_xtb": ["--steps", "400"]}
 
 
 def _sources_hash(root: str, example: str) -> str:
@@ -51,7 +54,8 @@ def run_examples(root: str, directory: str, warn) -> list[str]:
     for path in sorted(glob.glob(os.path.join(root, "examples", "*.py"))):
         name = os.path.splitext(os.path.basename(path))[0]
         names.append(name)
-        key = _sources_hash(root, path)
+        args = SMALL_SETTINGS.get(name, [])
+        key = _sources_hash(root, path) + " ".join(args)
         txt = os.path.join(out_dir, f"{name}.txt")
         stamp = os.path.join(out_dir, f"{name}.key")
         cached = os.path.exists(txt) and os.path.exists(stamp) \
@@ -60,9 +64,9 @@ def run_examples(root: str, directory: str, warn) -> list[str]:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as scratch:
                 try:
-                    proc = subprocess.run([sys.executable, path], cwd=scratch, timeout=TIMEOUT,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True)
+                    proc = subprocess.run([sys.executable, path, *args], cwd=scratch,
+                                          timeout=TIMEOUT, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True)
                     output, status = proc.stdout, proc.returncode
                 except subprocess.TimeoutExpired as exc:
                     output, status = (exc.stdout or b"").decode(errors="replace"), "timeout"
@@ -80,8 +84,10 @@ def run_examples(root: str, directory: str, warn) -> list[str]:
         seconds = open(seconds_file).read() if os.path.exists(seconds_file) else "?"
         title, rest = _title(path)
         heading = f"``{name}.py``: {title}"
+        command = " ".join(["python", f"examples/{name}.py", *args])
+        smaller = ", with smaller settings than its defaults" if args else ""
         sections += [heading, "-" * len(heading), "", rest, "",
-                     f"Run: ``python examples/{name}.py`` (here {seconds} s wall).", "",
+                     f"Run: ``{command}`` (here {seconds} s wall{smaller}).", "",
                      f".. literalinclude:: /../examples/{name}.py",
                      "   :language: python", "   :caption: source", "",
                      f".. literalinclude:: /_generated/examples/{name}.txt",
