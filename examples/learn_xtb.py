@@ -7,9 +7,16 @@ independent xTB run (other seed): force MAE, and how its calibrated per-atom unc
 and covers the force errors. Needs the ``[xtb]`` extra (``pip install 'kmlip[xtb]'``); about a
 minute on 2 cores with the defaults.
 
-Settings beyond the learner's defaults, and why: σ_F bounded to [0.02, 0.1] eV/Å and δ to
+Settings beyond the learner's defaults, and why: σ_F bounded to [0.02, 0.05] eV/Å and δ to
 >= 0.1 eV -- with the first two or three frames of one molecule the hyperparameter
 optimisation can otherwise push σ_F up to where the gate (relative to σ_F) never trips again.
+
+Measured (2 cores, ethanol, defaults): 40 xTB calls in 1000 steps, 7.6 CPU-s of learning;
+on 20 frames of an independent run the force MAE is 92 meV/Å (RMS force 861 meV/Å), the
+per-atom uncertainty ranks the atoms' errors with Spearman 0.53 and covers 100 % of the error
+components with ±2u (conservative: its calibration comes from frames earlier models had not
+seen, whose errors were larger). σ_F sits at its upper bound: SOAP 4.5 Å / 6 / 4 from a few
+dozen frames does not resolve xTB's forces more finely.
 
 Run: ``python examples/learn_xtb.py [--molecule CH3CH2OH] [--steps 1000] [--out run_xtb]``
 (an existing run directory is resumed; delete it to start over).
@@ -29,7 +36,7 @@ from kmlip.active import learn_on_the_fly
 from kmlip.uncertainty import coverage, spearman
 
 #: Hyperparameter bounds of the example (see the module docstring).
-BOUNDS = {"delta": (0.1, 50.0), "sigma_energy": (1e-3, 0.05), "sigma_force": (0.02, 0.1)}
+BOUNDS = {"delta": (0.1, 50.0), "sigma_energy": (1e-3, 0.05), "sigma_force": (0.02, 0.05)}
 
 
 def reference():
