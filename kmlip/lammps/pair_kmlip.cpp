@@ -95,14 +95,16 @@ std::vector<T> take_array(const json &entries, const std::string &name, const ch
 // callers pad A (zero rows), B and C (zero columns) to those multiples.
 typedef double kmlip_v4d __attribute__((vector_size(32)));
 
-inline kmlip_v4d load4(const double *p)
+// always inlined: each target clone then keeps the vectors in its own registers (no call with
+// the 32-byte vector ABI, which differs between the clones)
+__attribute__((always_inline)) inline kmlip_v4d load4(const double *p)
 {
   kmlip_v4d v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store4(double *p, kmlip_v4d v)
+__attribute__((always_inline)) inline void store4(double *p, kmlip_v4d v)
 {
   std::memcpy(p, &v, sizeof(v));
 }
