@@ -235,6 +235,8 @@ def plugin_dir() -> str:
     stderr and returns an empty string.
     """
     try:
+        if not plugin_path().exists():
+            print("kmlip: compiling the LAMMPS plugin for this LAMMPS (once)...", file=sys.stderr)
         return str(build_plugin().parent)
     except Exception as exc:  # noqa: BLE001
         print(f"kmlip: LAMMPS plugin not available ({exc})", file=sys.stderr)
