@@ -298,11 +298,11 @@ def main() -> None:
     if k and f:
         ratio = np.median([r["cpu_s"] for r in f]) / np.median([r["cpu_s"] for r in k])
         print(f"FLARE / kmlip CPU time: {ratio:.1f}x (median over runs)")
-    for r in rows:
-        if r["code"] == "kmlip" and "error" not in r:
+    for seed, r in enumerate(r for r in rows if r["code"] == "kmlip"):
+        if "error" not in r:
             sm = r["spearman_measures"]
             cal = r["calibration"]
-            print(f"kmlip seed {rows.index(r)}: per-atom Spearman with |dF_i|: "
+            print(f"kmlip seed {seed}: per-atom Spearman with |dF_i|: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in sm.items())
                   + f"; ceiling of a perfect sigma {r['spearman_ceiling']:.2f}; calibration "
                   + ("none" if cal is None else
