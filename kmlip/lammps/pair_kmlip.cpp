@@ -761,7 +761,6 @@ void *PairKMLIP::extract(const char *name, int &dim)
     return (void *) &trigger_variance;
   if (std::strcmp(name, "novelty_flag") == 0) return (void *) &trigger_novelty;
   if (std::strcmp(name, "uncertainty_flag") == 0) return (void *) &trigger_uncertainty;
-  if (std::strcmp(name, "cut_coul") == 0) return nullptr;
   return nullptr;
 }
 
