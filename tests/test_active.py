@@ -283,6 +283,11 @@ def test_resume_after_a_crash_repeats_and_loses_no_call(tmp_path, monkeypatch, w
     held = _held_out(2)
     np.testing.assert_allclose(res.model.predict_forces(held[0]),
                                full.model.predict_forces(held[0]), rtol=1e-9, atol=1e-10)
+    # the calibration data of the interrupted call are recomputed from the same model
+    cal, cal_full = res.model.fitted_state_.calibration, full.model.fitted_state_.calibration
+    assert cal is not None and cal.n_atoms == cal_full.n_atoms
+    np.testing.assert_allclose([cal.scale, cal.floor], [cal_full.scale, cal_full.floor],
+                               rtol=1e-6)
     log = (tmp_path / "run" / "log").read_text()
     for rec in res.calls:
         assert f"reference call {rec['call']}:" in log
