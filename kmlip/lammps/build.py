@@ -133,7 +133,17 @@ def _command(out: Path, cxx: str) -> list[str]:
             f"-I{p['mpi_include']}", *(str(HERE / s) for s in SOURCES), "-o", str(out)]
 
 
+def _check_sources() -> None:
+    missing = [str(f) for f in (*(HERE / s for s in SOURCES + HEADERS),
+                                *(EXT / s for s in KERNEL_HEADERS)) if not f.exists()]
+    if missing:
+        raise RuntimeError(f"the plugin sources are missing from this kmlip installation "
+                           f"({', '.join(missing)}): the package data of kmlip.lammps "
+                           f"(*.cpp, *.h) and kmlip._ext (*.h) must be installed")
+
+
 def _digest(cxx: str) -> str:
+    _check_sources()
     h = hashlib.sha256()
     for f in (*(HERE / s for s in SOURCES + HEADERS), *(EXT / s for s in KERNEL_HEADERS)):
         h.update(f.name.encode())
