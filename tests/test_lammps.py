@@ -187,7 +187,8 @@ def test_missing_species_is_a_lammps_error(plugin, cual, tmp_path):
     assert "model species: Al Cu" in out or "model species: Cu Al" in out
 
 
-def test_nve_follows_ase_velocity_verlet(plugin, cual, tmp_path):
+@pytest.mark.parametrize("n_ranks", [1, 2])
+def test_nve_follows_ase_velocity_verlet(plugin, cual, tmp_path, n_ranks):
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
@@ -207,7 +208,7 @@ def test_nve_follows_ase_velocity_verlet(plugin, cual, tmp_path):
         f"timestep {dt_fs / 1000.0!r}\nfix 1 all nve\nthermo 50\n"
         f"run {steps}\n"
         "write_dump all custom final.dump id xu yu zu modify sort id format float %.17g\n")
-    run_lammps(script, tmp_path)
+    run_lammps(script, tmp_path, n_ranks=n_ranks)
     x_lmp = np.loadtxt(tmp_path / "final.dump", skiprows=9)[:, 1:4]
 
     x0 = atoms.positions.copy()
