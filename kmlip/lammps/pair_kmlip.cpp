@@ -2,6 +2,10 @@
  *
  * Energy of local atom i (species z, features p_i of its neighbours within the SOAP cutoff):
  *     E_i = e0[z] + delta^2 sum_m alpha_m (p_hat_i . s_hat_m)^zeta      (sparse points of z)
+ * The SOAP steps are kmlip's (kmlip/_ext/soap_core.h); the kernel against the sparse points
+ * runs per block of centres as two tiled products: contract_core.h's kmlip_centre_energy_grad
+ * does the same arithmetic per centre, reading every sparse point once per atom through a
+ * scalar reduction; per block they are read once per 32 atoms and the products vectorise.
  * Forces: the kernel gives v = dE_i/dp_i; the SOAP vector-Jacobian product turns v into
  * g_ij = dE_i/dr_ij for every pair, and f_i += g_ij, f_j -= g_ij (j may be a ghost: newton_pair
  * on, LAMMPS sums ghost forces into their owners). Virial: -sum g_ij (x) r_ij, i.e. LAMMPS's
@@ -20,15 +24,13 @@
 #include "utils.h"
 
 #include <cmath>
-#include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <fstream>
-#include <sstream>
+#include <stdexcept>
 
 #include <mpi.h>
-
-#include "contract_core.h"
 
 using namespace LAMMPS_NS;
 

@@ -5,8 +5,8 @@
  *   pair_coeff * * model.kmlip.lammps Cu Al        (one element or NULL per atom type)
  *
  * The model file is the export written by `kmlip lammps export` (kmlip/lammps/export.py).
- * Per centre the style calls kmlip's C kernels (kmlip/_ext/soap_core.h, contract_core.h): the
- * SOAP expansion and power spectrum, the local energy and its feature gradient, then the
+ * Per centre the style calls kmlip's C kernels (kmlip/_ext/soap_core.h): the SOAP expansion and
+ * power spectrum; the local energies and their feature gradients per block of centres; then the
  * vector-Jacobian product that gives dE/dr_ij for every pair, accumulated into the forces of
  * the centre and of its (possibly ghost) neighbours; newton_pair on, full neighbour list.
  */
