@@ -117,6 +117,12 @@ def default_calibration(sigma_force: float | None) -> Calibration:
     return Calibration("novelty", 1.0, float(sigma_force) if sigma_force else 0.02, 0, None)
 
 
+def _single_kernel(state, what: str) -> None:
+    if not getattr(state, "atom_centred", True):
+        raise ValueError(f"{what} needs a model with one atom-centred kernel (a sum of kernels "
+                         "gives the exact per-component forces_var)")
+
+
 def _pair_blocks(G, n_atoms: int):
     """Pair gradients with the periodic images of each (centre, moving atom) pair summed.
 
@@ -184,6 +190,7 @@ def force_variance_diag(state, atoms, X: np.ndarray, G, local_var: np.ndarray) -
     """
     from kmlip import kernels
 
+    _single_kernel(state, "force_variance_diag")
     n = len(atoms)
     X = np.asarray(X, dtype=np.float64)
     v = np.asarray(local_var, dtype=np.float64)
@@ -233,6 +240,7 @@ def force_variance_exact(state, atoms, X: np.ndarray, G, part: str = "full") -> 
 
     if part not in ("full", "novelty"):
         raise ValueError(f"part must be 'full' or 'novelty', got {part!r}")
+    _single_kernel(state, "force_variance_exact")
     n = len(atoms)
     Z = np.asarray(atoms.numbers, dtype=np.int64)
     Fr, _ = state.basis.derivative_rows(np.asarray(X, dtype=np.float64), Z, G)

@@ -456,10 +456,10 @@ class _Learner:
         st = self.model.fitted_state_
         out = {"errors": np.asarray(r.forces) - np.asarray(frame.get_forces()),
                "uncertainty": np.asarray(r.uncertainty, dtype=np.float64),
-               "delta2": np.array([st.hyper.delta ** 2])}
+               "delta2": np.array([_prior_scale(st)])}
         for k in names:
             out[k] = np.asarray(getattr(r, k), dtype=np.float64)
-        if "forces_var_diag" not in out:
+        if "forces_var_diag" not in out and getattr(st, "atom_centred", True):
             # not (yet) a property of the prediction path: from one pass of pair gradients
             X, G = st.descriptor.transform(frame, gradients=True, n_threads=self.s["n_threads"])
             out["forces_var_diag"] = unc.force_variance_diag(st, frame, X, G, r.novelty)
@@ -473,7 +473,7 @@ class _Learner:
         # every measure is proportional to δ² (the prior variance of a local energy), which
         # the re-optimisations change: rescale the old models' measures to the current δ so
         # that the map fitted on them applies to this model's measures
-        d2 = self.model.fitted_state_.hyper.delta ** 2
+        d2 = _prior_scale(self.model.fitted_state_)
         meas = {k: np.concatenate([d[k] * (d2 / float(d["delta2"][0])) for d in data])
                 for k in unc.MEASURES if all(k in d for d in data)}
         try:
@@ -517,6 +517,12 @@ class _Learner:
                         self.held_out.setdefault(c, {})[k] = np.array(z[key])
         except (ValueError, OSError, TypeError):
             self.held_out = {}
+
+
+def _prior_scale(state) -> float:
+    """δ² of the model (eV²), the scale of its per-atom measures; the sum of the terms' δ² for
+    a sum of kernels (whose measures add the terms' prior variances)."""
+    return float(np.sum(np.square(np.atleast_1d(np.asarray(state.hyper.delta, dtype=float)))))
 
 
 def _md_state(atoms: Atoms, step: int, rng, traj_bytes: int) -> dict:
