@@ -245,15 +245,19 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
     try:
         for fut in ac:
             i = index[fut.key]
-            if fut.status == "error":
-                exc = fut.exception()
-                if type(exc).__name__ in ("KilledWorker", "FutureCancelledError",
-                                          "CancelledError"):
+            if fut.status != "finished":
+                try:
+                    exc = fut.exception() if fut.status == "error" else None
+                except BaseException as e:  # noqa: BLE001 - a cancelled future raises here
+                    exc = e
+                if exc is None or type(exc).__name__ in (
+                        "KilledWorker", "FutureCancelledError", "CancelledError"):
                     b = blocks[i]
+                    cause = f"{type(exc).__name__}: {exc}" if exc is not None else fut.status
                     raise RuntimeError(
                         f"Dask worker {b.worker} was lost while processing structures "
-                        f"{b.start}..{b.stop - 1} ({type(exc).__name__}: {exc}); a worker "
-                        "killed for exceeding its memory limit is the usual cause") from exc
+                        f"{b.start}..{b.stop - 1} ({cause}); a worker killed for exceeding "
+                        "its memory limit is the usual cause") from exc
                 fut.result()  # re-raises the worker's exception with its traceback
             if fetch:
                 out[i] = fut.result()
