@@ -283,3 +283,27 @@ def test_sample_budget_is_global_and_stratified(soap, frames):
     assert distributed._sample_caps(spec, blocks, w, "all") is None
     idx_spec = sparse_points.validate(0, np.array([1, 2]), frames, soap)
     assert distributed._sample_caps(idx_spec, blocks, w, "auto") is None
+
+
+def test_cli_fit_on_dask(client, tmp_path):
+    """``kmlip fit --scheduler ADDRESS`` and ``--workers N`` give the serial model."""
+    from ase.io import write
+
+    from kmlip.cli.main import main
+    from kmlip.model import load
+
+    train = tmp_path / "train.xyz"
+    write(train, cual_cells(10, seed=31))
+    args = ["--r-cut", "4.0", "--n-max", "4", "--l-max", "3", "--n-sparse", "8",
+            "--threads", "1"]
+    paths = {k: tmp_path / f"{k}.kmlip" for k in ("serial", "scheduler", "workers")}
+    assert main(["fit", str(train), "-o", str(paths["serial"]), *args]) == 0
+    assert main(["fit", str(train), "-o", str(paths["scheduler"]), *args,
+                 "--scheduler", client.scheduler.address]) == 0
+    assert main(["fit", str(train), "-o", str(paths["workers"]), *args, "--workers", "1"]) == 0
+    test = cual_cells(2, seed=32)
+    ref = load(paths["serial"]).predict(test)
+    for k in ("scheduler", "workers"):
+        np.testing.assert_allclose(load(paths[k]).predict(test), ref, rtol=1e-9)
+    assert main(["fit", str(train), "-o", str(tmp_path / "x.kmlip"), *args,
+                 "--workers", "0"]) == 2

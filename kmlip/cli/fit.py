@@ -185,8 +185,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         with _dask_client(args) as client:
-            model.fit(frames, optimize=args.optimize,
-                      **({} if client is None else {"client": client}))
+            model.fit(frames, optimize=args.optimize, client=client)
     except ValueError as exc:
         if str(exc).startswith("frame "):  # a defect of the file: say which file
             raise ValueError(f"{args.train}: {exc}") from None
