@@ -16,18 +16,23 @@ within this run):
 ``lmp2``   the same under ``mpirun -n 2`` (mpich wheel), one thread per rank.
 
 LAMMPS timings are the "Loop time" of a ``run`` after a 2-step warm-up run (neighbour lists
-built, caches warm). Figures: atom-steps per second, the ratio LAMMPS (1 rank) / ASE path per
-atom-step (target >= 1.3), the parallel efficiency t1 / (2 t2) (target >= 0.85), peak resident
-memory of the largest process (``os.wait4``: a rank, or the ASE child), LAMMPS's own per-rank
-allocation, the share of the loop in communication, and the "CPU use" LAMMPS reports (below
-100% per rank means the shared machine took time from the run).
+built, caches warm); every LAMMPS run goes through ``mpirun`` (one rank too), so that the peak
+RSS LAMMPS reports (``info memory``, rank 0) is the rank's own. Figures: atom-steps per second
+(wall), CPU microseconds per atom-step (LAMMPS: loop time x its "CPU use" x ranks; ASE: the
+child's process time over the loop), the ratio LAMMPS (1 rank) / ASE path per atom-step in
+both (target >= 1.3), the parallel efficiency t1 / (2 t2) (target >= 0.85) and the same in CPU
+time of the loop, peak RSS per process, ghost atoms per rank, the share of the loop in
+communication, and the "CPU use" LAMMPS reports (below 100% per rank: the shared machine took
+the core from the run; two ranks then also wait for each other at every step).
 
-Projection to 10^6 atoms (printed): time per atom-step per rank from ``lmp1``; memory per rank
-``m0 + m1 N/P`` from the 1- and 2-rank peaks (m1 per atom, m0 the model and the process);
-communication per step from the ghost shell of a cubic sub-domain (cutoff + skin thick):
-24 bytes per ghost atom forward (positions) and 24 back (forces).
+Projection to 10^6 atoms (printed): compute per rank from the 1-rank CPU time per atom-step;
+memory per rank ``m0 + m1 (local + ghost atoms)``, m1 the slope of one rank's peak RSS between
+the cell and its 2x2x2 replica (``replicate 2 2 2``, one force call), m0 the rest (libraries,
+model); communication per step from the ghost shell of a cubic sub-domain (cutoff + skin
+thick): 24 bytes per ghost atom forward (positions) and 24 back (forces).
 
-``python benchmarks/scaling.py --quick`` (500 atoms, a smaller model) runs in about a minute.
+``python benchmarks/scaling.py --quick`` (500 atoms, a smaller model) runs in about a minute
+(plus the Dask part; ``--skip-dask`` leaves it out).
 Results go to ``benchmarks/out/scaling.json``.
 """
 from __future__ import annotations
