@@ -307,3 +307,22 @@ def test_cli_fit_on_dask(client, tmp_path):
         np.testing.assert_allclose(load(paths[k]).predict(test), ref, rtol=1e-9)
     assert main(["fit", str(train), "-o", str(tmp_path / "x.kmlip"), *args,
                  "--workers", "0"]) == 2
+
+
+def test_sum_of_kernels_with_client(client):
+    """A 2b + SOAP model (pair environments, not atom-centred) fitted on Dask equals serial."""
+    from kmlip import SOAP, Distance2b, KernelPotential
+
+    train, test = cual_cells(12, seed=41), cual_cells(2, seed=42)
+
+    def model():
+        return KernelPotential(
+            descriptor=[Distance2b(species=["Cu", "Al"], r_cut=4.0, theta=1.0),
+                        SOAP(["Cu", "Al"], r_cut=4.0, n_max=4, l_max=3)],
+            delta=[0.5, 0.2], n_sparse=[10, 10], zeta=[None, 4],
+            sparse_method=["uniform", "cur"], random_state=0, n_threads=1)
+
+    m1, m2 = model().fit(train), model().fit(train, client=client)
+    np.testing.assert_allclose(m2.predict(test), m1.predict(test), rtol=1e-9)
+    f1, f2 = m1.predict_forces(test[0]), m2.predict_forces(test[0])
+    assert np.abs(f1 - f2).max() <= 1e-9 * np.abs(f1).max()
