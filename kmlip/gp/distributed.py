@@ -436,6 +436,14 @@ def _sample_caps(spec, blocks, weights, sample) -> list | None:
     return caps
 
 
+def _spawn(rng: np.random.Generator, n: int) -> list:
+    """``n`` independent child generators; ``rng``'s own stream is not advanced."""
+    if hasattr(rng, "spawn"):
+        return rng.spawn(n)
+    # NumPy < 1.25: the same children from the generator's seed sequence
+    return [np.random.default_rng(s) for s in rng.bit_generator._seed_seq.spawn(n)]
+
+
 def choose(client, spec, descriptor, frames: Sequence, random_state, n_threads: int,
            sample="auto"):
     """Sparse points per kernel key, with the features computed on the Dask workers.
@@ -474,7 +482,7 @@ def choose(client, spec, descriptor, frames: Sequence, random_state, n_threads: 
     caps = _sample_caps(spec, blocks, _key_weights(descriptor, frames, keys), sample)
     # one child generator per block, spawned without advancing rng's own stream, so the client's
     # selection draws the same numbers as the serial one
-    block_rngs = rng.spawn(len(blocks)) if caps is not None else [None] * len(blocks)
+    block_rngs = _spawn(rng, len(blocks)) if caps is not None else [None] * len(blocks)
     [desc_f] = client.scatter([descriptor], broadcast=True, hash=False)
     futures = {i: client.submit(_collect_block, desc_f, placement.futures[i], keys, b.start,
                                 placement.workers[b.worker], None if caps is None else caps[i],
