@@ -20,7 +20,14 @@ What travels: the structures (positions, numbers, cell; no calculators), once, i
 blocks balanced by atom count, from the client to the worker that processes them; their labels
 (with e0 totals and baselines) to the same worker; the kernel (descriptors and sparse points)
 to every worker. Back to the client come only the selection sample, and one factor per class.
-Descriptors, pair gradients and kernel rows never leave the worker that computed them.
+Descriptors, pair gradients and kernel rows never leave the worker that computed them. The
+blocks scattered by :func:`choose` stay on their workers for the :func:`accumulate` of the same
+structures (recognised by a digest of numbers, positions and cells; the choice of every term of
+a sum of kernels reuses them too), so a fit sends each structure once.
+
+Threads: each task runs with as many OpenMP threads as its worker has Dask threads
+(``threads_per_worker``), and serial BLAS, as a serial fit does; the ``n_threads`` argument of
+the serial functions is not used on the workers.
 
 Numerics: the merged factor ``T`` of a class satisfies ``T^T T = sum_w T_w^T T_w`` over the
 workers' factors, which is the ``T^T T`` of the serial factor up to rounding; the two differ by
