@@ -221,7 +221,7 @@ def test_partition_balances_atoms():
     assert [(b.start, b.stop) for b in few] == [(0, 1), (1, 2)]
 
 
-def test_model_fit_with_client_equals_serial(client, soap):
+def test_model_fit_with_client_equals_serial(client, soap, monkeypatch):
     """``KernelPotential.fit(frames, client=...)``: the serial model's predictions to 1e-9."""
     from kmlip.model import KernelPotential
 
@@ -229,7 +229,11 @@ def test_model_fit_with_client_equals_serial(client, soap):
     test = cual_cells(3, seed=22)
     kw = dict(n_sparse=10, sigma_stress=0.02, random_state=0, n_threads=1)
     m1 = KernelPotential(soap, **kw).fit(train)
+    sent = []
+    bare = distributed._bare
+    monkeypatch.setattr(distributed, "_bare", lambda a: sent.append(1) or bare(a))
     m2 = KernelPotential(soap, **kw).fit(train, client=client)
+    assert len(sent) == len(train)  # each structure sent once, for selection and data pass
     for k in m1.sparse_points_:
         np.testing.assert_array_equal(m1.sparse_points_[k], m2.sparse_points_[k])
     e1, s1 = m1.predict(test, return_std=True)
