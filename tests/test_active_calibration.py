@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from test_active import CountingEMT, _held_out, _learn
+from test_active import CountingEMT, _cu, _held_out, _learn
 
 from kmlip import load
 from kmlip.uncertainty import coverage
@@ -43,3 +43,23 @@ def test_calibration_does_not_change_the_gate(tmp_path):
     held = _held_out(1)[0]
     np.testing.assert_allclose(a.model.predict_forces(held), b.model.predict_forces(held),
                                rtol=1e-9, atol=1e-10)
+
+
+def test_cli_learn_calibrates_unless_told_not_to(tmp_path):
+    from ase.io import read, write
+
+    from kmlip.cli.main import main
+
+    start = tmp_path / "start.xyz"
+    write(start, _cu(seed=1, rattle=0.05))
+    base = ["learn", str(start), "--reference", "emt", "--steps", "80", "--temperature", "800",
+            "--r-cut", "4.0", "--n-max", "3", "--l-max", "2", "--threshold", "0.02",
+            "--max-calls", "4", "--quiet"]
+    assert main(base + ["-o", str(tmp_path / "a")]) == 0
+    assert main(base + ["-o", str(tmp_path / "b"), "--no-calibrate"]) == 0
+    a, b = load(tmp_path / "a" / "model.kmlip"), load(tmp_path / "b" / "model.kmlip")
+    n_calls = len(read(tmp_path / "a" / "reference.extxyz", ":"))
+    assert n_calls >= 3, "the test needs calls from a model of two frames"
+    assert a.fitted_state_.calibration is not None
+    assert b.fitted_state_.calibration is None
+    assert "calibrated on every frame" in (tmp_path / "a" / "log").read_text()

@@ -40,11 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--friction", type=float, default=0.01, metavar="PER_FS",
                    help="Langevin friction in 1/fs (default: %(default)s)")
     g.add_argument("--threshold", type=float, default=None, metavar="EV_PER_A",
-                   help="absolute gate threshold on the per-atom uncertainty, eV/Å (default: "
-                        "relative to the fitted force noise, see --relative-threshold)")
+                   help="absolute gate threshold t in eV/Å on the uncalibrated per-atom "
+                        "uncertainty sqrt(sigma_F² + novelty), i.e. at a novelty of "
+                        "t² - sigma_F² whatever the calibration (default: relative to the "
+                        "fitted force noise, see --relative-threshold)")
     g.add_argument("--relative-threshold", type=float, default=3.0, metavar="X",
                    help="gate threshold as a multiple of the model's fitted force noise "
                         "sigma_F (default: %(default)s)")
+    g.add_argument("--no-calibrate", action="store_true",
+                   help="do not calibrate the uncertainty on the labelled frames (by default "
+                        "each is first held out: the model's errors on it before the update "
+                        "calibrate u = sqrt(b² + a² novelty), stored in run/model.kmlip)")
     g.add_argument("--max-new-points", type=int, default=32, metavar="N",
                    help="sparse points added per reference call (default: %(default)s)")
     g.add_argument("--max-calls", type=int, default=None, metavar="N",
@@ -144,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
             frames=frames, descriptor=descriptor, threshold=args.threshold,
             relative_threshold=args.relative_threshold, max_new_points=args.max_new_points,
             max_reference_calls=args.max_calls, max_wall_time=args.max_time, directory=out,
-            seed=args.seed, n_threads=args.threads, log=None if args.quiet else sys.stderr)
+            calibrate=not args.no_calibrate, seed=args.seed, n_threads=args.threads,
+            log=None if args.quiet else sys.stderr)
     except BaseException:
         # a run that failed before its first checkpoint leaves nothing behind; a later one
         # leaves a consistent, resumable run directory
