@@ -63,3 +63,21 @@ def test_cli_learn_calibrates_unless_told_not_to(tmp_path):
     assert a.fitted_state_.calibration is not None
     assert b.fitted_state_.calibration is None
     assert "calibrated on every frame" in (tmp_path / "a" / "log").read_text()
+
+
+def test_resume_with_a_damaged_calibration_file(tmp_path):
+    from test_active import STEPS
+
+    run = tmp_path / "run"
+    first = _learn(run, CountingEMT(), threshold=0.02)
+    assert first.model.fitted_state_.calibration is not None
+    (run / "calibration.npz").write_bytes(b"not an npz file")
+    ref = CountingEMT()
+    res = _learn(run, ref, threshold=0.02, steps=STEPS + 20)
+    # the run goes on; the data of the earlier calls are lost, the model's calibration is kept
+    # until a new call refits it on the new frames
+    assert res.steps == STEPS + 20
+    cal = res.model.fitted_state_.calibration
+    assert cal is not None
+    if len(ref.calls) > 0:
+        assert cal.report["n_frames"] == len(ref.calls)
