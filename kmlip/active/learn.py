@@ -569,7 +569,7 @@ class _Learner:
             self.say(f"cross-validated calibration failed ({exc}); keeping the previous map")
             return
         self.model.fitted_state_ = st.replace(calibration=cal)
-        self.say(f"final calibration by cross-validation over {len(errors)} labelled frame(s) "
+        self.say(f"final calibration by cross-validation over {n_cv} labelled frame(s) "
                  f"({rep['n_atoms']} atoms): u = sqrt({cal.floor:.3g}² + {cal.scale:.3g}² "
                  "novelty) eV/Å; Spearman " + ", ".join(f"{k} {v:.2f}"
                                                         for k, v in rep["spearman"].items())
