@@ -11,12 +11,12 @@ Settings beyond the learner's defaults, and why: σ_F bounded to [0.02, 0.05] eV
 >= 0.1 eV -- with the first two or three frames of one molecule the hyperparameter
 optimisation can otherwise push σ_F up to where the gate (relative to σ_F) never trips again.
 
-Measured (2 cores, ethanol, defaults): 40 xTB calls in 1000 steps, 7.6 CPU-s of learning;
+Measured (1 thread, ethanol, defaults): 40 xTB calls in 1000 steps, 8.4 CPU-s of learning;
 on 20 frames of an independent run the force MAE is 92 meV/Å (RMS force 861 meV/Å), the
-per-atom uncertainty ranks the atoms' errors with Spearman 0.53 and covers 100 % of the error
-components with ±2u (conservative: its calibration comes from frames earlier models had not
-seen, whose errors were larger). σ_F sits at its upper bound: SOAP 4.5 Å / 6 / 4 from a few
-dozen frames does not resolve xTB's forces more finely.
+per-atom uncertainty ranks the atoms' errors with Spearman 0.53 and covers 93 % of the error
+components with ±2u (calibrated by the learner's final cross-validation). σ_F sits at its
+upper bound: SOAP 4.5 Å / 6 / 4 from a few dozen frames does not resolve xTB's forces more
+finely.
 
 Run: ``python examples/learn_xtb.py [--molecule CH3CH2OH] [--steps 1000] [--out run_xtb]``
 (an existing run directory is resumed; delete it to start over).
