@@ -11,14 +11,14 @@ from docutils.parsers.rst import directives
 from sphinx.util.docutils import SphinxDirective
 
 #: Python run (in ``doctest_global_setup``) to define the helper the hidden test calls.
-SETUP = '''
+SETUP = r'''
 def _kmlip_shell(script):
-    import subprocess, sys
+    import subprocess
     proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], capture_output=True,
                           text=True)
     if proc.returncode:
-        sys.stdout.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise RuntimeError(f"shell block failed with status {proc.returncode}")
+        raise RuntimeError(f"shell block failed with status {proc.returncode}:\n"
+                           + proc.stdout[-3000:] + proc.stderr[-3000:])
 '''
 
 
