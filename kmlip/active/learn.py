@@ -522,7 +522,10 @@ class _Learner:
         h = st.hyper
         desc = st.descriptor
         nt = self.s["n_threads"]
-        meas: dict[str, list] = {k: [] for k in (*names, "forces_var_diag")}
+        meas: dict[str, list] = {k: [] for k in names}
+        diag = "forces_var_diag" not in names  # then from the pair gradients below
+        if diag:
+            meas["forces_var_diag"] = []
         errors = []
         for k in folds:
             fr = self.frames[k]
@@ -554,9 +557,11 @@ class _Learner:
             errors.append(np.asarray(r.forces) - np.asarray(fr.get_forces()))
             for name in names:
                 meas[name].append(np.asarray(getattr(r, name), dtype=np.float64))
-            Xg, G = fold.fitted_state_.descriptor.transform(fr, gradients=True, n_threads=nt)
-            meas["forces_var_diag"].append(
-                unc.force_variance_diag(fold.fitted_state_, fr, Xg, G, r.novelty))
+            if diag:
+                Xg, G = fold.fitted_state_.descriptor.transform(fr, gradients=True,
+                                                                n_threads=nt)
+                meas["forces_var_diag"].append(
+                    unc.force_variance_diag(fold.fitted_state_, fr, Xg, G, r.novelty))
         if not errors:
             return
         n_cv = len(errors)
