@@ -187,6 +187,7 @@ FLARE_SCRIPT = textwrap.dedent("""
     test_path, steps, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     STD_TOL, UPDATE_TOL = float(sys.argv[5]), float(sys.argv[6])
     test = read(test_path, ":")
+    mixed = read(sys.argv[7], ":") if len(sys.argv) > 7 else []
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
     rng = np.random.default_rng(seed)
     vd.MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=rng)
@@ -214,7 +215,7 @@ FLARE_SCRIPT = textwrap.dedent("""
         otf.run()
         cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     errors, u = [], []
-    for a in test:
+    for a in test + mixed:
         b = a.copy()
         calc.reset()
         b.calc = calc
@@ -223,7 +224,8 @@ FLARE_SCRIPT = textwrap.dedent("""
         errors.append((f - a.arrays["emt_forces"]).tolist())
         u.append(std.tolist())
     json.dump({"code": "FLARE", "reference_calls": int(otf.dft_count), "cpu_s": cpu,
-               "wall_s": wall, "errors": errors, "u": u}, open(out, "w"))
+               "wall_s": wall, "errors": errors, "u": u, "n_test": len(test)},
+              open(out, "w"))
 """)
 
 
@@ -235,14 +237,15 @@ def flare_worker(args) -> dict:
         Path(script).write_text(FLARE_SCRIPT)
         proc = subprocess.run([py, script, str(args.test), str(args.steps), str(args.seed),
                                out, str(args.flare_std_tolerance),
-                               str(args.flare_update_threshold)],
+                               str(args.flare_update_threshold), str(args.mixed)],
                               capture_output=True, text=True, env=_env(args.threads))
         if proc.returncode != 0:
             return {"code": "FLARE", "error": proc.stderr.strip().splitlines()[-1:]}
         r = json.loads(Path(out).read_text())
     errors = [np.asarray(e) for e in r.pop("errors")]
     u = [np.asarray(x) for x in r.pop("u")]
-    return {**r, **_scores(errors, u)}
+    n = r.pop("n_test")
+    return {**r, "mixed": _scores(errors, u), **_scores(errors[:n], u[:n])}
 
 
 def _env(threads: int) -> dict:
@@ -284,7 +287,7 @@ def main() -> None:
     rows = []
     for rep in range(args.repeat):
         if args.only == "flare":
-            args.test, args.seed = test, rep
+            args.test, args.mixed, args.seed = test, mixed, rep
             rows.append(flare_worker(args))
             continue
         cmd = [sys.executable, __file__, "--_worker", "kmlip", "--test", str(test),
@@ -301,7 +304,7 @@ def main() -> None:
             rows.append({"code": "FLARE", "error": f"not built ({args.flare_python} missing; "
                                                    "run ../shared/peers/build-flare.sh)"})
             continue
-        args.test, args.seed = test, rep
+        args.test, args.mixed, args.seed = test, mixed, rep
         rows.append(flare_worker(args))
     print(f"108-atom Cu, EMT, 1000 K, {args.steps} steps of 1 fs; force errors on 20 frames of "
           f"an independent EMT run; {args.threads} thread(s)")
@@ -321,6 +324,11 @@ def main() -> None:
     if k and f:
         ratio = np.median([r["cpu_s"] for r in f]) / np.median([r["cpu_s"] for r in k])
         print(f"FLARE / kmlip CPU time: {ratio:.1f}x (median over runs)")
+    for seed, r in enumerate(r for r in rows if r["code"] == "FLARE"):
+        if "error" not in r:
+            print(f"FLARE seed {seed}: with the hot and compressed frames added: Spearman "
+                  f"{r['mixed']['spearman']:.2f}, force MAE "
+                  f"{1000 * r['mixed']['force_mae']:.0f} meV/Å")
     for seed, r in enumerate(r for r in rows if r["code"] == "kmlip"):
         if "error" not in r:
             sm = r["spearman_measures"]
