@@ -33,7 +33,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 #: names accepted in ``variances`` and the result each one adds
 VARIANCES = {"energy": "energy_var", "energies": "energies_var", "forces": "forces_var",
-             "novelty": "novelty", "uncertainty": "uncertainty"}
+             "novelty": "novelty", "forces_var_diag": "forces_var_diag",
+             "uncertainty": "uncertainty"}
 
 
 class KMLIPCalculator(Calculator):
@@ -56,7 +57,7 @@ class KMLIPCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
                               "energy_var", "energies_var", "forces_var", "novelty",
-                              "uncertainty"]
+                              "forces_var_diag", "uncertainty"]
 
     def __init__(self, model, variances: Iterable[str] = (), forces_var: bool = False,
                  **kwargs):

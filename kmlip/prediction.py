@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
-from kmlip import kernels
+from kmlip import kernels, uncertainty
 from kmlip._threads import serial_blas
 from kmlip.gp.sparse import predictive_variance
 from kmlip.gp.training import baseline_values
@@ -38,7 +38,7 @@ from kmlip.labels import check_species, is_periodic
 
 #: Property names :func:`compute` understands.
 PROPERTIES = ("energy", "free_energy", "energies", "forces", "stress", "energy_var",
-              "energies_var", "forces_var", "novelty", "uncertainty")
+              "energies_var", "forces_var", "novelty", "forces_var_diag", "uncertainty")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Prediction:
     energies_var: np.ndarray | None = None
     forces_var: np.ndarray | None = None
     novelty: np.ndarray | None = None
+    forces_var_diag: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
     baseline_energy: float | None = None
     #: features (n_atoms, F) and unit kernel rows (n_atoms, M) kept for later variances
@@ -69,7 +70,7 @@ class Prediction:
         """The non-None quantities as an ASE ``results`` dict (``free_energy`` = ``energy``)."""
         out = {}
         for name in ("energy", "energies", "forces", "stress", "energy_var", "energies_var",
-                     "forces_var", "novelty", "uncertainty"):
+                     "forces_var", "novelty", "forces_var_diag", "uncertainty"):
             v = getattr(self, name)
             if v is not None:
                 out[name] = v
@@ -135,7 +136,8 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     want_unc = "uncertainty" in props
     measure = state.uncertainty_map.measure if want_unc else None
     want_lvar = "energies_var" in props or measure == "energies_var"
-    want_nov = "novelty" in props or measure == "novelty"
+    want_fdiag = "forces_var_diag" in props or measure == "forces_var_diag"
+    want_nov = "novelty" in props or measure == "novelty" or want_fdiag
     want_evar = "energy_var" in props
     rows = want_lvar or want_evar or want_nov
     need_grad = want_f or want_s
@@ -146,8 +148,8 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     out = Prediction()
     G = None
     K = None
-    if want_fvar:
-        # the exact force variance needs the pair gradients themselves
+    if want_fvar or want_fdiag:
+        # the force variances need the pair gradients themselves
         X, G = desc.transform(atoms, gradients=True, n_threads=nt)
         eps, v, K = basis.evaluate(X, Z, alpha, grad=need_grad, rows=rows, n_threads=nt)
         if need_grad:
@@ -191,6 +193,9 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
             out.energies_var = state.local_variance(K, Z, kss, n_threads=nt)
         if want_nov:
             out.novelty = state.local_novelty(K, Z, kss, n_threads=nt)
+        if want_fdiag:
+            out.forces_var_diag = uncertainty.force_variance_diag(state, atoms, X, G,
+                                                                  out.novelty)
         if want_unc:
             cal = state.uncertainty_map
             out.uncertainty = cal.uncertainty(getattr(out, cal.measure))
@@ -222,6 +227,9 @@ def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction
     want_e = bool(props & {"energy", "free_energy"}) or want_f or want_s
     want_unc = "uncertainty" in props
     measure = state.uncertainty_map.measure if want_unc else None
+    if "forces_var_diag" in props or measure == "forces_var_diag":
+        raise ValueError("forces_var_diag needs a model with one atom-centred kernel; a sum of "
+                         "kernels gives the exact forces_var")
     want_lvar = "energies_var" in props or measure == "energies_var"
     want_nov = "novelty" in props or measure == "novelty"
     want_evar = "energy_var" in props
