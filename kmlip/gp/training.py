@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -23,10 +22,6 @@ from kmlip import kernels
 from kmlip.gp.sparse import StreamingQR
 from kmlip.gp.terms import KernelSum
 from kmlip.labels import FrameLabels, voigt
-
-#: Fold each structure's rows into the QR in a second thread while the next structure's rows
-#: are computed (when several threads are allowed); the factors are the same either way.
-OVERLAP_QR = True
 
 #: A baseline's contribution to one structure: (energy eV, forces (n, 3), stress Voigt (6,)).
 BaselineValues = tuple[float, np.ndarray, np.ndarray]
@@ -125,38 +120,18 @@ def accumulate(kernel: KernelSum, frames: Sequence,
     t_rows = 0.0
     # one gradient array for all structures: no fresh pages to fault in per structure
     grad_buffers = kernel.grad_buffers()
-    # With several threads, the QR updates of one structure's rows (copies into the block
-    # buffer, LAPACK; both release the GIL) run in a second Python thread while the next
-    # structure's rows are computed: the serial parts of the two overlap. Updates keep their
-    # order (one worker, and at most one structure queued), so the factors have the same bits.
-    pool = ThreadPoolExecutor(1) if OVERLAP_QR and n_threads > 1 and len(frames) > 1 else None
-    pending = None
-
-    def fold(rows):
-        for cls, K_rows, yv, sc in rows:
-            qr.add(cls, K_rows, yv, sc)
-
     try:
         for k, a in enumerate(frames):
             t1 = time.perf_counter()
             rows = frame_rows(kernel, a, labels[k], e0_totals[k], baselines[k],
                               n_threads, precision, grad_buffers)
             t_rows += time.perf_counter() - t1
-            if pending is not None:
-                pending.result()
-                pending = None
-            if pool is None:
-                fold(rows)
-            else:
-                pending = pool.submit(fold, rows)
+            for cls, K_rows, yv, sc in rows:
+                qr.add(cls, K_rows, yv, sc)
             if on_frame is not None:
                 on_frame()
-        if pending is not None:
-            pending.result()
         return qr.finalize(), t_rows
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
         kernel.release_scratch()
 
 
