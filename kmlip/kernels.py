@@ -18,6 +18,7 @@ output rows (3 n_atoms + 9) × M.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -167,7 +168,9 @@ class SparseBasis:
         saves faulting in fresh pages every time, which costs as much as the GEMM itself on
         some machines. :meth:`release_scratch` frees them.
         """
-        cache = self.__dict__.setdefault("_scratch_bufs", {})
+        # one set of buffers per thread: training may compute several structures at once
+        cache = self.__dict__.setdefault("_scratch_bufs", {}).setdefault(
+            threading.get_ident(), {})
         n = int(shape[0]) * int(shape[1])
         buf = cache.get(name)
         if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):

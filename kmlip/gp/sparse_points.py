@@ -159,8 +159,17 @@ def collect_environments(keys: Sequence[int], descriptor, frames: Sequence, n_th
     """
     feats: dict[int, list] = {z: [] for z in keys}
     ids: dict[int, list] = {z: [] for z in keys}
-    for k, a in enumerate(frames):
-        e = descriptor.environments(a, gradients=False, n_threads=n_threads)
+    if n_threads > 1 and len(frames) > 1:
+        # whole structures side by side, one thread each (as the training pass)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(n_threads) as pool:
+            envs = list(pool.map(lambda a: descriptor.environments(a, gradients=False,
+                                                                   n_threads=1), frames))
+    else:
+        envs = [descriptor.environments(a, gradients=False, n_threads=n_threads)
+                for a in frames]
+    for k, e in enumerate(envs):
         for z in keys:
             rows = np.flatnonzero(e.keys == z)
             if rows.size:

@@ -23,6 +23,10 @@ from kmlip.gp.sparse import StreamingQR
 from kmlip.gp.terms import KernelSum
 from kmlip.labels import FrameLabels, voigt
 
+#: With several threads, compute whole structures side by side (see :func:`_rows_in_parallel`)
+#: rather than one structure at a time with parallel regions inside it.
+FRAME_PARALLEL = True
+
 #: A baseline's contribution to one structure: (energy eV, forces (n, 3), stress Voigt (6,)).
 BaselineValues = tuple[float, np.ndarray, np.ndarray]
 
@@ -114,25 +118,75 @@ def accumulate(kernel: KernelSum, frames: Sequence,
     import copy
     import time
 
-    qr = StreamingQR(kernel.n_sparse, block_rows, n_threads=n_threads)
+    parallel_frames = n_threads > 1 and len(frames) > 1 and FRAME_PARALLEL
+    # folding runs beside the row threads then: one thread (its split does not depend on it)
+    qr = StreamingQR(kernel.n_sparse, block_rows, n_threads=1 if parallel_frames else n_threads)
     if factors:
         qr.factors = {c: copy.deepcopy(f) for c, f in factors.items()}
     t_rows = 0.0
     # one gradient array for all structures: no fresh pages to fault in per structure
     grad_buffers = kernel.grad_buffers()
     try:
-        for k, a in enumerate(frames):
-            t1 = time.perf_counter()
-            rows = frame_rows(kernel, a, labels[k], e0_totals[k], baselines[k],
-                              n_threads, precision, grad_buffers)
+        if parallel_frames:
+            rows_in_order = _rows_in_parallel(kernel, frames, labels, e0_totals, baselines,
+                                              n_threads, precision)
+        else:
+            rows_in_order = (frame_rows(kernel, a, labels[k], e0_totals[k], baselines[k],
+                                        n_threads, precision, grad_buffers)
+                             for k, a in enumerate(frames))
+        t1 = time.perf_counter()
+        for rows in rows_in_order:
             t_rows += time.perf_counter() - t1
             for cls, K_rows, yv, sc in rows:
                 qr.add(cls, K_rows, yv, sc)
             if on_frame is not None:
                 on_frame()
+            t1 = time.perf_counter()
         return qr.finalize(), t_rows
     finally:
         kernel.release_scratch()
+
+
+def _rows_in_parallel(kernel: KernelSum, frames, labels, e0_totals, baselines, n_threads: int,
+                      precision: str):
+    """Every structure's rows, in order, computed by ``n_threads`` Python threads, one
+    structure each on one OpenMP thread (the kernels release the GIL).
+
+    Most training structures are small (tens to a few hundred atoms): one structure's
+    parallel regions are too short to keep two threads busy, and the Python between them is
+    serial, whereas whole structures side by side keep every core in compiled code. A row does
+    not depend on the thread count, and the rows are folded in their order, so the factors have
+    the same bits as a serial pass. At most two structures per thread are in flight.
+    """
+    import threading
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def rows_of(k):
+        bufs = getattr(local, "bufs", None)
+        if bufs is None:
+            bufs = local.bufs = kernel.grad_buffers()
+        return frame_rows(kernel, frames[k], labels[k], e0_totals[k], baselines[k], 1,
+                          precision, bufs)
+
+    with ThreadPoolExecutor(n_threads, thread_name_prefix="kmlip-rows") as pool:
+        window: deque = deque()
+        nxt = 0
+        try:
+            while nxt < len(frames) and len(window) < 2 * n_threads:
+                window.append(pool.submit(rows_of, nxt))
+                nxt += 1
+            while window:
+                rows = window.popleft().result()
+                if nxt < len(frames):
+                    window.append(pool.submit(rows_of, nxt))
+                    nxt += 1
+                yield rows
+        finally:
+            for f in window:
+                f.cancel()
 
 
 def block_rows_for(M: int, block_size: int | None) -> int:
