@@ -134,7 +134,10 @@ def cual(tmp_path_factory):
 def test_single_point_matches_ase(plugin, cual, tmp_path, n_ranks):
     from kmlip.calculator import KMLIPCalculator
 
-    model, path = cual
+    model, _ = cual
+    # the public interface: pair_coeff * * model.kmlip Cu Al (the plugin exports it once)
+    path = tmp_path / "model.kmlip"
+    model.save(path)
     atoms = rattled_triclinic()
     write_data(atoms, tmp_path / "data.lmp")
     run_lammps(single_point_script("data.lmp", plugin, path), tmp_path, n_ranks=n_ranks)
@@ -370,8 +373,8 @@ def test_export_refuses_models_it_cannot_run(fitted, tmp_path):
 
 
 def test_cli_export_and_the_kmlip_file_itself(plugin, cual, tmp_path, capsys):
-    """`kmlip lammps export` writes what pair_coeff reads; the .kmlip model file given to
-    pair_coeff stops LAMMPS with the export command in the message."""
+    """`kmlip lammps export` writes what pair_coeff reads (the plugin makes the same export
+    itself from a .kmlip file); a damaged .kmlip file stops LAMMPS with the cause."""
     from kmlip.cli.main import main
     from kmlip.lammps import read_lammps_header
 
@@ -385,6 +388,10 @@ def test_cli_export_and_the_kmlip_file_itself(plugin, cual, tmp_path, capsys):
     assert read_lammps_header(exported)["species"] == list(model.fitted_state_.species)
 
     write_data(rattled_triclinic(), tmp_path / "data.lmp")
-    res = run_lammps(header("data.lmp", plugin, tmp_path / "m.kmlip") + "run 0\n", tmp_path,
-                     check=False)
-    assert res.returncode != 0 and "kmlip lammps export" in res.stdout + res.stderr
+    damaged = tmp_path / "damaged.kmlip"
+    blob = bytearray((tmp_path / "m.kmlip").read_bytes())
+    blob[len(blob) // 2:] = b"\0" * (len(blob) - len(blob) // 2)
+    damaged.write_bytes(bytes(blob))
+    res = run_lammps(header("data.lmp", plugin, damaged) + "run 0\n", tmp_path, check=False)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0 and "damaged.kmlip" in text and "export failed" in text

@@ -129,6 +129,7 @@ def _command(out: Path, cxx: str) -> list[str]:
     p = paths()
     num, text = lammps_version()
     return [cxx, *CXXFLAGS, f"-DKMLIP_LAMMPS_VERSION=\"{text}\"",
+            f"-DKMLIP_PYTHON=\"{sys.executable}\"",
             f"-DKMLIP_LAMMPS_VERSION_NUM={num}", f"-I{HERE}", f"-I{EXT}", f"-I{p['include']}",
             f"-I{p['mpi_include']}", *(str(HERE / s) for s in SOURCES), "-o", str(out)]
 

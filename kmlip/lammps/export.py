@@ -279,3 +279,26 @@ def read_lammps_header(path) -> dict:
 
 __all__ = ["FORMAT_VERSION", "export_lammps", "lammps_arrays", "read_lammps_header",
            "variance_factors"]
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m kmlip.lammps.export MODEL.kmlip OUT``: what the plugin runs when
+    ``pair_coeff`` is given a model file rather than its export."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m kmlip.lammps.export MODEL.kmlip OUT", file=sys.stderr)
+        return 2
+    try:
+        export_lammps(args[0], args[1])
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main())

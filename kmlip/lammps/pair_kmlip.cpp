@@ -27,10 +27,13 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <stdexcept>
 
 #include <mpi.h>
+#include <unistd.h>
 
 using namespace LAMMPS_NS;
 
@@ -205,22 +208,75 @@ void PairKMLIP::settings(int narg, char **arg)
 
 /* ---------------------------------------------------------------------- */
 
+static int64_t read_file(const std::string &path, std::vector<char> &blob)
+{
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return -1;
+  in.seekg(0, std::ios::end);
+  const int64_t size = (int64_t) in.tellg();
+  in.seekg(0, std::ios::beg);
+  blob.resize((size_t) std::max<int64_t>(size, 0));
+  if (size > 0 && !in.read(blob.data(), size)) return -1;
+  return size;
+}
+
+#ifndef KMLIP_PYTHON
+#define KMLIP_PYTHON "python3"
+#endif
+
+// A kmlip model file (.kmlip, a ZIP archive) is converted to the export by the Python that
+// built this plugin, once, on rank 0, at pair_coeff time (never during the run): the export
+// holds the descriptor's tables exactly as kmlip computed them. Returns "" on success.
+static std::string convert_model_file(const char *path, std::vector<char> &blob, int64_t &size)
+{
+  char tmpl[] = "/tmp/kmlip-lammps-XXXXXX";
+  const int fd = mkstemp(tmpl);
+  if (fd < 0) return "cannot create a temporary file for its export";
+  close(fd);
+  const std::string out(tmpl);
+  std::string quoted = "'";
+  for (const char *c = path; *c; ++c) quoted += (*c == '\'') ? std::string("'\\''") : std::string(1, *c);
+  quoted += "'";
+  const std::string cmd = std::string("'") + KMLIP_PYTHON + "' -m kmlip.lammps.export " + quoted
+                          + " '" + out + "' 2>&1";
+  std::string msg;
+  FILE *pipe = popen(cmd.c_str(), "r");
+  if (!pipe) return "cannot run " + std::string(KMLIP_PYTHON) + " to export it";
+  char line[512];
+  while (fgets(line, sizeof line, pipe)) msg += line;
+  const int status = pclose(pipe);
+  if (status != 0) {
+    std::remove(out.c_str());
+    while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+    const size_t nl = msg.rfind('\n');
+    return "its export failed (" + (nl == std::string::npos ? msg : msg.substr(nl + 1)) + ")";
+  }
+  size = read_file(out, blob);
+  std::remove(out.c_str());
+  return size < 0 ? "cannot read its export" : "";
+}
+
 void PairKMLIP::read_model(const char *path)
 {
   // rank 0 reads the file, every rank parses the same bytes
   std::vector<char> blob;
   int64_t size = -1;
+  std::string failure;
   if (comm->me == 0) {
-    std::ifstream in(path, std::ios::binary);
-    if (in) {
-      in.seekg(0, std::ios::end);
-      size = (int64_t) in.tellg();
-      in.seekg(0, std::ios::beg);
-      blob.resize((size_t) size);
-      if (size > 0 && !in.read(blob.data(), size)) size = -1;
+    size = read_file(path, blob);
+    if (size >= 2 && blob[0] == 'P' && blob[1] == 'K') {
+      failure = convert_model_file(path, blob, size);
+      if (!failure.empty()) size = -2;
     }
   }
   MPI_Bcast(&size, 1, MPI_INT64_T, 0, world);
+  if (size == -2) {
+    int64_t n = (int64_t) failure.size();
+    MPI_Bcast(&n, 1, MPI_INT64_T, 0, world);
+    failure.resize((size_t) n);
+    MPI_Bcast(failure.data(), (int) n, MPI_CHAR, 0, world);
+    error->all(FLERR, std::string("pair_coeff kmlip: model file '") + path + "': " + failure);
+  }
   if (size < 0)
     error->all(FLERR, std::string("pair_coeff kmlip: cannot read the model file '") + path + "'");
   blob.resize((size_t) size);
@@ -234,10 +290,8 @@ void PairKMLIP::read_model(const char *path)
   const size_t lm = sizeof(MAGIC) - 1;
   if (blob.size() < lm || std::memcmp(blob.data(), MAGIC, lm) != 0) {
     const bool zip = blob.size() >= 2 && blob[0] == 'P' && blob[1] == 'K';
-    error->all(FLERR, where + (zip ? "this is a kmlip model file (.kmlip); LAMMPS reads its "
-                                     "export: run `kmlip lammps export MODEL.kmlip OUT` and give "
-                                     "OUT to pair_coeff"
-                                   : "not a kmlip LAMMPS export (no KMLIP-LAMMPS header)"));
+    error->all(FLERR, where + (zip ? "a ZIP file that is not a kmlip model"
+                                   : "neither a kmlip model file nor its LAMMPS export"));
   }
   try {
     size_t pos = lm;
