@@ -123,14 +123,11 @@ def compute(state, atoms: Atoms, properties: Iterable[str] = ("energy",),
         return _compute(state, atoms, props, n_threads, reuse)
 
 
-def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Prediction:
-    if not state.atom_centred:
-        return _compute_terms(state, atoms, props, nt)
-    n = len(atoms)
-    Z = np.asarray(atoms.numbers, dtype=np.int64)
-    periodic = is_periodic(atoms)
+def _wants(state, atoms: Atoms, props: frozenset[str]) -> tuple:
+    """What a call computes: (forces, stress, forces_var, energy, uncertainty, energies_var,
+    forces_var_diag, novelty, energy_var, kernel rows, derivatives)."""
     want_f = "forces" in props
-    want_s = "stress" in props and periodic
+    want_s = "stress" in props and is_periodic(atoms)
     want_fvar = "forces_var" in props
     want_e = bool(props & {"energy", "free_energy"}) or want_f or want_s
     want_unc = "uncertainty" in props
@@ -140,14 +137,45 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     want_nov = "novelty" in props or measure == "novelty" or want_fdiag
     want_evar = "energy_var" in props
     rows = want_lvar or want_evar or want_nov
-    need_grad = want_f or want_s
+    return (want_f, want_s, want_fvar, want_e, want_unc, want_lvar, want_fdiag, want_nov,
+            want_evar, rows, want_f or want_s)
+
+
+def _energy_forces_stress(out: Prediction, state, atoms: Atoms, props: frozenset[str],
+                          local: np.ndarray, f, W) -> None:
+    """Per-atom energies, total energy, forces and stress into ``out`` (with the baseline: the
+    training labels subtracted exactly these values, through the same helper)."""
+    want_f = "forces" in props
+    want_s = "stress" in props and is_periodic(atoms)
+    want_e = bool(props & {"energy", "free_energy"}) or want_f or want_s
+    if "energies" in props or want_e:
+        out.energies = local
+    if not want_e:
+        return
+    E_b, F_b, S_b = (0.0, None, None) if state.baseline is None \
+        else baseline_values(state.baseline, atoms)
+    out.baseline_energy = E_b
+    out.energy = float(np.sum(local)) + E_b
+    if want_f:
+        out.forces = f if F_b is None else f + F_b
+    if want_s:
+        s = kernels.virial_voigt(np.asarray(W).reshape(9)) / atoms.get_volume()
+        out.stress = s if S_b is None else s + S_b
+
+
+def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Prediction:
+    if not state.atom_centred:
+        return _compute_terms(state, atoms, props, nt)
+    n = len(atoms)
+    Z = np.asarray(atoms.numbers, dtype=np.int64)
+    (want_f, want_s, want_fvar, want_e, want_unc, want_lvar, want_fdiag, want_nov, want_evar,
+     rows, need_grad) = _wants(state, atoms, props)
     d2 = state.hyper.delta ** 2
     basis = state.basis
     desc = state.descriptor
     alpha = state.alpha
     out = Prediction()
-    G = None
-    K = None
+    G = K = f = W = None
     if want_fvar or want_fdiag:
         # the force variances need the pair gradients themselves
         X, G = desc.transform(atoms, gradients=True, n_threads=nt)
@@ -172,20 +200,7 @@ def _compute(state, atoms: Atoms, props: frozenset[str], nt, reuse) -> Predictio
     if rows and K is None:
         K = basis.local_rows(X, Z)
     out.features, out.kernel_rows, out.unit_local_energies = X, K, eps
-    local = d2 * eps + state.e0_table[Z]
-    if "energies" in props or want_e:
-        out.energies = local
-    if want_e:
-        # the training labels subtracted exactly these values (one helper for both)
-        E_b, F_b, S_b = (0.0, None, None) if state.baseline is None \
-            else baseline_values(state.baseline, atoms)
-        out.baseline_energy = E_b
-        out.energy = float(np.sum(local)) + E_b
-        if want_f:
-            out.forces = f if F_b is None else f + F_b
-        if want_s:
-            s = kernels.virial_voigt(np.asarray(W).reshape(9)) / atoms.get_volume()
-            out.stress = s if S_b is None else s + S_b
+    _energy_forces_stress(out, state, atoms, props, d2 * eps + state.e0_table[Z], f, W)
     if want_lvar or want_nov:
         Xh, _ = kernels.normalize(X)
         kss = np.einsum("ij,ij->i", Xh, Xh)  # 1, or 0 for an empty environment
@@ -220,21 +235,10 @@ def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction
 
     n = len(atoms)
     Z = np.asarray(atoms.numbers, dtype=np.int64)
-    periodic = is_periodic(atoms)
-    want_f = "forces" in props
-    want_s = "stress" in props and periodic
-    want_fvar = "forces_var" in props
-    want_e = bool(props & {"energy", "free_energy"}) or want_f or want_s
-    want_unc = "uncertainty" in props
-    measure = state.uncertainty_map.measure if want_unc else None
-    if "forces_var_diag" in props or measure == "forces_var_diag":
-        raise ValueError("forces_var_diag needs a model with one atom-centred kernel; a sum of "
-                         "kernels gives the exact forces_var")
-    want_lvar = "energies_var" in props or measure == "energies_var"
-    want_nov = "novelty" in props or measure == "novelty"
-    want_evar = "energy_var" in props
-    rows = want_lvar or want_evar or want_nov
-    need_grad = want_f or want_s
+    (want_f, want_s, want_fvar, want_e, want_unc, want_lvar, want_fdiag, want_nov, want_evar,
+     rows, need_grad) = _wants(state, atoms, props)
+    if want_fdiag:
+        raise ValueError("forces_var_diag is defined for a single atom-centred kernel only")
     kernel = state.kernel
     deltas = state.hyper.delta if isinstance(state.hyper.delta, tuple) else (state.hyper.delta,)
     d2s = [float(d) ** 2 for d in deltas]
@@ -276,19 +280,7 @@ def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction
             f += ft
             W += Wt
     out = Prediction()
-    local = eps_atoms + state.e0_table[Z]
-    if "energies" in props or want_e:
-        out.energies = local
-    if want_e:
-        E_b, F_b, S_b = (0.0, None, None) if state.baseline is None \
-            else baseline_values(state.baseline, atoms)
-        out.baseline_energy = E_b
-        out.energy = float(np.sum(local)) + E_b
-        if want_f:
-            out.forces = f if F_b is None else f + F_b
-        if want_s:
-            s = kernels.virial_voigt(W.reshape(9)) / atoms.get_volume()
-            out.stress = s if S_b is None else s + S_b
+    _energy_forces_stress(out, state, atoms, props, eps_atoms + state.e0_table[Z], f, W)
     if want_lvar or want_nov:
         K_atom = atom_rows(envs, n, K_envs, kernel)
         prior = atom_prior(envs, n, kernel, d2s)

@@ -536,6 +536,47 @@ def _triangular_inverse(T: np.ndarray, lower: bool) -> np.ndarray:
     return np.ascontiguousarray(np.tril(inv) if lower else np.triu(inv))
 
 
+def block_variance_factors(L_hat: np.ndarray, Rinv: np.ndarray, delta: float,
+                           sl: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Factors of the local-energy variance of one column block (see
+    :class:`PosteriorVariance`).
+
+    Parameters
+    ----------
+    L_hat : ndarray, shape (M, M)
+        Cholesky factor of the unit K_MM (block diagonal).
+    Rinv : ndarray, shape (M, M)
+        Inverse of the posterior factor R (upper triangular).
+    delta : float
+    sl : slice
+        The block's columns.
+
+    Returns
+    -------
+    H : ndarray, shape (M_z, M_z)
+        Lower triangular, ``H^T H = W^T W - delta^2 Sigma_zz``.
+    W : ndarray, shape (M_z, M_z)
+        ``L_hat_zz^-1`` (lower triangular; the novelty term).
+    """
+    M = L_hat.shape[0]
+    s0, s1 = sl.start, sl.stop
+    L_z = L_hat[s0:s1, s0:s1]
+    W = _triangular_inverse(L_z, lower=True)
+    # G: lower triangular, G^T G = Sigma_zz. (R^-1)[z, :] is zero left of the block; for the
+    # last block G = (R^-1)_zz^T, else a QR of A = (R^-1)[z, s0:]^T with its columns
+    # reversed, A P = Q U, gives Sigma_zz = P U^T U P, G = P U P.
+    if s1 == M:
+        G = Rinv[s0:, s0:].T
+    else:
+        U = _qr_r(np.asfortranarray(Rinv[s0:s1, s0:].T[:, ::-1]))[: s1 - s0]
+        G = U[::-1, ::-1]
+    Y = delta * (G @ L_z)
+    lam, V = np.linalg.eigh(Y.T @ Y)
+    J = np.sqrt(np.clip(1.0 - lam, 0.0, None))[:, None] * V.T
+    Hu = _qr_r(np.asfortranarray((J @ W)[:, ::-1]))[: s1 - s0]
+    return np.ascontiguousarray(Hu[::-1, ::-1]), W
+
+
 class PosteriorVariance:
     """Epistemic variances of a fitted model from one precomputed factor per species.
 
@@ -609,29 +650,10 @@ class PosteriorVariance:
 
     def _factors(self, L_hat, R, contract) -> dict:
         """Packed triangular factor ``H_z`` of every block (see the class docstring)."""
-        M = self.n_sparse
-        delta = self.delta
         Rinv = _triangular_inverse(R, lower=False)
-        packed = {}
-        for key, sl in self.blocks.items():
-            s0, s1 = sl.start, sl.stop
-            L_z = L_hat[s0:s1, s0:s1]
-            W = _triangular_inverse(L_z, lower=True)
-            # G: lower triangular, G^T G = Sigma_zz. (R^-1)[z, :] is zero left of the block;
-            # for the last block G = (R^-1)_zz^T, else a QR of A = (R^-1)[z, s0:]^T with its
-            # columns reversed, A P = Q U, gives Sigma_zz = P U^T U P, G = P U P.
-            if s1 == M:
-                G = Rinv[s0:, s0:].T
-            else:
-                U = _qr_r(np.asfortranarray(Rinv[s0:s1, s0:].T[:, ::-1]))[: s1 - s0]
-                G = U[::-1, ::-1]
-            Y = delta * (G @ L_z)
-            lam, V = np.linalg.eigh(Y.T @ Y)
-            J = np.sqrt(np.clip(1.0 - lam, 0.0, None))[:, None] * V.T
-            Hu = _qr_r(np.asfortranarray((J @ W)[:, ::-1]))[: s1 - s0]
-            H = np.ascontiguousarray(Hu[::-1, ::-1])  # lower triangular, H^T H = Q_z
-            packed[key] = contract.pack_lower([H], self.BLOCK)
-        return packed
+        return {key: contract.pack_lower([block_variance_factors(L_hat, Rinv, self.delta,
+                                                                 sl)[0]], self.BLOCK)
+                for key, sl in self.blocks.items()}
 
     def local(self, K: np.ndarray, keys, k_ss=None, n_threads: int | None = None,
               what: str = "local energy") -> np.ndarray:

@@ -46,7 +46,6 @@ import math
 import os
 
 import numpy as np
-import scipy.linalg as sla
 from ase.data import chemical_symbols
 
 FORMAT = "kmlip-lammps"
@@ -82,18 +81,6 @@ def _single_soap(state):
     return desc
 
 
-def _triangular_inverse(T: np.ndarray, lower: bool) -> np.ndarray:
-    inv, info = sla.lapack.dtrtri(np.asfortranarray(T), lower=int(lower))
-    if info != 0:
-        raise ValueError(f"singular triangular factor (dtrtri info={info})")
-    return np.ascontiguousarray(np.tril(inv) if lower else np.triu(inv))
-
-
-def _qr_r(A: np.ndarray) -> np.ndarray:
-    R = sla.qr(A, mode="r", check_finite=False)[0]
-    return np.triu(R[: min(A.shape)])
-
-
 def variance_factors(L_hat: np.ndarray, R: np.ndarray, delta: float,
                      blocks: list[slice]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-block factors of the local-energy variance and novelty.
@@ -118,24 +105,13 @@ def variance_factors(L_hat: np.ndarray, R: np.ndarray, delta: float,
     W : list of ndarray (M_z, M_z)
         ``L_hat_zz^-1`` (lower), for the novelty ``delta^2 (1 - |W k|^2)``.
     """
-    M = L_hat.shape[0]
+    from kmlip.gp.sparse import _triangular_inverse, block_variance_factors
+
     Rinv = _triangular_inverse(R, lower=False)
     Hs, Ws = [], []
     for sl in blocks:
-        s0, s1 = sl.start, sl.stop
-        L_z = L_hat[s0:s1, s0:s1]
-        W = _triangular_inverse(L_z, lower=True)
-        # G lower triangular with G^T G = Sigma_zz, from the rows of R^-1 of the block
-        if s1 == M:
-            G = Rinv[s0:, s0:].T
-        else:
-            U = _qr_r(np.asfortranarray(Rinv[s0:s1, s0:].T[:, ::-1]))[: s1 - s0]
-            G = U[::-1, ::-1]
-        Y = delta * (G @ L_z)
-        lam, V = np.linalg.eigh(Y.T @ Y)
-        J = np.sqrt(np.clip(1.0 - lam, 0.0, None))[:, None] * V.T
-        Hu = _qr_r(np.asfortranarray((J @ W)[:, ::-1]))[: s1 - s0]
-        Hs.append(np.ascontiguousarray(Hu[::-1, ::-1]))
+        H, W = block_variance_factors(L_hat, Rinv, delta, sl)
+        Hs.append(H)
         Ws.append(W)
     return Hs, Ws
 
