@@ -2,20 +2,12 @@
 gradients and fits a potential through the same GP code as SOAP."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
-from conftest import fd_positions, fd_strain, triclinic_cell
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_descriptor.py"
+from conftest import fd_positions, fd_strain, load_example, triclinic_cell
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("custom_descriptor", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("custom_descriptor")
 
 
 def test_user_descriptor_gradients_follow_the_protocol():

@@ -1,23 +1,17 @@
 """examples/learn_xtb.py in small: on-the-fly learning with tblite's GFN2-xTB (the [xtb] extra)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from ase.io import read
+from conftest import load_example
 
 pytest.importorskip("tblite.ase")
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "learn_xtb.py"
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("learn_xtb_example", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("learn_xtb")
 
 
 def test_learn_xtb_small(tmp_path):

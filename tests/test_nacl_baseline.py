@@ -1,18 +1,12 @@
 """Issue 4, deliverable 6: on rock-salt NaCl the GP alone misses long-range Coulomb energetics
 that GP + Ewald reproduces (the demonstration in examples/nacl_ewald.py)."""
-import importlib.util
-import pathlib
 
 import numpy as np
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "nacl_ewald.py"
+from conftest import load_example
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("nacl_ewald", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("nacl_ewald")
 
 
 def test_reference_coulomb_part_matches_madelung():
