@@ -22,6 +22,7 @@ WARNINGS = ["-Wall", "-Wextra", "-pedantic", "-Werror"]
 STD = {"c": ["-x", "c", "-std=c99"], "c++": ["-x", "c++", "-std=c++17"]}
 # Integer types other than int64_t (size_t only as the cast of a byte count for memset/memcpy).
 OTHER_INTS = re.compile(r"\b(?:int|long|short|unsigned|signed|ptrdiff_t|ssize_t|intptr_t|"
+                        r"u?int(?:8|16|32)_t|"
                         r"uintptr_t|Py_ssize_t|npy_intp|intp)\b|\bsize_t\b(?!\s*\))")
 GUARD_OPEN = re.compile(r'#\s*ifdef\s+__cplusplus\s*\n\s*extern\s+"C"\s*\{\s*\n\s*#\s*endif')
 GUARD_CLOSE = re.compile(r"#\s*ifdef\s+__cplusplus\s*\n\s*\}\s*\n\s*#\s*endif")
@@ -216,10 +217,10 @@ int main(int, char **argv)
     const std::vector<double> A = take<double>(f, L1 * N), B = take<double>(f, L1 * N * N);
     const std::vector<int64_t> fi = take<int64_t>(f, L1 * R * R);
     const std::vector<double> fs = take<double>(f, L1 * R * R), yn = take<double>(f, L1 * L1);
-    const std::vector<int32_t> cs = take<int32_t>(f, n_atoms);
+    const std::vector<int64_t> cs = take<int64_t>(f, n_atoms);
     const std::vector<int64_t> off = take<int64_t>(f, n_atoms + 1);
     const std::vector<double> vec = take<double>(f, 3 * n_pairs);
-    const std::vector<int32_t> ps = take<int32_t>(f, n_pairs);
+    const std::vector<int64_t> ps = take<int64_t>(f, n_pairs);
     const std::vector<double> V = take<double>(f, n_atoms * F);
     std::fclose(f);
 
@@ -275,9 +276,9 @@ def _soap_case(rng):
     vectors = u / np.linalg.norm(u, axis=1)[:, None] * rng.uniform(0.8, r_cut, (n_pairs, 1))
     return dict(A=A, B=B, index=index, scale=scale, norm=norm, n_max=n_max, l_max=l_max,
                 n_species=n_species, F=f, r_cut=r_cut, width=0.5, cw=1.0,
-                centre=rng.integers(0, n_species, 6).astype(np.int32), offsets=offsets,
+                centre=rng.integers(0, n_species, 6).astype(np.int64), offsets=offsets,
                 vectors=np.ascontiguousarray(vectors),
-                pair_species=rng.integers(0, n_species, n_pairs).astype(np.int32))
+                pair_species=rng.integers(0, n_species, n_pairs).astype(np.int64))
 
 
 def test_cxx_caller_matches_extension(tmp_path):

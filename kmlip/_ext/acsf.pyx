@@ -1,6 +1,6 @@
 """OpenMP driver of the ACSF kernel: the per-centre maths lives in acsf_core.h."""
 from cython.parallel cimport prange, threadid
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int64_t
 
 import numpy as np
 
@@ -21,9 +21,9 @@ cdef extern from "acsf_core.h" nogil:
         const int64_t *angular_block
     int64_t kmlip_acsf_work_size(const kmlip_acsf_params *p, int64_t n_neigh)
     void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh, const double *vec,
-                           const int32_t *spec, double *work, double *out_x, double *out_grad)
+                           const int64_t *spec, double *work, double *out_x, double *out_grad)
     void kmlip_acsf_centre_vjp(const kmlip_acsf_params *p, int64_t n_neigh, const double *vec,
-                               const int32_t *spec, const double *v, double *work,
+                               const int64_t *spec, const double *v, double *work,
                                double *out_x, double *out_f)
 
 
@@ -68,7 +68,7 @@ def compute(const double[:, ::1] g2, const double[::1] g3, const double[:, ::1] 
             const double[:, ::1] g5, const int64_t[::1] radial_block,
             const int64_t[:, ::1] angular_block, double r_cut, int n_features,
             const int64_t[::1] pair_offsets, const double[:, ::1] pair_vectors,
-            const int32_t[::1] pair_species, double[:, ::1] out_X, double[:, :, ::1] out_grad,
+            const int64_t[::1] pair_species, double[:, ::1] out_X, double[:, :, ::1] out_grad,
             int n_threads):
     """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
 
@@ -83,9 +83,9 @@ def compute(const double[:, ::1] g2, const double[::1] g3, const double[:, ::1] 
     cdef bint grads = out_grad is not None
     cdef double *gptr
     cdef const double *vptr
-    cdef const int32_t *sptr
+    cdef const int64_t *sptr
     cdef double dummy_v[3]
-    cdef int32_t dummy_s[1]
+    cdef int64_t dummy_s[1]
     cdef int tid
 
     for i in prange(n_atoms, nogil=True, schedule="dynamic", chunksize=1,
@@ -110,7 +110,7 @@ def vjp(const double[:, ::1] g2, const double[::1] g3, const double[:, ::1] g4,
         const double[:, ::1] g5, const int64_t[::1] radial_block,
         const int64_t[:, ::1] angular_block, double r_cut, int n_features,
         const int64_t[::1] pair_offsets, const double[:, ::1] pair_vectors,
-        const int32_t[::1] pair_species, const double[:, ::1] V, double[:, ::1] out_f,
+        const int64_t[::1] pair_species, const double[:, ::1] V, double[:, ::1] out_f,
         int n_threads):
     """out_f[k] = dE/dr_ij of pair k (n_pairs, 3), given V[i] = dE/dX_i (n_atoms, F)."""
     cdef kmlip_acsf_params p = _params(g2, g3, g4, g5, radial_block, angular_block, r_cut,

@@ -4,9 +4,9 @@
  * (acsf.pyx) owns the loop over centres and the memory; a LAMMPS pair style can include this
  * header and call kmlip_acsf_centre() from its own loop.
  *
- * Conventions: every size and index is int64_t; species codes are int32_t arrays (the dtype the
- * Python driver builds); functions and types are prefixed kmlip_acsf_, macros KMLIP_ACSF_; a
- * name ending in "_" is an internal step that callers need not use.
+ * Conventions: every size, index and species code is int64_t; functions and types are
+ * prefixed kmlip_acsf_, macros KMLIP_ACSF_; a name ending
+ * in "_" is an internal step that callers need not use.
  *
  * Maths, with the pair vectors a = r_ij, b = r_ik, c = b - a = r_jk of the neighbour list and
  * Behler's cutoff fc(r) = (cos(pi r / r_cut) + 1) / 2 for r < r_cut, 0 beyond:
@@ -172,7 +172,7 @@ static inline void kmlip_acsf_angular_(const double *prm, int64_t n, int64_t wit
 /* One centre: features, and the derivatives into out_grad and/or (with v) out_f; see
  * kmlip_acsf_centre and kmlip_acsf_centre_vjp. */
 static inline void kmlip_acsf_centre_(const kmlip_acsf_params *p, int64_t n_neigh,
-                                      const double *vec, const int32_t *spec, double *work,
+                                      const double *vec, const int64_t *spec, double *work,
                                       double *out_x, double *out_grad, const double *v,
                                       double *out_f)
 {
@@ -285,7 +285,7 @@ static inline void kmlip_acsf_centre_(const kmlip_acsf_params *p, int64_t n_neig
  * vec: (n_neigh, 3) pair vectors r_j - r_i in Å; spec: (n_neigh) species codes 0..n_species-1;
  * work: kmlip_acsf_work_size() doubles. */
 static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh,
-                                     const double *vec, const int32_t *spec, double *work,
+                                     const double *vec, const int64_t *spec, double *work,
                                      double *out_x, double *out_grad)
 {
     kmlip_acsf_centre_(p, n_neigh, vec, spec, work, out_x, out_grad, NULL, NULL);
@@ -295,7 +295,7 @@ static inline void kmlip_acsf_centre(const kmlip_acsf_params *p, int64_t n_neigh
  * the centre (n_features), out_f[j] = dE/d r_ij (n_neigh, 3, overwritten) for each pair;
  * out_x (n_features) receives the features (scratch for callers that have them already). */
 static inline void kmlip_acsf_centre_vjp(const kmlip_acsf_params *p, int64_t n_neigh,
-                                         const double *vec, const int32_t *spec, const double *v,
+                                         const double *vec, const int64_t *spec, const double *v,
                                          double *work, double *out_x, double *out_f)
 {
     kmlip_acsf_centre_(p, n_neigh, vec, spec, work, out_x, NULL, v, out_f);

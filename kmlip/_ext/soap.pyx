@@ -1,6 +1,6 @@
 """OpenMP driver of the SOAP kernel: the per-centre maths lives in soap_core.h."""
 from cython.parallel cimport prange, threadid
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 import numpy as np
@@ -21,19 +21,19 @@ cdef extern from "soap_core.h" nogil:
         const double *ylm_norm
     int64_t kmlip_soap_work_size(const kmlip_soap_params *p, int64_t n_neigh)
     void kmlip_soap_centre(const kmlip_soap_params *p, int64_t center_species, int64_t n_neigh,
-                           const double *vec, const int32_t *spec, double *work,
+                           const double *vec, const int64_t *spec, double *work,
                            double *out_p, double *out_grad)
     void kmlip_soap_normalize(int64_t F, double *pv, int64_t n_entries, double *grad)
     void kmlip_soap_centre_vjp(const kmlip_soap_params *p, int64_t center_species,
-                               int64_t n_neigh, const double *vec, const int32_t *spec,
+                               int64_t n_neigh, const double *vec, const int64_t *spec,
                                const double *v, int64_t normalized, double *work,
                                double *out_f)
     int64_t kmlip_soap_mu1nu1_work_size(const kmlip_soap_params *p, int64_t n_neigh)
     void kmlip_soap_centre_mu1nu1(const kmlip_soap_params *p, int64_t center_species,
-                                  int64_t n_neigh, const double *vec, const int32_t *spec,
+                                  int64_t n_neigh, const double *vec, const int64_t *spec,
                                   double *work, double *out_p, double *out_grad)
     void kmlip_soap_centre_vjp_mu1nu1(const kmlip_soap_params *p, int64_t center_species,
-                                      int64_t n_neigh, const double *vec, const int32_t *spec,
+                                      int64_t n_neigh, const double *vec, const int64_t *spec,
                                       const double *v, int64_t normalized, double *work,
                                       double *out_f)
 
@@ -78,8 +78,8 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
             const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
             const double[::1] ylm_norm, int n_max, int l_max, int n_species, int n_features,
             double r_cut, double cutoff_width, double center_weight, bint normalize,
-            const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
-            const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
+            const int64_t[::1] center_species, const int64_t[::1] pair_offsets,
+            const double[:, ::1] pair_vectors, const int64_t[::1] pair_species,
             double[:, ::1] out_X, double[:, :, ::1] out_grad, int n_threads,
             bint mu1nu1=False):
     """Fills out_X (n_atoms, F) and, if out_grad is not None, out_grad (n_atoms + n_pairs, 3, F).
@@ -101,9 +101,9 @@ def compute(const double[:, ::1] A, const double[:, :, ::1] B,
     cdef bint zero_grad = grads and not mu1nu1 and n_species > 1
     cdef double *gptr
     cdef const double *vptr
-    cdef const int32_t *sptr
+    cdef const int64_t *sptr
     cdef double dummy_v[3]
-    cdef int32_t dummy_s[1]
+    cdef int64_t dummy_s[1]
     cdef int tid
 
     for i in prange(n_atoms, nogil=True, schedule="dynamic", chunksize=1,
@@ -137,8 +137,8 @@ def vjp(const double[:, ::1] A, const double[:, :, ::1] B,
         const int64_t[:, :, ::1] feat_index, const double[:, :, ::1] feat_scale,
         const double[::1] ylm_norm, int n_max, int l_max, int n_species, int n_features,
         double r_cut, double cutoff_width, double center_weight, bint normalize,
-        const int32_t[::1] center_species, const int64_t[::1] pair_offsets,
-        const double[:, ::1] pair_vectors, const int32_t[::1] pair_species,
+        const int64_t[::1] center_species, const int64_t[::1] pair_offsets,
+        const double[:, ::1] pair_vectors, const int64_t[::1] pair_species,
         const double[:, ::1] V, double[:, ::1] out_f, int n_threads, bint mu1nu1=False):
     """out_f[k] = dE/dr_ij of pair k, given V[i] = dE/dX_i (n_atoms, F)."""
     cdef kmlip_soap_params p = _params(A, B, feat_index, feat_scale, ylm_norm, n_max, l_max,

@@ -5,9 +5,9 @@
  * header and call kmlip_soap_centre() (features and gradients) or kmlip_soap_centre_vjp()
  * (forces of a scalar of the features) from its own loop.
  *
- * Conventions: every size and index is int64_t; species codes are int32_t arrays (the dtype the
- * Python driver builds); functions and types are prefixed kmlip_soap_, macros KMLIP_SOAP_; a
- * name ending in "_" is an internal step that callers need not use.
+ * Conventions: every size, index and species code is int64_t; functions and types are
+ * prefixed kmlip_soap_, macros KMLIP_SOAP_; a name ending
+ * in "_" is an internal step that callers need not use.
  *
  * Maths (see DESIGN.md, "SOAP"): with the GTO primitive basis r^l exp(-alpha_{lk} r^2) and a
  * Gaussian atom density of width sigma, the radial integral has the closed form
@@ -270,7 +270,7 @@ static inline void kmlip_soap_radial(const kmlip_soap_params *p, double r2, doub
 /* Step 1. Expansion coefficients ws->C and, per pair, S_lm, the radial values a and (if grad)
  * dS_lm and b, stored in ws->Sall (arguments as kmlip_soap_centre). */
 static inline void kmlip_soap_expand_(const kmlip_soap_params *p, int64_t center_species,
-                                      int64_t n_neigh, const double *vec, const int32_t *spec,
+                                      int64_t n_neigh, const double *vec, const int64_t *spec,
                                       const kmlip_soap_workspace *ws, int64_t grad)
 {
     const int64_t N = p->n_max, L1 = p->l_max + 1, LM = L1 * L1, R = p->n_species * N;
@@ -465,7 +465,7 @@ static inline void kmlip_soap_scatter_pair_grad_(const kmlip_soap_params *p, int
  *                    d p / d r_i, entry 1 + k the derivative w.r.t. the position of neighbour k.
  */
 static inline void kmlip_soap_centre(const kmlip_soap_params *p, int64_t center_species,
-                                     int64_t n_neigh, const double *vec, const int32_t *spec,
+                                     int64_t n_neigh, const double *vec, const int64_t *spec,
                                      double *work, double *out_p, double *out_grad)
 {
     const int64_t L1 = p->l_max + 1, F = p->n_features;
@@ -592,7 +592,7 @@ static inline void kmlip_soap_pair_vjp_(const kmlip_soap_params *p, const double
  * dE/dC = U C with U_l the symmetric matrix of v, then contract with the pair's dC.
  * Other arguments as kmlip_soap_centre. */
 static inline void kmlip_soap_centre_vjp(const kmlip_soap_params *p, int64_t center_species,
-                                         int64_t n_neigh, const double *vec, const int32_t *spec,
+                                         int64_t n_neigh, const double *vec, const int64_t *spec,
                                          const double *v, int64_t normalized, double *work,
                                          double *out_f)
 {
@@ -714,7 +714,7 @@ static inline void kmlip_soap_mu1nu1_scatter_(const kmlip_soap_params *p, int64_
  * n_features describe the compressed layout; work: kmlip_soap_mu1nu1_work_size doubles). */
 static inline void kmlip_soap_centre_mu1nu1(const kmlip_soap_params *p, int64_t center_species,
                                             int64_t n_neigh, const double *vec,
-                                            const int32_t *spec, double *work, double *out_p,
+                                            const int64_t *spec, double *work, double *out_p,
                                             double *out_grad)
 {
     const int64_t L1 = p->l_max + 1, F = p->n_features;
@@ -744,7 +744,7 @@ static inline void kmlip_soap_centre_mu1nu1(const kmlip_soap_params *p, int64_t 
  * sum_{Z,n} u^Z_{nn'} c^Z_{nlm}; then the pair contraction of the uncompressed kernel. */
 static inline void kmlip_soap_centre_vjp_mu1nu1(const kmlip_soap_params *p,
                                                 int64_t center_species, int64_t n_neigh,
-                                                const double *vec, const int32_t *spec,
+                                                const double *vec, const int64_t *spec,
                                                 const double *v, int64_t normalized,
                                                 double *work, double *out_f)
 {

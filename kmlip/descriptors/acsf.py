@@ -166,7 +166,7 @@ class ACSF(Descriptor):
                              "species")
         self.species_z = tuple(sorted(zs))
         self._z_index = {z: k for k, z in enumerate(self.species_z)}
-        self._zmap = np.zeros(max(self.species_z) + 1, dtype=np.int32)  # Z -> species code
+        self._zmap = np.zeros(max(self.species_z) + 1, dtype=np.int64)  # Z -> species code
         for z, k in self._z_index.items():
             self._zmap[z] = k
         self.n_features = n_features

@@ -334,7 +334,7 @@ class SOAP(Descriptor):
             raise ValueError(f"species {names} not declared in SOAP(species=...)")
         nt = resolve_threads(self.n_threads if n_threads is None else n_threads)
         nl = neighbor_list_arrays(positions, cell, pbc, self.cutoff)
-        zmap = np.zeros(max(self.species_z) + 1, dtype=np.int32)
+        zmap = np.zeros(max(self.species_z) + 1, dtype=np.int64)
         for z, k in self._z_index.items():
             zmap[z] = k
         center_species = zmap[numbers]

@@ -670,7 +670,7 @@ void PairKMLIP::compute_block(const int *centres, int nb, int z, bool want_unc)
   for (int b = 0; b < nb; ++b) {
     const int64_t n = pair_off[b + 1] - pair_off[b];
     const double *vb = vec.data() + 3 * pair_off[b];
-    const int32_t *sb = spec.data() + pair_off[b];
+    const int64_t *sb = spec.data() + pair_off[b];
     double *wb = work.data() + work_off[b];
     double *pr = feat_raw.data() + b * Fp;
     if (compression == 1) {
@@ -737,7 +737,7 @@ void PairKMLIP::compute_block(const int *centres, int nb, int z, bool want_unc)
     const int64_t n = pair_off[b + 1] - pair_off[b];
     if (!Mz || !n || inv[b] == 0.0) continue;
     const double *vb = vec.data() + 3 * pair_off[b];
-    const int32_t *sb = spec.data() + pair_off[b];
+    const int64_t *sb = spec.data() + pair_off[b];
     const int *jb = jidx.data() + pair_off[b];
     double *wb = work.data() + work_off[b];
     const double *v = kv.data() + b * Fp;

@@ -82,7 +82,7 @@ class PairKMLIP : public Pair {
   std::vector<double> work;              // per-centre SOAP workspaces, concatenated
   std::vector<int64_t> work_off;         // (BLOCK + 1) offsets into work
   std::vector<double> vec;               // pair vectors of the block's centres
-  std::vector<int32_t> spec;             // neighbour species indices
+  std::vector<int64_t> spec;             // neighbour species indices
   std::vector<int> jidx;                 // neighbour atom indices
   std::vector<int64_t> pair_off;         // (BLOCK + 1) offsets into vec / spec / jidx
   std::vector<double> feat_raw, feat;    // (BLOCK, F) raw and (if normalised) unit features
