@@ -35,8 +35,15 @@ The JSON header::
      "arrays": {name: {"shape", "dtype", "sha256"}},
      "header_sha256": sha256 of the canonical JSON of the other keys}
 
+A sum of kernels, or a kernel whose environments are not atoms, stores ``"terms"`` in place of
+``descriptor``/``zeta``/``columns``: a list of ``{"descriptor", "zeta" (null where it does not
+apply), "columns": [{"name", "key", "offset", "count"}]}``, with arrays
+``sparse_points__<t>__<name>`` and ``sparse_indices__<t>__<name>``, and ``delta`` a list (one
+per term); such files are version 3.
+
 Versioning: a reader refuses a ``format_version`` newer than it knows; version 1 files (no
-``header_sha256``) still load. Version 2 added ``header_sha256`` (required from 2 on).
+``header_sha256``) still load. Version 2 added ``header_sha256`` (required from 2 on); version 3
+added ``terms`` (single atom-centred models are still written as version 2).
 
 For readers without NumPy (a C++ plugin), :func:`export_raw` writes the same content as a
 directory: ``model.json`` (the header, each array entry with a ``file``, little-endian
@@ -63,7 +70,10 @@ from collections.abc import Mapping
 import numpy as np
 
 FORMAT = "kmlip-model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Version written for a model whose fitted state keeps the single-term layout of version 2
+#: (``descriptor``/``zeta``/``columns``): readers that know version 2 still read such files.
+SINGLE_TERM_VERSION = 2
 #: dtypes an array of a model file may have
 _DTYPES = ("<f8", "<i8", "|u1")
 #: largest JSON header accepted (bytes)
@@ -124,7 +134,10 @@ def atomic_write(path, write, text: bool = False) -> None:
 
 
 def _complete_header(header: Mapping, arrays: Mapping[str, np.ndarray]) -> dict:
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kmlip_version": _version(),
+    fitted = header.get("fitted")
+    version = FORMAT_VERSION if isinstance(fitted, Mapping) and "terms" in fitted \
+        else SINGLE_TERM_VERSION
+    meta = {"format": FORMAT, "format_version": version, "kmlip_version": _version(),
             **{k: v for k, v in header.items()
                if k not in ("format", "format_version", "arrays", "header_sha256")},
             "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype.str, "sha256": _sha(v)}

@@ -180,9 +180,11 @@ def test_sum_model_fits_better_than_its_parts_alone_would_not_break(sum_model, f
 
 def test_sum_model_save_load_and_calculator(sum_model, tmp_path):
     from kmlip import KMLIPCalculator, load
+    from kmlip.io import read_header
 
     p = tmp_path / "sum.kmlip"
     sum_model.save(p)
+    assert read_header(p)["format_version"] == 3 and "terms" in read_header(p)["fitted"]
     m2 = load(p)
     a = cual_cells(1, seed=12)[0]
     props = ("energy", "forces", "stress", "energies_var", "energy_var")

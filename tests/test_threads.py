@@ -96,3 +96,29 @@ def test_fits_with_1_and_2_threads_predict_the_same(precision):
     # thread count (rows, QR updates) or runs with single-threaded BLAS (K_MM, the solve)
     assert np.array_equal(alphas[0], alphas[1])
     assert np.array_equal(preds[0], preds[1])
+
+
+def test_derivative_rows_from_concurrent_threads_match_serial():
+    """Training computes structures side by side in Python threads (and Dask runs threaded
+    workers): the GEMM scratch of one SparseBasis must not be shared between threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import cual_cells, soap_or_skip
+
+    from kmlip import KernelPotential
+
+    soap = soap_or_skip()
+    frames = cual_cells(8, seed=21)
+    m = KernelPotential(soap, n_sparse=15, zeta=2, random_state=0, n_threads=1,
+                        precision="mixed").fit(frames[:3])
+    basis = m.fitted_state_.basis
+    data = [soap.transform(a, gradients=True) + (a.numbers,) for a in frames]
+    want = [basis.derivative_rows(X, Z, G, n_threads=1, precision="mixed")
+            for X, G, Z in data]
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda d: basis.derivative_rows(d[0], d[2], d[1], n_threads=1,
+                                                                precision="mixed"), data * 3))
+        for k, (F, W) in enumerate(got):
+            assert np.array_equal(F, want[k % len(data)][0])
+            assert np.array_equal(W, want[k % len(data)][1])
