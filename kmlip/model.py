@@ -67,7 +67,6 @@ from kmlip.gp import sparse_points, training
 from kmlip.gp.sparse import cholesky_jitter
 from kmlip.gp.state import (
     FittedState,
-    _species_with_points,
     baseline_from_dict,
     baseline_to_dict,
     copy_component,
@@ -460,7 +459,7 @@ class KernelPotential(BaseEstimator):
         timings["qr"] = time.perf_counter() - t0 - t_rows
 
         t0 = time.perf_counter()
-        with_points = set(_species_with_points(terms))
+        with_points = set(kernel.species_with_points())
         order = []
         for t in terms:
             order += [z for z in t.descriptor.species_z if z not in order]

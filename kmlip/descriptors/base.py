@@ -201,6 +201,11 @@ class Descriptor:
         raise ValueError(f"{name!r} is not a kernel key of {type(self).__name__} (keys: "
                          f"{[self.key_name(k) for k in self.kernel_keys()]})")
 
+    def key_species(self, key: int) -> tuple[int, ...]:
+        """Atomic numbers an environment of kernel key ``key`` involves (atom-centred: the
+        centre's)."""
+        return (int(key),)
+
     def keys_present(self, numbers) -> tuple[int, ...]:
         """Keys that structures made of the atomic numbers ``numbers`` can produce."""
         present = {int(z) for z in np.asarray(numbers).ravel()}

@@ -120,6 +120,9 @@ class Distance2b(Descriptor):
                 return pair_key(za, zb)
         return super().key_from_name(name)
 
+    def key_species(self, key: int) -> tuple[int, ...]:
+        return tuple(sorted(set(divmod(int(key), KEY_BASE))))
+
     def keys_present(self, numbers) -> tuple[int, ...]:
         present = {int(z) for z in np.asarray(numbers).ravel()}
         return tuple(k for k in self._keys

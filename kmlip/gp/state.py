@@ -24,7 +24,6 @@ import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
 from kmlip import kernels
-from kmlip.descriptors.distance2b import KEY_BASE
 from kmlip.gp import hyperparameters as hp
 from kmlip.gp.sparse import (
     FIXED_CLASSES,
@@ -621,19 +620,8 @@ def _read_terms(v, arrays):
         if basis.n_sparse != offset:
             raise ValueError(f"terms[{t}]: sparse points and columns disagree")
         terms.append(Term(d, basis))
-    return KernelSum(terms), indices, _species_with_points(terms)
-
-
-def _species_with_points(terms) -> list[int]:
-    """Atomic numbers that some term has sparse points for (the atoms of pair keys count)."""
-    out = []
-    for term in terms:
-        d = term.descriptor
-        for k in term.basis.species_z:
-            zs = [k] if getattr(d, "atom_centred", True) else [
-                z for z in d.species_z if z in divmod(k, KEY_BASE)]
-            out += [z for z in zs if z not in out]
-    return out
+    kernel = KernelSum(terms)
+    return kernel, indices, kernel.species_with_points()
 
 
 class _Validator:

@@ -113,6 +113,14 @@ class KernelSum:
         return (np.concatenate([p[0] for p in parts], axis=1),
                 np.concatenate([p[1] for p in parts], axis=1))
 
+    def species_with_points(self) -> list[int]:
+        """Atomic numbers that some term has sparse points for, in term order."""
+        out = []
+        for term in self.terms:
+            for k in term.basis.species_z:
+                out += [z for z in term.descriptor.key_species(k) if z not in out]
+        return out
+
     def release_scratch(self) -> None:
         for t in self.terms:
             t.basis.release_scratch()
