@@ -242,9 +242,8 @@ def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction
     kernel = state.kernel
     deltas = state.hyper.delta if isinstance(state.hyper.delta, tuple) else (state.hyper.delta,)
     d2s = [float(d) ** 2 for d in deltas]
-    dcol = np.broadcast_to(np.asarray(state.column_delta, dtype=np.float64),
-                           (kernel.n_sparse,))
-    dcol = np.array(dcol)
+    dcol = np.array(np.broadcast_to(np.asarray(state.column_delta, dtype=np.float64),
+                                    (kernel.n_sparse,)))
 
     def _var(K, prior, what):
         # full prior variances (eV²), delta per column: the vector form of the formula

@@ -75,16 +75,17 @@ def free_sigmas(factors: dict, hyper: Hyperparameters) -> dict[str, float]:
     return out
 
 
-def column_delta(hyper: Hyperparameters, groups=None):
-    """δ as :func:`kmlip.gp.sparse.solve_stack` takes it: the scalar, or one value per column
-    (``groups``: the columns of each kernel term)."""
-    if not isinstance(hyper.delta, tuple):
-        return hyper.delta
-    if len(hyper.delta) == 1:
-        return hyper.delta[0]
+def column_delta(delta, groups=None):
+    """δ as :func:`kmlip.gp.sparse.solve_stack` takes it: a scalar stays a scalar (so does a
+    one-term tuple); one value per term becomes one value per column (``groups``: the columns of
+    each kernel term)."""
+    if not isinstance(delta, (tuple, list)):
+        return delta
+    if len(delta) == 1:
+        return delta[0]
     M = max(g.stop for g in groups)
     d = np.empty(M)
-    for g, v in zip(groups, hyper.delta, strict=True):
+    for g, v in zip(groups, delta, strict=True):
         d[g] = v
     return d
 
@@ -92,7 +93,8 @@ def column_delta(hyper: Hyperparameters, groups=None):
 def solve(factors: dict, L_hat, hyper: Hyperparameters, gradient: bool = False,
           groups=None) -> Solution:
     """Weights, posterior factor and log marginal likelihood at ``hyper``."""
-    return solve_stack(factors, L_hat, column_delta(hyper, groups), free_sigmas(factors, hyper),
+    return solve_stack(factors, L_hat, column_delta(hyper.delta, groups),
+                       free_sigmas(factors, hyper),
                        gradient=gradient)
 
 

@@ -59,12 +59,9 @@ class KernelSum:
 
     def column_scale(self, delta) -> float | np.ndarray:
         """δ of every column: the scalar itself for one term, else an (M,) vector."""
-        if self.single:
-            return float(delta[0] if isinstance(delta, (tuple, list)) else delta)
-        d = np.empty(self.n_sparse)
-        for t in range(len(self.terms)):
-            d[self.columns(t)] = delta[t]
-        return d
+        from kmlip.gp.hyperparameters import column_delta
+
+        return column_delta(delta, [self.columns(t) for t in range(len(self.terms))])
 
     def column_blocks(self) -> dict:
         """``{(term, key): slice}`` of the joint columns (K_MM is zero between blocks)."""
