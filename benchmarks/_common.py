@@ -737,8 +737,6 @@ def emt_alloy_dataset(
         Each with a SinglePointCalculator holding energy, forces and stress.
     """
     from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
 
     rng = np.random.default_rng(seed)
     frames = []
@@ -749,13 +747,21 @@ def emt_alloy_dataset(
         cell = atoms.cell.array @ (np.eye(3) + random_strain(rng, max_strain))
         atoms.set_cell(cell, scale_atoms=True)
         atoms.positions += rng.normal(0.0, rattle, atoms.positions.shape)
-        atoms.calc = EMT()
-        snap = atoms.copy()
-        snap.calc = SinglePointCalculator(snap, energy=atoms.get_potential_energy(),
-                                          forces=atoms.get_forces().copy(),
-                                          stress=atoms.get_stress(voigt=True).copy())
-        frames.append(snap)
+        frames.append(emt_snapshot(atoms))
     return frames
+
+
+def emt_snapshot(atoms):
+    """A copy of ``atoms`` holding its EMT energy, forces and stress (SinglePointCalculator)."""
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms.calc = EMT()
+    snap = atoms.copy()
+    snap.calc = SinglePointCalculator(snap, energy=atoms.get_potential_energy(),
+                                      forces=atoms.get_forces().copy(),
+                                      stress=atoms.get_stress(voigt=True).copy())
+    return snap
 
 
 def cached_frames(path: Path, make: Callable[[], list]) -> list:

@@ -32,7 +32,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT_DIR, cached_frames, fmt, format_table, random_strain  # noqa: E402
+from _common import (  # noqa: E402
+    OUT_DIR,
+    cached_frames,
+    emt_snapshot,
+    fmt,
+    format_table,
+    random_strain,
+)
 
 METALS = ("Cu", "Ag", "Au", "Ni", "Pd")
 MODES = ("off", "mu1nu1", "mu2")
@@ -42,8 +49,6 @@ def five_metal_cells(n_cells: int, seed: int, rattle: float = 0.1, max_strain: f
     """``n_cells`` random 32-atom fcc alloys of :data:`METALS`, EMT-labelled (energy, forces,
     stress); see the module docstring."""
     from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
     from ase.data import atomic_numbers, reference_states
 
     a_ref = {s: reference_states[atomic_numbers[s]]["a"] for s in METALS}
@@ -57,12 +62,7 @@ def five_metal_cells(n_cells: int, seed: int, rattle: float = 0.1, max_strain: f
         atoms.set_cell(atoms.cell.array @ (np.eye(3) + random_strain(rng, max_strain)),
                        scale_atoms=True)
         atoms.positions += rng.normal(0.0, rattle, atoms.positions.shape)
-        atoms.calc = EMT()
-        snap = atoms.copy()
-        snap.calc = SinglePointCalculator(snap, energy=atoms.get_potential_energy(),
-                                          forces=atoms.get_forces().copy(),
-                                          stress=atoms.get_stress(voigt=True).copy())
-        frames.append(snap)
+        frames.append(emt_snapshot(atoms))
     return frames
 
 
