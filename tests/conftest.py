@@ -106,6 +106,18 @@ def triclinic_cell(seed=0, symbols="CuAlCuAlCu") -> Atoms:
     return Atoms(symbols, scaled_positions=frac, cell=cell, pbc=True)
 
 
+def fd_forces(energy, atoms, h=1e-5) -> np.ndarray:
+    """Forces ``-dE/dr`` of a scalar ``energy(atoms)`` by central differences, (n_atoms, 3)."""
+    out = np.zeros((len(atoms), 3))
+    for j in range(len(atoms)):
+        for a in range(3):
+            p, m = atoms.copy(), atoms.copy()
+            p.positions[j, a] += h
+            m.positions[j, a] -= h
+            out[j, a] = -(energy(p) - energy(m)) / (2 * h)
+    return out
+
+
 def fd_positions(desc, atoms, h=1e-5) -> np.ndarray:
     """Central differences of a descriptor's features, (n_atoms, n_atoms, 3, F)."""
     n = len(atoms)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
+from conftest import fd_forces
 from conftest import fd_positions as _fd_positions
 from conftest import fd_strain as _fd_strain
 from conftest import triclinic_cell as _triclinic
@@ -139,14 +140,7 @@ def test_backprop_gives_forces_and_virial_of_a_scalar(vjp, monkeypatch):
         return float(np.sum(w * X**2))
 
     X, V, forces, virial = acsf.backprop(atoms, lambda X: 2 * w * X)
-    h = 1e-5
-    fd = np.zeros_like(forces)
-    for j in range(len(atoms)):
-        for a in range(3):
-            p, m = atoms.copy(), atoms.copy()
-            p.positions[j, a] += h
-            m.positions[j, a] -= h
-            fd[j, a] = -(energy(acsf.transform(p)) - energy(acsf.transform(m))) / (2 * h)
+    fd = fd_forces(lambda a: energy(acsf.transform(a)), atoms)
     np.testing.assert_allclose(forces, fd, atol=1e-6 * np.abs(fd).max())
     # the in-kernel vjp equals the base class's contraction of the pair gradients
     X2, _, forces2, virial2 = Descriptor.backprop(acsf, atoms, lambda X: 2 * w * X)
@@ -281,14 +275,7 @@ def test_kernel_potential_fits_emt_and_forces_are_energy_derivatives(train_frame
     assert np.sqrt(np.mean((F - F_ref) ** 2)) < 0.25 * np.sqrt(np.mean(F_ref**2))
     atoms = frames[0]
     F = model.predict_forces(atoms)
-    h = 1e-4
-    fd = np.zeros_like(F)
-    for j in range(len(atoms)):
-        for a in range(3):
-            p, m = atoms.copy(), atoms.copy()
-            p.positions[j, a] += h
-            m.positions[j, a] -= h
-            fd[j, a] = -(model.predict(p)[0] - model.predict(m)[0]) / (2 * h)
+    fd = fd_forces(lambda a: model.predict(a)[0], atoms, h=1e-4)
     np.testing.assert_allclose(F, fd, atol=1e-5 * max(1.0, np.abs(fd).max()))
 
 

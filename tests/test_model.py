@@ -6,7 +6,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.lj import LennardJones
-from conftest import cual_cells, cual_cluster, label, soap_or_skip
+from conftest import cual_cells, cual_cluster, fd_forces, label, soap_or_skip
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
@@ -14,14 +14,7 @@ from kmlip.model import KernelPotential
 
 
 def _fd_forces(model, atoms, h=1e-4):
-    out = np.zeros((len(atoms), 3))
-    for j in range(len(atoms)):
-        for c in range(3):
-            p, m = atoms.copy(), atoms.copy()
-            p.positions[j, c] += h
-            m.positions[j, c] -= h
-            out[j, c] = -(model.predict(p)[0] - model.predict(m)[0]) / (2 * h)
-    return out
+    return fd_forces(lambda a: model.predict(a)[0], atoms, h)
 
 
 def _fd_stress(model, atoms, h=1e-5):

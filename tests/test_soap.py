@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
+from conftest import fd_forces
 from conftest import fd_positions as _fd_positions
 from conftest import fd_strain as _fd_strain
 from conftest import triclinic_cell as _triclinic
@@ -216,14 +217,7 @@ def test_backprop_equals_contraction_with_pair_gradients(normalize):
 
     X, V, forces, virial = soap.backprop(atoms, lambda X: 2 * w * X)
     # forces are -dE/dr by central differences of E(X(r))
-    h = 1e-5
-    fd = np.zeros_like(forces)
-    for j in range(len(atoms)):
-        for a in range(3):
-            p, m = atoms.copy(), atoms.copy()
-            p.positions[j, a] += h
-            m.positions[j, a] -= h
-            fd[j, a] = -(energy(soap.transform(p)) - energy(soap.transform(m))) / (2 * h)
+    fd = fd_forces(lambda a: energy(soap.transform(a)), atoms)
     np.testing.assert_allclose(forces, fd, atol=1e-6 * np.abs(fd).max())
     _, G = soap.transform(atoms, gradients=True)
     fe = np.einsum("kaf,kf->ka", G.values, V[G.centers])

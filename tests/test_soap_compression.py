@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
+from conftest import fd_forces
 from conftest import fd_positions as _fd_positions
 from conftest import fd_strain as _fd_strain
 
@@ -253,12 +254,5 @@ def test_kernel_potential_fits_with_compressed_soap(mode):
     assert np.sqrt(np.mean((F - F_ref) ** 2)) < 0.6 * np.sqrt(np.mean(F_ref ** 2))
     atoms = test[0]
     F0 = model.predict_forces(atoms)
-    h = 1e-4
-    fd = np.zeros_like(F0)
-    for j in range(len(atoms)):
-        for a in range(3):
-            p, m = atoms.copy(), atoms.copy()
-            p.positions[j, a] += h
-            m.positions[j, a] -= h
-            fd[j, a] = -(model.predict(p)[0] - model.predict(m)[0]) / (2 * h)
+    fd = fd_forces(lambda a: model.predict(a)[0], atoms, h=1e-4)
     np.testing.assert_allclose(F0, fd, atol=1e-5 * max(1.0, np.abs(fd).max()))
