@@ -778,6 +778,22 @@ def cached_frames(path: Path, make: Callable[[], list]) -> list:
     return read(str(path), index=":")
 
 
+def systems_codes_modes(parser, args, default_systems, systems, codes):
+    """The ``--systems``, ``--codes`` and ``--modes`` lists of a descriptor benchmark (comma
+    separated), each checked against what the script knows (a usage error otherwise)."""
+    def split(text):
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    chosen = list(default_systems) if args.systems is None else split(args.systems)
+    out = (chosen, split(args.codes), split(args.modes))
+    for names, allowed, what in zip(out, (systems, codes, ("desc", "grad")),
+                                    ("system", "code", "mode"), strict=True):
+        bad = [x for x in names if x not in allowed]
+        if bad:
+            parser.error(f"unknown {what}(s) {bad}; choose from {list(allowed)}")
+    return out
+
+
 def print_target_rows(lines: list[tuple[str, Any, str, str]]) -> None:
     """Prints (what, measured, wanted, verdict) rows of an issue's targets as a table."""
     print(format_table([{"what": a, "measured": b, "target": c, "verdict": d}

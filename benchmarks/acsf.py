@@ -61,6 +61,7 @@ from _common import (
     rss_mb,
     run_worker,
     save_json,
+    systems_codes_modes,
     time_calls,
     use_repo_kmlip,
     verdict,
@@ -214,15 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker is not None:
         return worker(json.loads(args._worker), args._report)
 
-    systems = (list(QUICK_SYSTEMS) if args.quick else list(DEFAULT_SYSTEMS)) \
-        if args.systems is None else [s.strip() for s in args.systems.split(",") if s.strip()]
-    codes = [c.strip() for c in args.codes.split(",") if c.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for names, allowed, what in ((systems, SYSTEMS, "system"), (codes, CODES, "code"),
-                                 (modes, ("desc", "grad"), "mode")):
-        bad = [x for x in names if x not in allowed]
-        if bad:
-            p.error(f"unknown {what}(s) {bad}; choose from {list(allowed)}")
+    systems, codes, modes = systems_codes_modes(
+        p, args, QUICK_SYSTEMS if args.quick else DEFAULT_SYSTEMS, SYSTEMS, CODES)
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     opts = {"dscribe_grad_centres": args.dscribe_grad_centres}
 

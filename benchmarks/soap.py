@@ -72,6 +72,7 @@ from _common import (
     rss_mb,
     run_worker,
     save_json,
+    systems_codes_modes,
     time_calls,
     use_repo_kmlip,
     verdict,
@@ -555,15 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker is not None:
         return worker(json.loads(args._worker), args._report)
 
-    systems = (list(QUICK_SYSTEMS) if args.quick else list(DEFAULT_SYSTEMS)) \
-        if args.systems is None else [s.strip() for s in args.systems.split(",") if s.strip()]
-    codes = [c.strip() for c in args.codes.split(",") if c.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for name, allowed, what in ((systems, SYSTEMS, "system"), (codes, CODES, "code"),
-                                (modes, ("desc", "grad"), "mode")):
-        bad = [x for x in name if x not in allowed]
-        if bad:
-            p.error(f"unknown {what}(s) {bad}; choose from {list(allowed)}")
+    systems, codes, modes = systems_codes_modes(
+        p, args, QUICK_SYSTEMS if args.quick else DEFAULT_SYSTEMS, SYSTEMS, CODES)
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     featomic_variants = [[g.strip() for g in v.split(",") if g.strip()]
                          for v in args.featomic_gradients.split(";") if v.strip()]
