@@ -492,17 +492,39 @@ class KernelPotential(BaseEstimator):
                         for lb, a in zip(labels, frames, strict=True)])
         return e0_mod.fit_e0(counts, energies, sig, present)
 
-    def partial_fit(self, frames, y=None):
+    def partial_fit(self, frames, y=None, client=None):
         """Adds labelled frames to a fitted model (new QR rows; sparse points, e0 and
         hyperparameters unchanged) and re-solves. Fits from scratch when not fitted.
+
+        Parameters
+        ----------
+        frames : list of ase.Atoms
+            New labelled structures (see :mod:`kmlip.labels`), of species the model knows.
+        y : None
+            Ignored (labels live in the frames); present for scikit-learn compatibility.
+        client : dask.distributed.Client, optional
+            Compute the new frames' kernel rows on its workers
+            (:func:`kmlip.gp.distributed.accumulate`: each worker folds its block of the new
+            frames into triangular factors, which are merged into the model's stored ones on
+            the caller's side); the same model as without a client, to rounding. The model
+            may have been fitted with or without a client. When the model is not fitted yet,
+            ``fit(frames, client=client)``.
+
+        Returns
+        -------
+        self
 
         Raises
         ------
         ValueError
-            Bad frames or labels, or a model without its QR factors; the model is unchanged.
+            Bad frames or labels (the message names the frame; on Dask, ``"structure i (Dask
+            worker ADDRESS): ..."``), or a model without its QR factors; the model is unchanged.
+        RuntimeError
+            A Dask worker died during the update (the message names it and the frames it
+            held); the model is unchanged.
         """
         if not self.__sklearn_is_fitted__():
-            return self.fit(frames)
+            return self.fit(frames, client=client)
         cfg = self._config()
         state = self.fitted_state_
         state.require_factors("partial_fit")
@@ -514,11 +536,19 @@ class KernelPotential(BaseEstimator):
                              h.sigma_energy is not None, h.sigma_force is not None,
                              h.sigma_stress is not None)
         labels = [lab.read_labels(a, k, keys) for k, a in enumerate(frames)]
+        if client is not None:
+            import functools
+
+            from kmlip.gp import distributed
+
+            accumulate = functools.partial(distributed.accumulate, client)
+        else:
+            accumulate = training.accumulate
         # kmlip's own OpenMP loops call BLAS per block; BLAS threads beside them would spin
         # (and a threaded SVD in the sparse selection is slower than a serial one here)
         with serial_blas():
             base = [training.baseline_values(state.baseline, a) for a in frames]
-            factors, _ = training.accumulate(
+            factors, _ = accumulate(
                 state.kernel, frames, labels,
                 [float(np.sum(state.e0_table[a.numbers])) for a in frames], base,
                 cfg.n_threads, cfg.precision,

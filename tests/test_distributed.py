@@ -330,3 +330,107 @@ def test_sum_of_kernels_with_client(client):
     np.testing.assert_allclose(m2.predict(test), m1.predict(test), rtol=1e-9)
     f1, f2 = m1.predict_forces(test[0]), m2.predict_forces(test[0])
     assert np.abs(f1 - f2).max() <= 1e-9 * np.abs(f1).max()
+
+
+# -- partial_fit on Dask ----------------------------------------------------------------------
+LABEL_SETS = {"energy": dict(sigma_force=None), "forces": dict(sigma_energy=None),
+              "stress": dict(sigma_stress=0.02)}
+
+
+@pytest.fixture(scope="module")
+def online_frames():
+    """8 structures for the first fit, 8 to add (one with per-structure noise overrides, so
+    the update brings a label class the model did not have)."""
+    fr = cual_cells(16, seed=51)
+    fr[11].info.update(energy_sigma=0.01, force_sigma=0.05, virial_sigma=0.05)
+    return fr[:8], fr[8:]
+
+
+def assert_same_model(m1, m2, test, rtol=1e-10):
+    """Same weights, factors (their T^T T), likelihood and predictions, to ``rtol``."""
+    assert m2.n_labels_ == m1.n_labels_
+    assert np.abs(m2.alpha_ - m1.alpha_).max() <= rtol * np.abs(m1.alpha_).max()
+    assert m2.log_marginal_likelihood_ == pytest.approx(m1.log_marginal_likelihood_, rel=rtol)
+    assert_same_factors(m1.factors_, m2.factors_)
+    e1, s1 = m1.predict(test, return_std=True)
+    e2, s2 = m2.predict(test, return_std=True)
+    np.testing.assert_allclose(e2, e1, rtol=rtol)
+    np.testing.assert_allclose(s2, s1, rtol=1e-8)
+    for a in test:
+        f1, f2 = m1.predict_forces(a), m2.predict_forces(a)
+        assert np.abs(f1 - f2).max() <= 10 * rtol * np.abs(f1).max()
+        v1, v2 = m1.predict_stress(a), m2.predict_stress(a)
+        assert np.abs(v1 - v2).max() <= 10 * rtol * np.abs(v1).max()
+
+
+@pytest.mark.parametrize("first", ["serial", "dask"])
+@pytest.mark.parametrize("labels", sorted(LABEL_SETS))
+def test_partial_fit_with_client_equals_serial(client, soap, online_frames, labels, first,
+                                               monkeypatch):
+    """``partial_fit(frames, client=...)`` folds the new rows into the stored factors: the same
+    model as a serial ``partial_fit``, whether the model was first fitted with a client or not,
+    for energy-only, force-only and energy + force + stress labels."""
+    from sklearn.base import clone
+
+    from kmlip.model import KernelPotential
+
+    def twin(m):
+        # the fitted state is immutable (an update assigns a new one), so twins may share it
+        t = clone(m)
+        t.fitted_state_ = m.fitted_state_
+        return t
+
+    head, tail = online_frames
+    test = cual_cells(2, seed=52)
+    model = KernelPotential(soap, n_sparse=8, random_state=0, n_threads=1,
+                            **LABEL_SETS[labels])
+    model.fit(head, client=client if first == "dask" else None)
+    before = model.n_labels_
+    serial = twin(model).partial_fit(tail)
+    sent = []
+    bare = distributed._bare
+    monkeypatch.setattr(distributed, "_bare", lambda a: sent.append(1) or bare(a))
+    dask = twin(model).partial_fit(tail, client=client)
+    assert len(sent) == len(tail)  # the new structures went to the workers, once
+    assert_same_model(serial, dask, test)
+    # the update added the new labels (and the override class of structure 11)
+    fixed = {"energy": "energy_fixed", "forces": "forces_fixed", "stress": "virial_fixed"}
+    assert fixed[labels] in dask.n_labels_ and fixed[labels] not in before
+    assert sum(dask.n_labels_.values()) > sum(before.values())
+    assert model.n_labels_ == before  # the twins were updated, not the original
+    assert client.id not in distributed._scattered
+
+
+def test_partial_fit_with_client_errors(client, soap, online_frames, tmp_path):
+    """Bad frames name the structure (on a worker: and the worker), the model is unchanged; an
+    unfitted model is fitted; a model without factors is refused."""
+    from ase.build import bulk
+
+    from kmlip.model import KernelPotential, load
+
+    head, tail = online_frames
+    test = cual_cells(2, seed=53)
+    model = KernelPotential(soap, n_sparse=8, random_state=0, n_threads=1).fit(head)
+    state, E = model.fitted_state_, model.predict(test)
+    nan = [a.copy() for a in tail]
+    for a, b in zip(nan, tail, strict=True):
+        a.calc = b.calc
+    nan[5].positions[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"structure 5 \(Dask worker tcp://.*\): .*NaN"):
+        model.partial_fit(nan, client=client)
+    unlabelled = [tail[0], tail[1].copy()]  # .copy() drops the labels
+    with pytest.raises(ValueError, match="frame 1"):
+        model.partial_fit(unlabelled, client=client)
+    gold = bulk("Au", "fcc", a=4.0, cubic=True)
+    with pytest.raises(ValueError, match=r"frame 0: species \['Au'\] unknown"):
+        model.partial_fit([gold], client=client)
+    assert model.fitted_state_ is state
+    np.testing.assert_array_equal(model.predict(test), E)
+    # not fitted yet: a fit on the workers
+    fresh = KernelPotential(soap, n_sparse=8, random_state=0, n_threads=1)
+    fresh.partial_fit(head, client=client)
+    np.testing.assert_allclose(fresh.predict(test), E, rtol=1e-9)
+    path = tmp_path / "no_factors.kmlip"
+    model.save(path, include_factors=False)
+    with pytest.raises(ValueError, match="partial_fit needs the per-class QR factors"):
+        load(path).partial_fit(tail, client=client)

@@ -230,11 +230,25 @@ def _located(exc: Exception, index: int) -> Exception:
 
 
 def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
-          fetch: bool = False) -> dict:
+          fetch: bool = False, merging: bool = False) -> dict:
     """Waits for ``{block number: future}`` (the dict is emptied, so that finished results
     nobody else needs are released on the workers). The first error is raised as it came from
-    the worker (it names its structure), a lost worker as RuntimeError naming the structures it
-    held; the remaining futures are then cancelled.
+    the worker (it names its structure), a lost worker as RuntimeError naming it and the
+    structures it held (:func:`_lost_worker_error`); the remaining futures are then cancelled.
+
+    Parameters
+    ----------
+    client : dask.distributed.Client
+    futures : dict
+        ``{block number: Future}``; emptied.
+    blocks : list of _Block
+        The placement of the structures (every block, also when ``futures`` holds a few).
+    on_done : callable, optional
+        ``on_done(block number)`` as each future finishes.
+    fetch : bool
+        Return the results.
+    merging : bool
+        The futures are merges of the blocks' factors, not blocks (for the error message).
 
     Returns
     -------
@@ -254,17 +268,15 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
             i = index[fut.key]
             if fut.status != "finished":
                 try:
-                    exc = fut.exception() if fut.status == "error" else None
-                except BaseException as e:  # noqa: BLE001 - a cancelled future raises here
+                    # a cancelled future has no exception() but raises its reason here
+                    exc = fut.exception() if fut.status == "error" else fut.result()
+                except BaseException as e:  # noqa: BLE001
                     exc = e
-                if exc is None or type(exc).__name__ in (
+                if not isinstance(exc, BaseException) or type(exc).__name__ in (
                         "KilledWorker", "FutureCancelledError", "CancelledError"):
-                    b = blocks[i]
-                    cause = f"{type(exc).__name__}: {exc}" if exc is not None else fut.status
-                    raise RuntimeError(
-                        f"Dask worker {b.worker} was lost while processing structures "
-                        f"{b.start}..{b.stop - 1} ({cause}); a worker killed for exceeding "
-                        "its memory limit is the usual cause") from exc
+                    raise _lost_worker_error(client, blocks, None if merging else blocks[i],
+                                             exc if isinstance(exc, BaseException) else None,
+                                             fut.status) from exc
                 fut.result()  # re-raises the worker's exception with its traceback
             if fetch:
                 out[i] = fut.result()
@@ -276,6 +288,46 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
             client.cancel(left)
         raise
     return out
+
+
+def _lost_worker_error(client, blocks: list, block: _Block | None, exc: BaseException | None,
+                       status: str) -> RuntimeError:
+    """The error of a task that can no longer run: its worker (or the worker holding its
+    structures) left the cluster, which loses the structures scattered to it (Dask cannot
+    recompute scattered data, so the fit cannot go on without them).
+
+    Names the workers of the placement that are gone (those holding ``block`` when the
+    scheduler cannot be asked) and the structures each held, and Dask's reason.
+    """
+    held: dict[str, list[int]] = {}
+    for b in blocks:
+        lo, hi = held.get(b.worker, (b.start, b.stop))
+        held[b.worker] = [min(lo, b.start), max(hi, b.stop)]
+    try:
+        alive = set(client.nthreads())
+        gone = [w for w in held if w not in alive]
+    except Exception:  # noqa: BLE001 - the scheduler itself may be gone
+        gone = []
+    if not gone and block is not None:
+        gone = [block.worker]
+    reason = getattr(exc, "reason", None)
+    if exc is None:
+        cause = status
+    elif reason:
+        cause = f"{type(exc).__name__}, reason: {reason}"
+    else:
+        cause = f"{type(exc).__name__}: {exc}"
+    during = " while merging the workers' factors" if block is None else ""
+    if gone:
+        who = "; ".join(f"Dask worker {w}, which held structures {held[w][0]}..{held[w][1] - 1}"
+                        for w in gone)
+    else:
+        who = "a Dask worker"
+    return RuntimeError(
+        f"the fit lost {who}{during} ({cause}): the worker died or left the cluster, and the "
+        "structures sent to it are lost with it (Dask cannot recompute data sent by the "
+        "client), so the fit stopped. A worker killed for exceeding its memory limit is the "
+        "usual cause; fit again once the cluster is whole")
 
 
 # -- worker memory allocator ----------------------------------------------------------------
@@ -683,7 +735,7 @@ def accumulate(client, kernel, frames: Sequence, labels: Sequence, e0_totals: Se
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt
-    [total] = _wait(client, {0: level.pop()}, [_Block("merge", 0, n)], fetch=True).values()
+    [total] = _wait(client, {0: level.pop()}, blocks, fetch=True, merging=True).values()
     del placement, extras, kernel_f
     out = total.factors
     if factors:
