@@ -127,41 +127,6 @@ def _check_api_coverage(app, env) -> None:
                                modname, name)
 
 
-_LITERAL = re.compile(r"(``.*?``)")
-
-
-def _plain_text_docstring(app, what, name, obj, options, lines) -> None:
-    """Reads the project's plain-text docstrings as reStructuredText without warnings.
-
-    The docstrings write norms as ``|x|`` (reStructuredText substitutions) and sometimes a
-    definition-list term without a body between terms that have one. Bars outside inline
-    literals and literal blocks are escaped; such a body-less term is set off by blank lines
-    (it renders as a paragraph between two lists). The text itself is unchanged.
-    """
-    out: list[str] = []
-    literal_indent = None
-    for k, line in enumerate(lines):
-        indent = len(line) - len(line.lstrip())
-        if literal_indent is not None and line.strip() and indent <= literal_indent:
-            literal_indent = None
-        if literal_indent is None:
-            if "|" in line:
-                line = "".join(part if part.startswith("``") else part.replace("|", r"\|")
-                               for part in _LITERAL.split(line))
-            if line.rstrip().endswith("::"):
-                literal_indent = indent
-            prev = lines[k - 1] if k else ""
-            nxt = lines[k + 1] if k + 1 < len(lines) else ""
-            after = lines[k + 2] if k + 2 < len(lines) else ""
-            if (line.strip() and indent == 0 and prev.startswith(" ") and prev.strip()
-                    and nxt.strip() and not nxt.startswith(" ") and after.startswith(" ")
-                    and after.strip()):
-                out += ["", line, ""]
-                continue
-        out.append(line)
-    lines[:] = out
-
-
 def _skip_member(app, what, name, obj, skip, options):
     # scikit-learn generates set_*_request methods on every estimator subclass (metadata
     # routing); their docstrings point into scikit-learn's own docs
@@ -179,6 +144,5 @@ def _run_examples(app, config) -> None:
 
 def setup(app):
     app.connect("config-inited", _run_examples)
-    app.connect("autodoc-process-docstring", _plain_text_docstring)
     app.connect("autodoc-skip-member", _skip_member)
     app.connect("env-check-consistency", _check_api_coverage)

@@ -8,7 +8,10 @@ It computes what ASE asks for, through the model's one prediction path
 ``energies`` (n_atoms,)
     Per-atom energies: local GP energy + e0 of the atom (a baseline's energy is not split per
     atom, so with a baseline ``sum(energies) = energy - baseline_energy``).
-``forces`` (n_atoms, 3), ``stress`` (6,) Voigt, eV/Å³, ASE sign (periodic systems only).
+``forces`` (n_atoms, 3)
+    Forces (eV/Å).
+``stress`` (6,)
+    Stress in Voigt order (eV/Å³), ASE sign (periodic systems only).
 ``energy_var``, ``energies_var`` (n_atoms,), ``forces_var`` (n_atoms, 3)
     Epistemic variances (eV², eV²/Å²) from the sparse-GP posterior. Computed when requested
     (``calc.get_property("energies_var", atoms)``), or on every call for those named in

@@ -1,6 +1,6 @@
 """Ewald summation of point charges: an ASE calculator and the electrostatic baseline of a model.
 
-The energy of point charges ``q_i`` at ``r_i`` in a periodic (triclinic) cell is split as
+The energy of point charges ``q_i`` at ``r_i`` in a periodic (triclinic) cell is split as::
 
     E = E_real + E_recip + E_self + E_background
 

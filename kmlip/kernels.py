@@ -505,7 +505,7 @@ def force_prior_variance(X: np.ndarray, Z: np.ndarray, G, zeta: int) -> np.ndarr
 
     ``Var F_{j,a} = sum_{i, i'} g_{ija}^T H(p_i, p_i') g_{i'ja}`` over centres i, i' of the same
     species whose environments contain j, with ``g_{ija} = d p_i / d r_{j,a}`` (images summed)
-    and the mixed second derivative of the unit kernel
+    and the mixed second derivative of the unit kernel::
 
         H(p, q) = zeta / (|p||q|) [(zeta-1) c^(zeta-2) (P_p q_hat)(P_q p_hat)^T
                                     + c^(zeta-1) P_p P_q],   P_p = I - p_hat p_hat^T.

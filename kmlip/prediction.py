@@ -7,7 +7,10 @@
     stress is requested: it costs nothing beyond them).
 ``energies`` (n_atoms,)
     Per-atom energies, local GP energy + e0 (a baseline is not split per atom).
-``forces`` (n_atoms, 3); ``stress`` (6,) Voigt eV/Å³, ASE sign (periodic structures only).
+``forces`` (n_atoms, 3)
+    Forces (eV/Å).
+``stress`` (6,)
+    Stress in Voigt order (eV/Å³), ASE sign (periodic structures only).
 ``energy_var``, ``energies_var`` (n_atoms,), ``forces_var`` (n_atoms, 3)
     Epistemic (posterior) variances, eV² and eV²/Å²; each only when requested.
 ``novelty`` (n_atoms,)
