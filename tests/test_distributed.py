@@ -2,6 +2,9 @@
 processes (1 thread each), selection, errors raised on a worker."""
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -13,6 +16,11 @@ from kmlip import labels as lab  # noqa: E402
 from kmlip.gp import distributed, sparse_points, training  # noqa: E402
 from kmlip.gp.sparse import ClassFactor, cholesky_jitter, solve_stack  # noqa: E402
 from kmlip.gp.terms import KernelSum, Term  # noqa: E402
+
+try:
+    from kmlip.descriptors.soap import SOAP
+except ImportError:  # pragma: no cover - without the compiled SOAP (soap_or_skip skips)
+    SOAP = object
 
 SIGMAS = {"energy": 0.002, "forces": 0.02, "virial": 0.02, "energy_fixed": 1.0}
 
@@ -434,3 +442,106 @@ def test_partial_fit_with_client_errors(client, soap, online_frames, tmp_path):
     model.save(path, include_factors=False)
     with pytest.raises(ValueError, match="partial_fit needs the per-class QR factors"):
         load(path).partial_fit(tail, client=client)
+
+
+# -- a worker lost during a fit ---------------------------------------------------------------
+class _LosesItsWorker(SOAP):
+    """SOAP whose data pass (features with gradients), on a Dask worker, on a structure tagged
+    ``info["worker_loss"] = (action, marker file)``, makes that worker leave the cluster the
+    first time (no marker file yet; the file receives the worker's address): "kill" ends the
+    worker process at once (``os._exit``, as the kernel's OOM killer would), "retire" retires
+    it gracefully (Dask moves its data to the other worker first). Elsewhere plain SOAP."""
+
+    def transform(self, atoms, gradients=False, n_threads=None, **kw):
+        tag = atoms.info.get("worker_loss")
+        if tag is not None and gradients:
+            action, marker = tag
+            try:
+                from distributed import get_worker
+
+                address = get_worker().address
+            except ValueError:  # not on a worker: the serial reference
+                address = None
+            if address is not None and not os.path.exists(marker):
+                with open(marker, "w") as fh:
+                    fh.write(address)
+                if action == "kill":
+                    os._exit(1)
+                from distributed import get_client
+
+                get_client().retire_workers([address])
+        return super().transform(atoms, gradients=gradients, n_threads=n_threads, **kw)
+
+
+@pytest.fixture(scope="module")
+def loss_cluster():
+    """A cluster of its own (2 worker processes under nannies), as workers are lost here."""
+    from dask.distributed import Client, LocalCluster
+
+    soap_or_skip()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as c:
+        yield cluster, c
+
+
+def _two_workers(cluster, client):
+    cluster.scale(2)
+    client.wait_for_workers(2, timeout=30)
+    return sorted(client.nthreads())
+
+
+def _lossy_model():
+    from kmlip.model import KernelPotential
+
+    return KernelPotential(_LosesItsWorker(["Cu", "Al"], r_cut=4.0, n_max=4, l_max=3),
+                           n_sparse=8, sigma_stress=0.02, random_state=0, n_threads=1)
+
+
+def test_worker_killed_during_fit(loss_cluster, tmp_path):
+    """A worker process that dies in the data pass loses the structures sent to it (Dask cannot
+    recompute scattered data): the fit raises RuntimeError naming the worker and its
+    structures, the model is unchanged, and once the nanny has restarted the worker the same
+    fit succeeds with the serial result."""
+    cluster, client = loss_cluster
+    workers = _two_workers(cluster, client)
+    frames = cual_cells(16, seed=61)  # 8 atoms each: structures 8..15 on the second worker
+    test = cual_cells(2, seed=62)
+    model = _lossy_model().fit(frames[:8])
+    state, E = model.fitted_state_, model.predict(test)
+    marker = tmp_path / "killed"
+    frames[11].info["worker_loss"] = ("kill", str(marker))
+    with pytest.raises(RuntimeError) as err:
+        model.fit(frames, client=client)
+    dead = marker.read_text()
+    assert dead == workers[1]
+    assert re.search(rf"the fit lost Dask worker {re.escape(dead)}, which held structures "
+                     r"8\.\.15 \(.*\): the worker died", str(err.value)), str(err.value)
+    assert model.fitted_state_ is state
+    np.testing.assert_array_equal(model.predict(test), E)
+    assert dead not in _two_workers(cluster, client)  # the nanny's new worker
+    # the marker now exists: the same calls succeed on the restarted cluster
+    model.fit(frames, client=client).partial_fit(frames[:4], client=client)
+    serial = _lossy_model().fit(frames).partial_fit(frames[:4])
+    np.testing.assert_allclose(model.predict(test), serial.predict(test), rtol=1e-9)
+    f1, f2 = serial.predict_forces(test[0]), model.predict_forces(test[0])
+    assert np.abs(f1 - f2).max() <= 1e-9 * np.abs(f1).max()
+
+
+def test_worker_retired_during_fit(loss_cluster, tmp_path):
+    """A worker retired gracefully in the middle of the data pass hands its structures to the
+    other worker, where Dask reruns its tasks: the fit completes with the serial result."""
+    cluster, client = loss_cluster
+    workers = _two_workers(cluster, client)
+    frames = cual_cells(16, seed=63)
+    test = cual_cells(2, seed=64)
+    marker = tmp_path / "retired"
+    frames[11].info["worker_loss"] = ("retire", str(marker))
+    model = _lossy_model().fit(frames, client=client)
+    assert marker.read_text() == workers[1]
+    assert sorted(client.nthreads()) == workers[:1]
+    serial = _lossy_model().fit(frames)
+    np.testing.assert_allclose(model.predict(test), serial.predict(test), rtol=1e-9)
+    f1, f2 = serial.predict_forces(test[0]), model.predict_forces(test[0])
+    assert np.abs(f1 - f2).max() <= 1e-9 * np.abs(f1).max()
+    assert model.log_marginal_likelihood_ == pytest.approx(serial.log_marginal_likelihood_,
+                                                           rel=1e-10)
