@@ -53,9 +53,17 @@ representative; FPS on a sample can miss rare outliers of the full set: pass ``s
 to select among every environment. Sparse points given as indices need the exact
 environments, so such requests always return every environment of the keys requested.
 
+Online updates: :meth:`kmlip.model.KernelPotential.partial_fit` with a client calls
+:func:`accumulate` with the model's factors: the workers fold only the new structures, and their
+merged factor is merged with the stored one on the client (one more TSQR step).
+
 Errors: an exception raised while a worker processes structure ``i`` reaches the caller with
-its own type and the message ``"structure i (Dask worker ADDRESS): <message>"``; a worker that
-dies (e.g. killed for memory) raises :class:`RuntimeError` naming the structures it held.
+its own type and the message ``"structure i (Dask worker ADDRESS): <message>"``. A worker that
+dies (e.g. killed for memory) loses the structures scattered to it, which Dask cannot recompute,
+so the pass stops with :class:`RuntimeError` naming the worker and every structure it held
+(the tasks still running are cancelled); the caller's model is unchanged. A worker retired
+gracefully hands its data to the others first, and Dask reruns its tasks there (tasks prefer
+their block's worker but may run elsewhere): the pass completes with the same result.
 """
 from __future__ import annotations
 
