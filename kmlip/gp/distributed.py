@@ -274,20 +274,21 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
     try:
         for fut in ac:
             i = index[fut.key]
-            if fut.status != "finished":
+            if fetch or fut.status != "finished":
                 try:
-                    # a cancelled future has no exception() but raises its reason here
-                    exc = fut.exception() if fut.status == "error" else fut.result()
-                except BaseException as e:  # noqa: BLE001
-                    exc = e
-                if not isinstance(exc, BaseException) or type(exc).__name__ in (
-                        "KilledWorker", "FutureCancelledError", "CancelledError"):
-                    raise _lost_worker_error(client, blocks, None if merging else blocks[i],
-                                             exc if isinstance(exc, BaseException) else None,
-                                             fut.status) from exc
-                fut.result()  # re-raises the worker's exception with its traceback
-            if fetch:
-                out[i] = fut.result()
+                    # re-raises the worker's exception with its traceback; a cancelled future
+                    # raises its reason, and so does a finished one whose result was lost
+                    # with its worker before it could be fetched
+                    value = fut.result()
+                except Exception as exc:
+                    if fut.status == "cancelled" or type(exc).__name__ in _LOST:
+                        raise _lost_worker_error(client, blocks,
+                                                 None if merging else blocks[i], exc,
+                                                 fut.status) from exc
+                    raise
+                if fetch:
+                    out[i] = value
+                del value
             if on_done is not None:
                 on_done(i)
     except BaseException:
@@ -296,6 +297,10 @@ def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
             client.cancel(left)
         raise
     return out
+
+
+#: Exceptions (by name) of a future that cannot complete because a worker was lost.
+_LOST = ("KilledWorker", "FutureCancelledError", "CancelledError")
 
 
 def _lost_worker_error(client, blocks: list, block: _Block | None, exc: BaseException | None,
