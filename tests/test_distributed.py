@@ -432,6 +432,9 @@ def test_partial_fit_with_client_errors(client, soap, online_frames, tmp_path):
     gold = bulk("Au", "fcc", a=4.0, cubic=True)
     with pytest.raises(ValueError, match=r"frame 0: species \['Au'\] unknown"):
         model.partial_fit([gold], client=client)
+    with pytest.raises(TypeError, match=r"client must be a dask.distributed.Client, got str "
+                                        r"\(connect with dask.distributed.Client\('tcp://"):
+        model.partial_fit(tail, client=client.scheduler.address)
     assert model.fitted_state_ is state
     np.testing.assert_array_equal(model.predict(test), E)
     # not fitted yet: a fit on the workers
@@ -524,6 +527,7 @@ def test_worker_killed_during_fit(loss_cluster, tmp_path, stage):
                      rf"{held} \(.*\): the worker died", str(err.value)), str(err.value)
     assert model.fitted_state_ is state
     np.testing.assert_array_equal(model.predict(test), E)
+    assert client.id not in distributed._scattered  # nothing kept for a next pass
     assert dead not in _two_workers(cluster, client)  # the nanny's new worker
     # the marker now exists: the same calls succeed on the restarted cluster
     model.fit(frames, client=client).partial_fit(frames[:4], client=client)

@@ -104,7 +104,12 @@ class _Block:
 
 def _workers(client) -> dict[str, int]:
     """``{address: threads}`` of the cluster's workers, sorted by address (waits up to 60 s
-    for a first worker)."""
+    for a first worker); TypeError when ``client`` is not a Dask client."""
+    if not all(callable(getattr(client, m, None)) for m in ("nthreads", "scatter", "submit")):
+        hint = f" (connect with dask.distributed.Client({client!r}))" \
+            if isinstance(client, str) else ""
+        raise TypeError("client must be a dask.distributed.Client, got "
+                        f"{type(client).__name__}{hint}")
     nthreads = dict(client.nthreads())
     if not nthreads:
         try:
