@@ -29,8 +29,9 @@ SIGMAS = {"energy": 0.002, "forces": 0.02, "virial": 0.02, "energy_fixed": 1.0}
 def client():
     from dask.distributed import Client, LocalCluster
 
+    # the scheduler's HTTP server on a free port (None means 8787, maybe taken: a warning)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as c:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
         yield c
 
 
@@ -484,7 +485,7 @@ def loss_cluster():
 
     soap_or_skip()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as c:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
         yield cluster, c
 
 
