@@ -558,21 +558,27 @@ class KernelPotential(BaseEstimator):
         self.fitted_state_ = new
         return self
 
-    def add_sparse_points(self, points: Mapping[str, np.ndarray], frames, row_cache=None):
+    def add_sparse_points(self, points, frames, row_cache=None):
         """Adds sparse points (new kernel columns) to the fitted model without a refit.
 
         The kernel rows of the old labels against the new points are computed (one descriptor
-        pass per training frame); the old columns' rows come from ``row_cache`` (built here
-        when not given), and each label class is refactored by one QR
-        (:mod:`kmlip.gp.columns`). e0 and hyperparameters are unchanged; the result equals a
-        fit with all the points given (tested to ~1e-12). The constructor parameters are not
-        changed: a later ``fit`` chooses points anew (pass ``sparse_method=model.sparse_points_``
-        to keep them).
+        pass per training frame, of the terms that take points only); the old columns' rows
+        come from ``row_cache`` (built here when not given), and each label class is
+        refactored by one QR (:mod:`kmlip.gp.columns`). e0 and hyperparameters are unchanged;
+        the result equals a fit with all the points given (tested to ~1e-9 relative, for one
+        term and for a 2b + SOAP sum). The constructor parameters are not changed: a later
+        ``fit`` chooses points anew (pass ``sparse_method=model.sparse_points_`` to keep them).
 
         Parameters
         ----------
-        points : dict
-            ``{symbol: (m, n_features) descriptor vectors}``.
+        points : dict or list of dict
+            ``{key: (m, n_features) descriptor vectors}`` with key a kernel-key name (a symbol,
+            ``"Cu"``, for an atom-centred term; a species pair, ``"Cu-Al"``, for Distance2b,
+            whose points may be a 1-D array of distances in Å) or an integer key. For a sum of
+            kernels a key must belong to exactly one term; where terms share key names (e.g. two
+            SOAP terms), name the term: ``{term_index: {key: X}}``, or give one dict per term
+            (as ``sparse_points_`` lists them). Points of a term land at the end of their key's
+            block in that term (see :func:`kmlip.gp.columns.points_by_term`).
         frames : list of ase.Atoms
             All labelled frames the model was trained on, in training order.
         row_cache : RowCache, optional
@@ -583,6 +589,13 @@ class KernelPotential(BaseEstimator):
         -------
         RowCache
             The extended row cache (for the next call).
+
+        Raises
+        ------
+        ValueError
+            Unknown or ambiguous key, wrong shape, non-finite values, a species without e0,
+            pair distances outside the cutoff, frames that do not match the cache; the model is
+            unchanged.
         """
         from kmlip.gp import columns
 

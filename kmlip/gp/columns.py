@@ -13,6 +13,11 @@ plus K_MM of the extended basis and its Cholesky factor, O((M + ΔM)³). e0, the
 the jitter and the calibration are kept. The result equals a fresh fit on the same frames with
 the extended sparse set, e0 fixed and the same hyperparameters (to rounding).
 
+A sum of kernels (e.g. 2b + SOAP, :mod:`kmlip.gp.terms`) has its columns blocked by term, then
+by kernel key: new points of a term land at the end of their key's block in that term, so the
+cached rows are scattered into the extended layout (old and new columns each to their place)
+rather than appended; :func:`points_by_term` says how a caller names the term.
+
 New rows (:func:`add_rows`) are :meth:`~kmlip.model.KernelPotential.partial_fit` that also
 appends the frames' rows to the cache, so the cache stays in step with the factors.
 
@@ -226,7 +231,7 @@ def add_rows(state: FittedState, cache: RowCache, frames: Sequence,
     return state.with_factors(factors), RowCache(cache.frames + tuple(new), cache.n_columns)
 
 
-def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
+def add_columns(state: FittedState, frames: Sequence, new_points,
                 cache: RowCache | None = None, keys: lab.LabelKeys | None = None,
                 n_threads: int | None = None) -> tuple[FittedState, RowCache]:
     """New sparse points for a fitted state, from its labelled frames and row cache.
@@ -234,12 +239,18 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
     Parameters
     ----------
     state : FittedState
-        With its per-class factors.
+        With its per-class factors; one kernel term or a sum of them.
     frames : list of ase.Atoms
         The labelled structures the state was built from, in the cache's order.
-    new_points : mapping
-        ``{symbol or Z: (m, F) raw descriptor vectors}``, appended after the species' existing
-        points (columns stay blocked by species, in the descriptor's species order).
+    new_points : mapping or sequence of mappings
+        The points to add, as (m, F) raw descriptor vectors (a 1-D array of m values for a
+        one-feature descriptor such as Distance2b's distances, Å), named by kernel key (see
+        :func:`points_by_term`): ``{key: X}`` with key a name (``"Cu"``, ``"Cu-Al"``) or the
+        integer key (atomic number; :func:`~kmlip.descriptors.distance2b.pair_key`), which for
+        a sum of kernels must belong to exactly one term; ``{term_index: {key: X}}``; or one
+        mapping per term (the form of ``KernelPotential.sparse_points_``). Each term's new
+        points are appended after that key's existing points: columns stay blocked by term,
+        then by key in the descriptor's key order.
     cache : RowCache, optional
         The rows of ``frames`` against the state's current points; None builds it (one more
         descriptor pass per frame).
@@ -252,18 +263,19 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
         Extended basis, L_hat of the extended K_MM (the state's jitter), factors refactored from
         ``[cached rows | new rows | y]``; e0, hyperparameters and calibration kept.
     cache : RowCache
-        The rows against the extended basis.
+        The rows against the extended basis, its columns in the extended order (each old column
+        moved to its place in the extended layout, the new ones inserted at the end of their
+        term's and key's block).
 
     Raises
     ------
     ValueError
-        Points of a species the model has no e0 for, wrong feature count, frames that do not
-        match the cache.
+        Points of a key the model has no e0 for (of one of its species), a key no term has or
+        that names keys of several terms, wrong feature count, non-finite values, pair points
+        outside the cutoff, frames that do not match the cache.
     """
     state.require_factors("add_columns")
-    if not (state.atom_centred and state.basis.zeta is not None):
-        raise ValueError("adding sparse points needs a single atom-centred kernel term "
-                         "(not a sum of kernels); refit with the points instead")
+    add = points_by_term(state, new_points)
     frames = lab.as_frames(frames)
     keys = label_keys(state, keys)
     if cache is None:
@@ -271,39 +283,33 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
     check_cache(state, cache)
     if len(cache) != len(frames):
         raise ValueError(f"the row cache holds {len(cache)} frames but {len(frames)} were given")
-    old = state.basis
-    F = int(state.descriptor.n_features)
-    add: dict[int, np.ndarray] = {}
-    for key, P in new_points.items():
-        z = int(key) if isinstance(key, (int, np.integer)) else lab_z(key)
-        if chemical_symbols[z] not in state.e0:
-            raise ValueError(f"new sparse points of {chemical_symbols[z]}, a species the model "
-                             "has no e0 for")
-        P = np.asarray(P, dtype=np.float64)
-        if P.ndim != 2 or P.shape[1] != F:
-            raise ValueError(f"new sparse points of {chemical_symbols[z]} must have shape "
-                             f"(m, {F}), got {P.shape}")
-        if not np.all(np.isfinite(P)):
-            raise ValueError(f"new sparse points of {chemical_symbols[z]} are not finite")
-        if P.shape[0]:
-            add[z] = np.concatenate([add[z], P]) if z in add else P
-    if not add:
+    if not any(add):
         return state, cache
-    order = [z for z in state.descriptor.species_z if z in old.points or z in add]
-    order += [z for z in old.species_z if z not in order]
-    points = {z: np.concatenate([old.points[z], add[z]]) if z in old.points and z in add
-              else (old.points[z] if z in old.points else add[z]) for z in order}
-    ext = kernels.SparseBasis(points, old.zeta, species_z=order)
-    delta_basis = kernels.SparseBasis(add, old.zeta, species_z=order)
-    # where the old and the new columns go in the extended, species-blocked order
-    old_to_ext = np.concatenate([ext.offsets[z] + np.arange(old.points[z].shape[0])
-                                 for z in old.species_z]).astype(np.int64) \
-        if old.species_z else np.zeros(0, np.int64)
-    new_to_ext = np.concatenate([ext.offsets[z] + (old.points[z].shape[0] if z in old.points
-                                                   else 0) + np.arange(add[z].shape[0])
-                                 for z in delta_basis.species_z]).astype(np.int64)
-    new_rows = _rows_of(state, KernelSum([Term(state.descriptor, delta_basis)]), frames, keys,
-                        n_threads)
+    ext_terms, delta_terms, old_to_ext, new_to_ext = [], [], [], []
+    ext_off = 0
+    for t, term in enumerate(state.kernel.terms):
+        old, desc, a = term.basis, term.descriptor, add[t]
+        order = [k for k in desc.kernel_keys() if k in old.points or k in a]
+        order += [k for k in old.species_z if k not in order]
+        points = {k: np.concatenate([old.points[k], a[k]]) if k in old.points and k in a
+                  else (old.points[k] if k in old.points else a[k]) for k in order}
+        ext = _basis_like(desc, old, points, order)
+        ext_terms.append(Term(desc, ext))
+        # where this term's old and new columns go in the extended, term- then key-blocked order
+        for k in old.species_z:
+            old_to_ext.append(ext_off + ext.offsets[k] + np.arange(old.points[k].shape[0]))
+        if a:
+            delta = _basis_like(desc, old, a, order)
+            delta_terms.append(Term(desc, delta))
+            for k in delta.species_z:
+                n_old = old.points[k].shape[0] if k in old.points else 0
+                new_to_ext.append(ext_off + ext.offsets[k] + n_old
+                                  + np.arange(a[k].shape[0]))
+        ext_off += ext.n_sparse
+    old_to_ext = np.concatenate(old_to_ext).astype(np.int64) if old_to_ext \
+        else np.zeros(0, np.int64)
+    new_to_ext = np.concatenate(new_to_ext).astype(np.int64)
+    new_rows = _rows_of(state, KernelSum(delta_terms), frames, keys, n_threads)
     frames_ext = []
     for k, (fo, fn) in enumerate(zip(cache.frames, new_rows, strict=True)):
         if [r[0] for r in fo.rows] != [r[0] for r in fn.rows] or any(
@@ -312,23 +318,161 @@ def add_columns(state: FittedState, frames: Sequence, new_points: Mapping,
             raise ValueError(f"frame {k} does not match the row cache (other labels)")
         rows = []
         for (cls, K0, y, s), (_, K1, _, _) in zip(fo.rows, fn.rows, strict=True):
-            K = np.zeros((K0.shape[0], ext.n_sparse))
+            K = np.zeros((K0.shape[0], ext_off))
             K[:, old_to_ext] = K0
             K[:, new_to_ext] = K1
             rows.append((cls, K, y, s))
         frames_ext.append(FrameRows(tuple(rows)))
-    cache_ext = RowCache(tuple(frames_ext), ext.n_sparse)
+    cache_ext = RowCache(tuple(frames_ext), ext_off)
     factors = cache_ext.factors()
-    L_hat, jit = cholesky_jitter(ext.kmm(), state.jitter)
-    species = tuple(chemical_symbols[z] for z in state.descriptor.species_z
-                    if z in ext.points or chemical_symbols[z] in state.e0)
+    kernel = KernelSum(ext_terms)
+    L_hat, jit = cholesky_jitter(kernel.kmm(), state.jitter)
+    with_points = set(kernel.species_with_points())
+    order_z = []
+    for term in ext_terms:
+        order_z += [z for z in term.descriptor.species_z if z not in order_z]
+    species = tuple(chemical_symbols[z] for z in order_z
+                    if z in with_points or chemical_symbols[z] in state.e0)
     new_state = FittedState.solved(
-        factors=factors, L_hat=L_hat, hyper=state.hyper,
-        kernel=KernelSum([Term(state.descriptor, ext)]),
+        factors=factors, L_hat=L_hat, hyper=state.hyper, kernel=kernel,
         baseline=state.baseline, sparse_indices=None, species=species,
         e0=dict(state.e0), jitter=jit, optimization=state.optimization,
         calibration=state.calibration)
     return new_state, cache_ext
+
+
+def _basis_like(desc, old, points: dict, order: list):
+    """A basis of the kind of ``old`` (same ζ, θ, cutoff) on ``points``, keys in ``order``."""
+    if isinstance(old, kernels.SparseBasis):
+        # the atom-centred kernel exactly as a fit builds it
+        return kernels.SparseBasis(points, old.zeta, species_z=order)
+    return desc.make_basis(points, getattr(old, "zeta", None))
+
+
+def points_by_term(state: FittedState, new_points) -> list[dict[int, np.ndarray]]:
+    """New sparse points sorted to their terms: ``[{kernel key: (m, F) array}]``, one dict per
+    term (validated).
+
+    How a caller names the term (for a sum of kernels):
+
+    * ``{key: X}``: a key name (``"Cu"`` for an atom-centred term, ``"Cu-Al"`` or ``"Al-Cu"``
+      for a Distance2b term) or an integer kernel key; it must belong to exactly one term;
+      when several terms share it (e.g. two SOAP terms), name the term as below;
+    * ``{term_index: {key: X}}`` (an int term index whose value is itself a mapping);
+    * a list or tuple with one ``{key: X}`` mapping (or None) per term, as
+      ``KernelPotential.sparse_points_`` returns them for a sum.
+
+    The forms may be mixed within one mapping; points given twice for a key are concatenated.
+    A single-term model takes ``{symbol or Z: X}`` (and the forms above with term 0).
+
+    Raises
+    ------
+    ValueError, TypeError
+        See :func:`add_columns`.
+    """
+    terms = state.kernel.terms
+    n_t = len(terms)
+    out: list[dict[int, np.ndarray]] = [{} for _ in terms]
+
+    def put(t: int, key, P) -> None:
+        desc = terms[t].descriptor
+        try:
+            k = _term_key(desc, key)
+            name = desc.key_name(k)
+            species = [chemical_symbols[z] for z in desc.key_species(k)]
+        except (IndexError, ValueError):
+            raise ValueError(f"{key!r} is not a kernel key of term {t} ("
+                             f"{type(desc).__name__}; keys: "
+                             f"{[desc.key_name(q) for q in desc.kernel_keys()]})") from None
+        for z in species:
+            if z not in state.e0:
+                what = name if name == z else f"{name} (species {z})"
+                raise ValueError(f"new sparse points of {what}, a species the model has no "
+                                 "e0 for")
+        if k not in desc.kernel_keys():
+            raise ValueError(f"{name!r} is not a kernel key of term {t} ("
+                             f"{type(desc).__name__}; keys: "
+                             f"{[desc.key_name(q) for q in desc.kernel_keys()]})")
+        F = int(desc.n_features)
+        P = np.asarray(P, dtype=np.float64)
+        if P.ndim == 1 and F == 1:
+            P = P[:, None]
+        if P.ndim != 2 or P.shape[1] != F:
+            raise ValueError(f"new sparse points of {name} must have shape (m, {F}), got "
+                             f"{P.shape}")
+        if not np.all(np.isfinite(P)):
+            raise ValueError(f"new sparse points of {name} are not finite")
+        if P.shape[0] and not getattr(desc, "atom_centred", True):
+            # a point whose prior variance is zero (a pair at or beyond the cutoff) adds a
+            # zero column: nothing to learn, and K_MM only regular by its jitter
+            kss = terms[t].basis.self_kernel(P, np.full(P.shape[0], k, dtype=np.int64))
+            if np.any(kss <= 1e-12):
+                raise ValueError(f"new sparse points of {name} include environments with no "
+                                 f"prior variance (outside the cutoff of term {t})")
+        if P.shape[0]:
+            out[t][k] = np.concatenate([out[t][k], P]) if k in out[t] else P
+
+    def term_of(key) -> int:
+        if n_t == 1:
+            return 0
+        hits = []
+        for t, term in enumerate(terms):
+            try:
+                k = _term_key(term.descriptor, key)
+            except ValueError:
+                continue
+            if k in term.descriptor.kernel_keys():
+                hits.append(t)
+        if not hits:
+            raise ValueError(f"{key!r} is not a kernel key of any term (keys: "
+                             + "; ".join(f"term {t}: " + ", ".join(
+                                 tm.descriptor.key_name(k) for k in tm.descriptor.kernel_keys())
+                                 for t, tm in enumerate(terms)) + ")")
+        if len(hits) > 1:
+            raise ValueError(f"{key!r} is a kernel key of terms {hits}; name the term: "
+                             f"{{term_index: {{{key!r}: X}}}}")
+        return hits[0]
+
+    def term_index(t) -> int:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n_t:
+            raise ValueError(f"{t!r} is not a term index (the model has {n_t} kernel terms)")
+        return int(t)
+
+    if isinstance(new_points, (list, tuple)):
+        if len(new_points) != n_t:
+            raise ValueError(f"new points: {len(new_points)} mappings given for {n_t} terms")
+        for t, pts in enumerate(new_points):
+            if pts is None:
+                continue
+            if not isinstance(pts, Mapping):
+                raise TypeError(f"new points of term {t} must be a mapping {{key: X}}, got "
+                                f"{type(pts).__name__}")
+            for key, P in pts.items():
+                put(t, key, P)
+        return out
+    if not isinstance(new_points, Mapping):
+        raise TypeError("new points must be a mapping {key: X}, {term: {key: X}} or a list "
+                        f"of mappings, one per term; got {type(new_points).__name__}")
+    for key, P in new_points.items():
+        if isinstance(P, Mapping):
+            t = term_index(key)
+            for k, Q in P.items():
+                put(t, k, Q)
+        else:
+            put(term_of(key), key, P)
+    return out
+
+
+def _term_key(desc, key) -> int:
+    """Integer kernel key of a term's descriptor from a name or an int (ValueError otherwise);
+    an atom-centred term takes any chemical symbol (checked against its keys afterwards)."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return int(key)
+    if getattr(desc, "atom_centred", True):
+        return lab_z(key)
+    if not isinstance(key, str):
+        raise ValueError(f"{key!r} is not a kernel key name")
+    return desc.key_from_name(key)
 
 
 def lab_z(symbol) -> int:
@@ -355,4 +499,5 @@ def check_cache(state: FittedState, cache: RowCache) -> None:
         raise ValueError(f"the row cache holds labels {n_cache} but the model {n_state}")
 
 
-__all__ = ["FrameRows", "RowCache", "add_columns", "add_rows", "build_cache", "label_keys"]
+__all__ = ["FrameRows", "RowCache", "add_columns", "add_rows", "build_cache", "label_keys",
+           "points_by_term"]
