@@ -39,6 +39,32 @@ def checked_system(atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     return numbers, positions, cell, pbc
 
 
+def check_structure(atoms, where: str = "") -> None:
+    """Checks a structure as the descriptors will, before any work, naming it by ``where``.
+
+    Non-finite positions or cell, a singular periodic cell (:func:`checked_system`), or two
+    atoms (or an atom and a periodic image of another) closer than
+    :data:`kmlip.neighbors.MIN_DISTANCE`. Costs one neighbour search at that tiny cutoff.
+
+    Raises
+    ------
+    TypeError
+        If ``atoms`` is not an ``ase.Atoms``.
+    ValueError
+        ``"<where>: <cause>"``.
+    """
+    from kmlip.neighbors import MIN_DISTANCE, check_no_overlap, neighbor_list_arrays
+
+    prefix = f"{where}: " if where else ""
+    try:
+        _, positions, cell, pbc = checked_system(atoms)
+        if len(positions) > 1:
+            check_no_overlap(neighbor_list_arrays(positions, cell, pbc, MIN_DISTANCE,
+                                                  n_threads=1))
+    except ValueError as exc:
+        raise ValueError(f"{prefix}{exc}") from None
+
+
 # -- parameter checks (descriptors, baselines, the model) ----------------------------------------
 # Each returns the value in a plain Python type for internal use; callers keep the object they
 # were given as the public parameter (scikit-learn's clone checks identity).

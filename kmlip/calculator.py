@@ -30,8 +30,9 @@ It computes what ASE asks for, through the model's one prediction path
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 
 #: names accepted in ``variances`` and the result each one adds
@@ -56,6 +57,14 @@ class KMLIPCalculator(Calculator):
         Shorthand for adding ``"forces"`` to ``variances`` (earlier versions' name).
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator`.
+
+    Raises
+    ------
+    TypeError
+        ``variances`` is not a str or an iterable of str; ``forces_var`` is not a bool.
+    ValueError
+        An unfitted model, an unknown variance name, or ``"forces_var_diag"`` for a model that
+        cannot give it (a sum of kernels, pair environments).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
@@ -67,12 +76,28 @@ class KMLIPCalculator(Calculator):
         super().__init__(**kwargs)
         if not hasattr(model, "compute") or not hasattr(model, "alpha_"):
             raise ValueError("KMLIPCalculator needs a fitted KernelPotential")
+        if isinstance(forces_var, (bool, np.bool_)):
+            forces_var = bool(forces_var)
+        else:
+            raise TypeError(f"forces_var must be True or False, got {type(forces_var).__name__} "
+                            f"{forces_var!r}")
         if isinstance(variances, str):
             variances = (variances,)
+        if variances is None or isinstance(variances, (bytes, Mapping)) \
+                or not isinstance(variances, Iterable):
+            raise TypeError("variances must be a tuple of names such as ('uncertainty',), got "
+                            f"{type(variances).__name__} {variances!r}")
         variances = tuple(variances)
-        bad = [v for v in variances if v not in VARIANCES]
+        bad = [v for v in variances if not isinstance(v, str) or v not in VARIANCES]
         if bad:
             raise ValueError(f"unknown variances {bad}; choose from {sorted(VARIANCES)}")
+        state = getattr(model, "fitted_state_", None)
+        if "forces_var_diag" in variances and state is not None \
+                and not getattr(state, "atom_centred", True):
+            # say so now rather than at the first step of a run
+            raise ValueError("variances: 'forces_var_diag' is defined for a single atom-centred "
+                             "kernel only, not for this model (a sum of kernels or pair "
+                             "environments); use 'forces' or 'uncertainty'")
         self.model = model
         self.variances = variances + (("forces",) if forces_var and "forces" not in variances
                                       else ())

@@ -243,7 +243,29 @@ class Ewald(Calculator):
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, atoms: Atoms) -> dict[str, Any]:
         """Everything at once: ``energy`` (eV), ``energies`` (n,), ``forces`` (n, 3), ``stress``
-        (6,) or None, plus ``alpha``, ``r_cut``, ``k_cut`` and ``n_kvectors`` used."""
+        (6,) or None, plus ``alpha``, ``r_cut``, ``k_cut`` and ``n_kvectors`` used.
+
+        Raises ValueError for two charged atoms (or an atom and a periodic image of another)
+        closer than :data:`kmlip.neighbors.MIN_DISTANCE` (an atom given twice): their energy
+        would be finite but meaningless (-8e9 eV at 1e-9 Å).
+        """
+        r = self._evaluate(atoms)
+        q = np.abs(self.get_charges(atoms))
+        q = q[q > 0]
+        # Such a pair puts at least K_E q_min^2 / (2 MIN_DISTANCE) = 7e6 q_min^2 eV on each of its
+        # atoms, 1000x over this trigger; sane structures stay far below it, so the neighbour
+        # search that finds the pair runs only when needed (it would cost ~7% of a sum).
+        from kmlip.neighbors import MIN_DISTANCE, check_no_overlap, neighbor_list_arrays
+
+        if q.size > 1 and np.max(np.abs(r["energies"]), initial=0.0) \
+                > 0.5e-3 * K_E * float(q.min()) ** 2 / MIN_DISTANCE:
+            charged = np.flatnonzero(self.get_charges(atoms) != 0.0)
+            nl = neighbor_list_arrays(atoms.positions[charged], atoms.cell.array, atoms.pbc,
+                                      MIN_DISTANCE, n_threads=1)
+            check_no_overlap(nl, index=charged, what="charged atoms")
+        return r
+
+    def _evaluate(self, atoms: Atoms) -> dict[str, Any]:
         from kmlip._ext import ewald as _core
 
         if not isinstance(atoms, Atoms):

@@ -105,11 +105,33 @@ def atomic_write(path, write, text: bool = False) -> None:
 
     A failed ``write`` leaves an existing ``path`` untouched and no temporary file behind.
     ``text=True`` hands ``write`` a UTF-8 text handle instead of a binary one.
+
+    Raises
+    ------
+    TypeError
+        ``path`` is not a str or path-like.
+    ValueError
+        ``path`` is a directory, or its directory does not exist (checked before anything is
+        written; the message names ``path``, not the temporary file).
+    PermissionError
+        The directory is not writable (``filename`` is ``path``).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__} {path!r}")
     path = os.fspath(path)
+    if not isinstance(path, str):
+        path = os.fsdecode(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{path}: directory {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, f"cannot write to directory {directory} "
+                                         f"({exc.strerror})", path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             if text:

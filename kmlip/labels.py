@@ -15,6 +15,7 @@ Reading a label never triggers a calculation.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,13 +105,23 @@ def voigt(stress: Any, where: str) -> np.ndarray:
 
 
 def positive(value: Any, where: str) -> float:
-    """``float(value)`` if it is a positive finite number, else ValueError naming ``where``."""
-    if isinstance(value, bool):
-        raise ValueError(f"{where} must be a positive number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where} must be a positive number, got {value!r}") from exc
+    """``float(value)`` if it is a positive finite real number.
+
+    Raises
+    ------
+    TypeError
+        Not a real number: a bool, a str (even ``"0.2"``), None, a complex number or a
+        sequence (a 0-d NumPy array of reals is accepted).
+    ValueError
+        NaN, ±inf, zero or negative; the message names ``where``.
+    """
+    v = value
+    if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iuf":
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{where} must be a positive number, got {type(value).__name__} "
+                        f"{value!r}")
+    v = float(v)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{where} must be a positive finite number, got {value!r}")
     return v
@@ -136,10 +147,11 @@ def read_energy(atoms: Atoms, key: str, where: str) -> float:
     e = _fetch(atoms, "info", key)
     if e is None:
         raise ValueError(f"{where}: no energy label {key!r} (atoms.info or calculator results)")
-    try:
-        e = float(np.asarray(e, dtype=np.float64).reshape(()))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: energy {key!r} is not a number") from exc
+    a = np.asarray(e)
+    if a.dtype.kind not in "iuf" or a.size != 1:
+        # bools, strings, complex numbers and arrays are no energy (True is not 1 eV)
+        raise ValueError(f"{where}: energy {key!r} is not a number: {e!r}"[:200])
+    e = float(a.reshape(()))
     if not math.isfinite(e):
         raise ValueError(f"{where}: energy {key!r} is NaN or inf")
     return e
@@ -192,12 +204,16 @@ def read_labels(atoms: Atoms, k: int, keys: LabelKeys) -> FrameLabels:
         out["stress"] = read_stress(atoms, keys.stress_key, where)
     for key in ("energy_sigma", "force_sigma", "virial_sigma"):
         if atoms.info.get(key) is not None:
-            out[key] = positive(atoms.info[key], f"{where}: info[{key!r}]")
+            try:
+                out[key] = positive(atoms.info[key], f"{where}: info[{key!r}]")
+            except TypeError as exc:  # a defect of the data, not of an argument
+                raise ValueError(str(exc)) from None
     if "force_atom_sigma" in atoms.arrays:
-        fa = np.asarray(atoms.arrays["force_atom_sigma"], dtype=np.float64).reshape(-1)
-        if fa.shape != (n,) or not np.all(np.isfinite(fa)) or np.any(fa <= 0):
+        fa = np.asarray(atoms.arrays["force_atom_sigma"])
+        if fa.dtype.kind not in "iuf" or fa.reshape(-1).shape != (n,) \
+                or not np.all(np.isfinite(fa)) or np.any(fa <= 0):
             raise ValueError(f"{where}: arrays['force_atom_sigma'] must be {n} positive numbers")
-        out["force_atom_sigma"] = fa
+        out["force_atom_sigma"] = fa.astype(np.float64).reshape(-1)
     return FrameLabels(**out)
 
 

@@ -44,7 +44,8 @@ import numpy as np
 from kmlip._ext.neighbors import search_pairs
 from kmlip._threads import resolve_threads
 
-__all__ = ["NeighborList", "neighbor_list", "neighbor_list_arrays"]
+__all__ = ["MIN_DISTANCE", "NeighborList", "check_no_overlap", "neighbor_list",
+           "neighbor_list_arrays"]
 
 # Bins are one cutoff wide, or half a cutoff when a full bin would hold more atoms than this
 # on average (measured on fcc Cu: half bins pay off from about 12 atoms per full bin).
@@ -58,6 +59,10 @@ _MIN_BINS_CAP = 1000
 _SINGULAR_RTOL = 1e-10
 # Refuse searches that would visit more periodic bin images than this per centre.
 _MAX_IMAGE_BINS = 10**8
+#: Two atoms (or an atom and a periodic image of another) closer than this (Å) are taken as a
+#: duplicated atom: no interatomic potential is meant for them, and the pair direction is
+#: undefined at zero distance.
+MIN_DISTANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,36 @@ def neighbor_list_arrays(
         nt,
     )
     return NeighborList(centers, nbrs, shifts, vectors, distances, offsets, int(n))
+
+
+def check_no_overlap(nl: NeighborList, min_distance: float = MIN_DISTANCE, *,
+                     index: np.ndarray | None = None, what: str = "atoms") -> None:
+    """Raises ValueError when a pair of ``nl`` is closer than ``min_distance`` (Å).
+
+    Descriptors call it on their neighbour list: overlapping atoms are an input error (most
+    often an atom written twice), not a structure a potential can describe.
+
+    Parameters
+    ----------
+    nl : NeighborList
+    min_distance : float
+        Å.
+    index : ndarray of int, optional
+        Atom numbers to report for the list's atoms (when it was built on a subset).
+    what : str
+        How the atoms are named in the message.
+    """
+    if nl.n_pairs == 0:
+        return
+    k = int(np.argmin(nl.distances))
+    d = float(nl.distances[k])
+    if d < min_distance:
+        i, j = int(nl.centers[k]), int(nl.neighbors[k])
+        if index is not None:
+            i, j = int(index[i]), int(index[j])
+        image = "" if not np.any(nl.shifts[k]) else f" (periodic image {nl.shifts[k].tolist()})"
+        raise ValueError(f"{what} {i} and {j}{image} are {d:.3g} Å apart, closer than "
+                         f"{min_distance:g} Å: overlapping atoms (an atom given twice?)")
 
 
 def _as_float_array(x, name: str) -> np.ndarray:

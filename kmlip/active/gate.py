@@ -15,6 +15,7 @@ value used.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import TextIO
 
@@ -56,7 +57,8 @@ class UncertaintyGate:
         Threshold as a multiple of the model's calibrated noise level (eV/Å, see the module
         docstring). Exactly one of ``threshold`` and ``relative`` is given.
     output : str or os.PathLike, optional
-        Where the frame that trips the gate is written (extxyz, atomically).
+        Where the frame that trips the gate is written (extxyz, atomically); its directory
+        must exist (checked here, not when the gate trips).
     log : file-like or None
         Where the threshold and a trip are stated (default stderr; None: silent).
     raise_on_trip : bool
@@ -70,6 +72,14 @@ class UncertaintyGate:
     history : list of float
         The largest per-atom uncertainty of every step seen.
     tripped : UncertaintyExceeded or None
+
+    Raises
+    ------
+    TypeError
+        The calculator is not a KMLIPCalculator; a threshold that is not a real number.
+    ValueError
+        Not exactly one of ``threshold``/``relative``, a value that is not positive and finite,
+        or an ``output`` in a missing directory or naming a directory.
     """
 
     def __init__(self, atoms, threshold: float | None = None, relative: float | None = None,
@@ -86,10 +96,22 @@ class UncertaintyGate:
         level = calc.model.fitted_state_.uncertainty_map.noise_level
         value = threshold if threshold is not None else relative
         name = "threshold" if threshold is not None else "relative"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value <= 0:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a positive number, got {type(value).__name__} "
+                            f"{value!r}")
+        if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-        self.threshold = float(threshold) if threshold is not None else float(relative) * level
+        if output is not None:
+            # a missing directory would otherwise surface only when the gate trips, mid-run
+            import os
+
+            directory = os.path.dirname(os.path.abspath(os.fspath(output)))
+            if os.path.isdir(os.fspath(output)):
+                raise ValueError(f"output {os.fspath(output)}: is a directory, not a file name")
+            if not os.path.isdir(directory):
+                raise ValueError(f"output {os.fspath(output)}: directory {directory} does not "
+                                 "exist")
+        self.threshold = float(value) if threshold is not None else float(value) * level
         self.atoms, self.output, self.log = atoms, output, log
         self.raise_on_trip = bool(raise_on_trip)
         self.history: list[float] = []
@@ -140,8 +162,12 @@ def run_gated(dynamics, steps: int, gate: UncertaintyGate) -> int:
     int
         Steps completed.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be a non-negative int, got {type(steps).__name__} "
+                        f"{steps!r}")
+    if steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    steps = int(steps)
     raise_before = gate.raise_on_trip
     gate.raise_on_trip = False
     done = 0

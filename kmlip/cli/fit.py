@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import time
 
+from kmlip._validate import check_structure
 from kmlip.cli._files import check_output, read_structures
 
 DESCRIPTION = (
@@ -162,8 +163,12 @@ def read_model_spec(path: str, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from kmlip import SOAP, KernelPotential
 
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     check_output(args.output)  # fail now, not after the fit
     frames = read_structures(args.train, format=args.format)
+    for k, a in enumerate(frames):  # name the file and frame of a bad structure, before any work
+        check_structure(a, f"{args.train}: frame {k}")
     species = args.species
     if species is None:
         species = sorted({s for a in frames for s in a.get_chemical_symbols()})
@@ -181,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
                             sigma_energy=args.sigma_energy, sigma_force=args.sigma_force,
                             sigma_stress=args.sigma_stress, energy_key=args.energy_key,
                             forces_key=args.forces_key, stress_key=args.stress_key,
-                            n_threads=args.threads, random_state=args.seed, progress=True)
+                            n_threads=args.threads, random_state=args.seed,
+                            progress=None)  # a bar on a terminal only, not in logs
     t0 = time.perf_counter()
     try:
         with _dask_client(args) as client:

@@ -46,11 +46,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(text.splitlines()[0]) from None
         print(f"plugin load {path}")
         return 0
-    from kmlip.cli._files import load_model
+    from kmlip.cli._files import check_output, load_model
     from kmlip.lammps.export import export_lammps
 
-    model = load_model(args.model)
     out = args.out or f"{args.model}.lammps"
+    check_output(out)  # before the model loads
+    model = load_model(args.model)
     path = export_lammps(model, out)
     species = " ".join(model.fitted_state_.species)
     print(f"pair_coeff * * {os.path.abspath(path)} {species}")

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 
+from kmlip._validate import check_structure
 from kmlip.cli._files import read_structures
 
 DESCRIPTION = (
@@ -114,6 +115,12 @@ def reference_calculator(name: str):
     return calc
 
 
+#: Files a learning run writes into its directory (the manifest last, see kmlip.active.learn);
+#: a run that fails before its manifest exists removes those of them it created.
+RUN_FILES = ("log", "reference.extxyz", "model.kmlip", "rowcache.npz", "trajectory.extxyz",
+             "calibration.npz", "manifest.json")
+
+
 def run(args: argparse.Namespace) -> int:
     from kmlip.active.learn import default_descriptor, learn_on_the_fly
     from kmlip.descriptors.soap import SOAP
@@ -128,12 +135,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: cannot write to directory {parent} (permission denied)")
     if args.steps is None or args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     start = read_structures(args.start, format=args.format)[-1]
     if "X" in start.get_chemical_symbols():
         raise ValueError(f"{args.start}: holds dummy atoms 'X' (Z = 0)")
+    check_structure(start, args.start)
     frames = None
     if args.frames is not None:
         frames = read_structures(args.frames)
+        for k, a in enumerate(frames):
+            check_structure(a, f"{args.frames}: structure {k}")
     reference = reference_calculator(args.reference)
     species = sorted({s for a in [start] + (frames or []) for s in a.get_chemical_symbols()})
     if (args.r_cut, args.n_max, args.l_max) == (4.5, 6, 4):
@@ -141,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         descriptor = SOAP(species, r_cut=args.r_cut, n_max=args.n_max, l_max=args.l_max)
     created = not os.path.exists(out)
-    ours = ("log", "reference.extxyz", "model.kmlip", "rowcache.npz", "trajectory.extxyz")
+    ours = RUN_FILES
     existed = {n for n in ours if os.path.exists(os.path.join(out, n))}
     try:
         res = learn_on_the_fly(

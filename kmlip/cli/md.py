@@ -103,6 +103,8 @@ def _check_args(args) -> None:
         bad("--timestep", args.timestep, "in (0, 100] fs")
     if args.log_interval < 1:
         bad("--log-interval", args.log_interval, ">= 1")
+    if args.seed < 0:
+        bad("--seed", args.seed, ">= 0")
     for name, value in (("--gate-std", args.gate_std), ("--gate-relative", args.gate_relative),
                         ("--friction", args.friction),
                         ("--compressibility", args.compressibility)):

@@ -50,7 +50,7 @@ from kmlip._validate import (
     checked_system,
 )
 from kmlip.descriptors.base import MAX_CUTOFF, MAX_FEATURES, Descriptor, PairGradients
-from kmlip.neighbors import neighbor_list_arrays
+from kmlip.neighbors import check_no_overlap, neighbor_list_arrays
 
 #: Feature count from which :meth:`ACSF.backprop` contracts in the kernel (vjp) rather than
 #: through dense pair gradients: the vjp needs a second pass over the triplets, which the
@@ -211,6 +211,7 @@ class ACSF(Descriptor):
             raise ValueError(f"species {names} not declared in ACSF(species=...)")
         nt = resolve_threads(self.n_threads if n_threads is None else n_threads)
         nl = neighbor_list_arrays(positions, cell, pbc, self.cutoff)
+        check_no_overlap(nl)
         pair_species = np.ascontiguousarray(self._zmap[numbers][nl.neighbors])
         n_atoms, n_pairs = len(numbers), len(nl.centers)
         mean_neigh = n_pairs / max(n_atoms, 1)

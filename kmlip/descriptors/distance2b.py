@@ -145,7 +145,7 @@ class Distance2b(Descriptor):
         """One environment per pair within the cutoff (see the module docstring)."""
         from kmlip._ext import pairs as _pairs
         from kmlip._threads import resolve_threads, threads_for
-        from kmlip.neighbors import neighbor_list
+        from kmlip.neighbors import check_no_overlap, neighbor_list
 
         Z = np.asarray(atoms.numbers, dtype=np.int64)
         bad = sorted({int(z) for z in Z if int(z) not in self.species_z})
@@ -154,6 +154,7 @@ class Distance2b(Descriptor):
                              f"the descriptor's species {list(self.species)}")
         nt = resolve_threads(n_threads)
         nl = neighbor_list(atoms, self._r_cut, n_threads=nt)
+        check_no_overlap(nl)
         n_pairs = len(nl.centers)
         i, j, D, d, keys, grad = _pairs.half_pairs(
             np.ascontiguousarray(nl.centers, dtype=np.int64),

@@ -29,11 +29,15 @@ MAX_N_MAX = 1000
 def _pairs(atoms, cutoff: float):
     """Full neighbour list sorted by centre: (i, j, r_ij vectors, distances)."""
     try:
-        from kmlip.neighbors import neighbor_list  # the package's own (compiled) list
+        from kmlip.neighbors import (  # the package's own (compiled) list
+            check_no_overlap,
+            neighbor_list,
+        )
     except ImportError:
         neighbor_list = None
     if neighbor_list is not None:
         nl = neighbor_list(atoms, cutoff)
+        check_no_overlap(nl)
         i = np.asarray(nl.centers, dtype=np.int64)
         j = np.asarray(nl.neighbors, dtype=np.int64)
         D = np.asarray(nl.vectors, dtype=np.float64)

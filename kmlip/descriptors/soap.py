@@ -66,7 +66,7 @@ from kmlip._validate import (
     checked_system,
 )
 from kmlip.descriptors.base import MAX_CUTOFF, MAX_FEATURES, Descriptor, PairGradients
-from kmlip.neighbors import neighbor_list_arrays
+from kmlip.neighbors import check_no_overlap, neighbor_list_arrays
 
 DSCRIBE_DECAY = 1e-3
 #: Upper bounds of n_max and l_max (see SOAP's docstring for why).
@@ -334,6 +334,7 @@ class SOAP(Descriptor):
             raise ValueError(f"species {names} not declared in SOAP(species=...)")
         nt = resolve_threads(self.n_threads if n_threads is None else n_threads)
         nl = neighbor_list_arrays(positions, cell, pbc, self.cutoff)
+        check_no_overlap(nl)
         zmap = np.zeros(max(self.species_z) + 1, dtype=np.int64)
         for z, k in self._z_index.items():
             zmap[z] = k
