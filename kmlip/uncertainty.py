@@ -123,18 +123,20 @@ def default_calibration(sigma_force: float | None) -> Calibration:
     return Calibration("novelty", 1.0, float(sigma_force) if sigma_force else 0.02, 0, None)
 
 
-def _single_kernel(state, what: str) -> None:
+def _single_kernel(state, what: str, hint: str = "") -> None:
     if not getattr(state, "atom_centred", True):
-        raise ValueError(f"{what} needs a model with one atom-centred kernel (a sum of kernels "
-                         "gives the exact per-component forces_var)")
+        raise ValueError(f"{what} needs a model with one atom-centred kernel ({hint}a sum of "
+                         "kernels gives the exact per-component forces_var)")
 
 
-def _pair_blocks(G, n_atoms: int):
+def _pair_blocks(G, n_atoms: int, n_centres: int | None = None):
     """Pair gradients with the periodic images of each (centre, moving atom) pair summed.
 
     Returns ``(i, j, D)``: centres (k,), moving atoms (k,) and ``D[k] = d X_i / d r_j`` of shape
-    (k, 3, F), one block per distinct (i, j).
+    (k, 3, F), one block per distinct (i, j). Centres are atoms, or ``n_centres`` environments
+    of another kind (e.g. pairs).
     """
+    n_atoms = n_atoms if n_centres is None else max(int(n_centres), 1)
     key = np.asarray(G.neighbors, dtype=np.int64) * n_atoms + np.asarray(G.centers,
                                                                           dtype=np.int64)
     if np.unique(key).size == key.size:
@@ -150,7 +152,9 @@ def _pair_blocks(G, n_atoms: int):
     return uk % n_atoms, uk // n_atoms, D
 
 
-def force_variance_diag(state, atoms, X: np.ndarray, G, local_var: np.ndarray) -> np.ndarray:
+def force_variance_diag(state, atoms, X: np.ndarray | None = None, G=None,
+                        local_var: np.ndarray | None = None, *, envs=None,
+                        per_term: bool = False) -> np.ndarray:
     """Cheap per-atom force variance: local-energy variances spread by the pair gradients.
 
     The variance of the force on atom j is a double sum over the centres i, i' that see j of
@@ -169,6 +173,18 @@ def force_variance_diag(state, atoms, X: np.ndarray, G, local_var: np.ndarray) -
     gradients (``O(n_pairs F)``), no kernel rows of force components (the exact
     ``forces_var`` costs ``O(n_pairs F M)``).
 
+    A sum of kernels (``envs`` given) adds the terms' values, each from its own environments:
+    ``v_e`` is the projected-process variance (novelty) of environment e's local energy in its
+    term, ``delta_t^2 (k_hat(e, e) - |L_t^-1 k_e|^2)`` with L_t the term's block of the
+    Cholesky factor (K_MM is block diagonal by term), spread to the atoms that move it by
+    that term's pair gradients with the isotropic gradient factor of its kernel at the prior:
+    ``zeta P_e / |p_e|^2`` for the normalised dot-product kernel (as above), and
+    ``1/theta^2 + (fc'(r)/fc(r))^2`` for the two-body squared exponential (the ratio of
+    ``d^2 k/dr dr'`` at ``r = r'`` to ``k(r, r)``; a pair's gradient is the unit vector along
+    it, so a pair adds ``v_e (1/theta^2 + (fc'/fc)^2)`` to each of its two atoms). Terms are
+    independent a priori, so this is the diagonal part of the prior force variance of the sum
+    at the prior, as for one term.
+
     It is a measure for ranking and calibration, not the size of the exact posterior: the
     exact projected-process force variance also counts the directions of the kernel's
     derivative that the sparse points do not span, even in well-known environments (10²-10³
@@ -183,20 +199,32 @@ def force_variance_diag(state, atoms, X: np.ndarray, G, local_var: np.ndarray) -
     atoms : ase.Atoms
         The structure (only its size and numbers are used).
     X : ndarray, shape (n_atoms, F)
-        Raw descriptor vectors of the atoms (the prediction's ``features``).
+        Raw descriptor vectors of the atoms (the prediction's ``features``); one atom-centred
+        term only (else pass ``envs``).
     G : PairGradients
         Pair gradients of ``X`` (``descriptor.transform(atoms, gradients=True)[1]``).
     local_var : ndarray, shape (n_atoms,)
-        Per-atom local-energy variance, eV² (``novelty`` or ``energies_var``).
+        Per-atom local-energy variance, eV² (``novelty`` or ``energies_var``); with ``envs``,
+        optionally a list of per-environment variances (n_env_t,), one per term (default the
+        terms' novelties).
+    envs : list of Environments, optional
+        Every term's environments of ``atoms`` with gradients
+        (``term.descriptor.environments(atoms, gradients=True)``, in term order): any model,
+        needed for a sum of kernels.
+    per_term : bool
+        With ``envs``: return each term's part, shape (n_terms, n_atoms).
 
     Returns
     -------
     ndarray, shape (n_atoms,)
-        Per-atom force variance summed over x, y, z, eV²/Å².
+        Per-atom force variance summed over x, y, z, eV²/Å² (the sum over terms).
     """
     from kmlip import kernels
 
-    _single_kernel(state, "force_variance_diag")
+    if envs is not None:
+        return _force_variance_diag_terms(state, atoms, envs, local_var, per_term)
+    _single_kernel(state, "force_variance_diag with features X",
+                   "pass envs=, every term's environments with gradients, instead; ")
     n = len(atoms)
     X = np.asarray(X, dtype=np.float64)
     v = np.asarray(local_var, dtype=np.float64)
@@ -217,6 +245,65 @@ def force_variance_diag(state, atoms, X: np.ndarray, G, local_var: np.ndarray) -
     w = np.maximum(w, 0.0) * inv[i] ** 2
     np.add.at(out, j, state.basis.zeta * w * np.maximum(v[i], 0.0))
     return out
+
+
+def _force_variance_diag_terms(state, atoms, envs, local_var, per_term: bool) -> np.ndarray:
+    """:func:`force_variance_diag` of every kernel term from its environments."""
+    import scipy.linalg as sla
+
+    from kmlip import kernels
+
+    kernel = state.kernel
+    n = len(atoms)
+    if not isinstance(envs, (list, tuple)) or len(envs) != len(kernel.terms):
+        raise ValueError(f"envs must be a list of {len(kernel.terms)} Environments, one per "
+                         "kernel term")
+    if local_var is not None and (not isinstance(local_var, (list, tuple))
+                                  or len(local_var) != len(envs)):
+        raise ValueError("with envs, local_var must be None or a list of per-environment "
+                         "variances, one array per term")
+    deltas = state.hyper.delta if isinstance(state.hyper.delta, tuple) else (state.hyper.delta,)
+    out = np.zeros((len(envs), n))
+    for t, (term, env) in enumerate(zip(kernel.terms, envs, strict=True)):
+        basis = term.basis
+        Xe = np.asarray(env.features, dtype=np.float64)
+        keys = np.asarray(env.keys)
+        G = env.gradients
+        if G is None:
+            raise ValueError(f"envs[{t}] has no gradients (environments(..., gradients=True))")
+        if env.n_env == 0 or G.n_entries == 0:
+            continue
+        if local_var is None:
+            d2 = float(deltas[t]) ** 2
+            kss = basis.self_kernel(Xe, keys)
+            if basis.n_sparse:
+                cols = kernel.columns(t)
+                K = basis.local_rows(Xe, keys)
+                A = sla.solve_triangular(state.L_hat[cols, cols], K.T, lower=True,
+                                         check_finite=False)
+                v = d2 * np.maximum(kss - np.sum(A * A, axis=0), 0.0)
+            else:
+                v = d2 * kss
+        else:
+            v = np.asarray(local_var[t], dtype=np.float64)
+            if v.shape != (env.n_env,):
+                raise ValueError(f"local_var[{t}] must have shape ({env.n_env},), got "
+                                 f"{v.shape}")
+        i, j, D = _pair_blocks(G, n, env.n_env)
+        if isinstance(basis, kernels.SparseBasis):
+            Xh, inv = kernels.normalize(Xe)
+            along = np.einsum("kaf,kf->ka", D, Xh[i])
+            w = np.einsum("kaf,kaf->k", D, D) - np.einsum("ka,ka->k", along, along)
+            w = basis.zeta * np.maximum(w, 0.0) * inv[i] ** 2
+        elif hasattr(basis, "cutoff") and hasattr(basis, "theta"):
+            fc, dfc = basis.cutoff(Xe[:, 0])
+            ratio = np.divide(dfc, fc, out=np.zeros_like(fc), where=fc > 0)
+            w = np.einsum("kaf,kaf->k", D, D) * (1.0 / basis.theta ** 2 + ratio[i] ** 2)
+        else:
+            raise ValueError(f"force_variance_diag: no gradient factor for the kernel of "
+                             f"term {t} ({type(basis).__name__})")
+        np.add.at(out[t], j, w * np.maximum(v[i], 0.0))
+    return out if per_term else out.sum(axis=0)
 
 
 def force_variance_exact(state, atoms, X: np.ndarray, G, part: str = "full") -> np.ndarray:

@@ -251,6 +251,111 @@ def pick_environments(X: np.ndarray, order: Sequence[int], limit: int,
     return chosen
 
 
+#: Smallest smooth-cutoff factor fc(r) of a pair taken as a sparse point (a pair near the cutoff
+#: has almost no prior variance: a column of almost nothing).
+MIN_PAIR_CUTOFF = 0.1
+
+
+def grows_pairs(descriptor) -> bool:
+    """Whether the learner grows a term's sparse points as pair distances (see
+    :func:`pick_pairs`): a term whose environments are not atoms, with one feature (a distance)
+    and a length scale ``theta`` (Distance2b). Other non-atom-centred terms keep the points
+    of the first fit."""
+    theta = getattr(descriptor, "theta", None)
+    return (not getattr(descriptor, "atom_centred", True)
+            and int(getattr(descriptor, "n_features", 0)) == 1
+            and isinstance(theta, (int, float, np.integer, np.floating)) and theta > 0)
+
+
+def pick_pairs(descriptor, env, existing: Mapping[int, np.ndarray], atom_rank: np.ndarray,
+               limit: float) -> dict[int, np.ndarray]:
+    """New sparse distances of a pair term: pairs of the ranked atoms, at least θ/2 from every
+    point of their species pair.
+
+    Candidates are the pair environments with an owner of finite rank, best owner first, then
+    shortest first; one is taken when its smooth-cutoff factor is at least
+    :data:`MIN_PAIR_CUTOFF` and it lies at least ``theta / 2`` from the key's existing and
+    already taken points. The pair basis thus stays a grid of spacing >= θ/2 over the distances
+    the run has visited (at most about ``2 r_cut / θ`` points per species pair), dense where
+    the squared-exponential kernel of length θ needs it and no denser.
+
+    Parameters
+    ----------
+    descriptor : Distance2b
+        The term's descriptor (its ``theta``; its basis gives the cutoff function).
+    env : Environments
+        The structure's pair environments (features (n_env, 1) distances, Å).
+    existing : mapping
+        ``{key: (m, 1)}`` points of the term.
+    atom_rank : ndarray (n_atoms,)
+        Rank of each atom (lower first); ``inf`` for atoms whose pairs are not candidates.
+    limit : float
+        Most points to take (``inf`` for no limit).
+
+    Returns
+    -------
+    dict
+        ``{key: (m, 1) distances}``.
+    """
+    if env.n_env == 0:
+        return {}
+    spacing = 0.5 * float(descriptor.theta)
+    r = np.asarray(env.features[:, 0], dtype=np.float64)
+    fc = descriptor.make_basis({}, None).cutoff(r)[0]
+    rank = np.minimum(atom_rank[env.owners[:, 0]], atom_rank[env.owners[:, 1]])
+    cand = np.flatnonzero(np.isfinite(rank) & (fc >= MIN_PAIR_CUTOFF))
+    cand = cand[np.lexsort((r[cand], rank[cand]))]
+    taken: dict[int, list] = {}
+    n = 0
+    for e in cand:
+        if n >= limit:
+            break
+        k = int(env.keys[e])
+        ref = list(np.asarray(existing.get(k, np.zeros((0, 1))))[:, 0]) + taken.get(k, [])
+        if ref and np.min(np.abs(np.asarray(ref) - r[e])) < spacing:
+            continue
+        taken.setdefault(k, []).append(float(r[e]))
+        n += 1
+    return {k: np.asarray(v, dtype=np.float64)[:, None] for k, v in taken.items()}
+
+
+def _measure_names(state) -> tuple[str, ...]:
+    """Measures the prediction path gives for this model (a sum of kernels: no
+    ``forces_var_diag``, which :func:`kmlip.uncertainty.force_variance_diag` adds)."""
+    names = unc.predicted_measures()
+    if not getattr(state, "atom_centred", True):
+        names = tuple(k for k in names if k != "forces_var_diag")
+    return names
+
+
+def _model_with_points(terms, term_points, delta, sigmas, e0, n_threads):
+    """An unfitted model with given sparse points: ``terms`` ``[(descriptor, zeta)]``,
+    ``term_points`` ``[{key name: X}]`` (one per term), δ (scalar for one term, else one per
+    term), ``sigmas`` (σ_E, σ_F, σ_V), e0 (dict or None)."""
+    from kmlip.model import KernelPotential
+
+    se, sf, sv = sigmas
+    if len(terms) == 1:
+        (desc, zeta), points = terms[0], term_points[0]
+        return KernelPotential(
+            desc, zeta=zeta, delta=delta, n_sparse={k: len(v) for k, v in points.items()},
+            sparse_method=points, sigma_energy=se, sigma_force=sf, sigma_stress=sv,
+            **({} if e0 is None else {"e0": dict(e0)}), precision="double",
+            n_threads=n_threads, progress=False)
+    return KernelPotential(
+        [d for d, _ in terms], zeta=[z for _, z in terms], delta=list(delta),
+        n_sparse=[{k: len(v) for k, v in p.items()} for p in term_points],
+        sparse_method=[dict(p) for p in term_points], sigma_energy=se, sigma_force=sf,
+        sigma_stress=sv, e0=None if e0 is None else dict(e0), precision="double",
+        n_threads=n_threads, progress=False)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+    return f"{v:.4g}"
+
+
 # -- the learner -------------------------------------------------------------------------------
 class _Learner:
     """State of one learning run (see :func:`learn_on_the_fly`)."""
@@ -306,7 +411,7 @@ class _Learner:
         data = {"format": "kmlip-learn", "version": MANIFEST_VERSION,
                 "n_model_frames": len(self.frames), "n_reference_calls": len(self.calls),
                 "md": md, "settings": {k: v for k, v in self.s.items()
-                                       if k not in ("descriptor", "n_threads")}}
+                                       if k not in ("descriptor", "n_threads", "terms")}}
         atomic_write(self.path("manifest.json"),
                      lambda fh: json.dump(data, fh, allow_nan=True), text=True)
 
@@ -339,24 +444,38 @@ class _Learner:
 
     # -- model --------------------------------------------------------------------------------
     def initial_fit(self, frames: list[Atoms]) -> None:
-        from kmlip.model import KernelPotential
-
         s = self.s
-        desc = s["descriptor"]
         periodic = all(lab.is_periodic(a) for a in frames) and all(
             "stress" in (a.calc.results if a.calc is not None else {}) or "stress" in a.info
             for a in frames)
-        points = {}
-        for z in sorted({int(z) for a in frames for z in a.numbers}):
-            feats = [desc.transform(a)[a.numbers == z] for a in frames]
-            X = np.concatenate(feats)
-            idx = pick_environments(X, range(len(X)), s["initial_points"])
-            points[chemical_symbols[z]] = X[idx]
-        self.model = KernelPotential(
-            desc, zeta=s["zeta"], delta=s["delta"], n_sparse={k: len(v) for k, v in points.items()},
-            sparse_method=points, sigma_energy=s["sigma_energy"], sigma_force=s["sigma_force"],
-            sigma_stress=s["sigma_stress"] if periodic else None, precision="double",
-            n_threads=s["n_threads"], progress=False)
+        term_points = []
+        for desc, _ in s["terms"]:
+            points = {}
+            if getattr(desc, "atom_centred", True):
+                for z in sorted({int(z) for a in frames for z in a.numbers}):
+                    feats = [desc.transform(a)[a.numbers == z] for a in frames]
+                    X = np.concatenate(feats)
+                    idx = pick_environments(X, range(len(X)), s["initial_points"])
+                    points[chemical_symbols[z]] = X[idx]
+            elif grows_pairs(desc):
+                # every pair of the start frames, a grid of spacing theta/2 (see pick_pairs)
+                got: dict[int, np.ndarray] = {}
+                for a in frames:
+                    env = desc.environments(a, n_threads=s["n_threads"])
+                    new = pick_pairs(desc, env, got, np.zeros(len(a)), math.inf)
+                    got = {k: np.concatenate([got[k], new[k]]) if k in got and k in new
+                           else got.get(k, new.get(k)) for k in {*got, *new}}
+                points = {desc.key_name(k): got[k] for k in desc.kernel_keys() if k in got}
+            term_points.append(points)
+        self.model = _model_with_points(
+            s["terms"], term_points, s["delta"],
+            (s["sigma_energy"], s["sigma_force"], s["sigma_stress"] if periodic else None),
+            s.get("e0"), s["n_threads"])
+        if len(s["terms"]) > 1 or not getattr(s["terms"][0][0], "atom_centred", True):
+            self.say("sparse points of the first model: " + "; ".join(
+                f"term {t} ({type(d).__name__}): " + ", ".join(
+                    f"{k} {len(v)}" for k, v in p.items())
+                for t, ((d, _), p) in enumerate(zip(s["terms"], term_points, strict=True))))
         self.model.fit(frames)
         self.frames = list(frames)
         if len(frames) >= MIN_FRAMES_TO_OPTIMIZE:
@@ -373,7 +492,7 @@ class _Learner:
             self.say(f"hyperparameter optimisation failed ({exc}); keeping the previous values")
             return
         self.say("hyperparameters: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in h.items()
+            f"{k} {_fmt(v)}" for k, v in h.items()
             if v is not None and k != "log_marginal_likelihood")
             + f"; log marginal likelihood {h['log_marginal_likelihood']:.6g}")
 
@@ -410,7 +529,7 @@ class _Learner:
         s = self.s
         model = self.model
         st = model.fitted_state_
-        names = unc.predicted_measures()
+        names = _measure_names(st)
         r = model.compute(frame, ("forces", "uncertainty", *names))
         if s["calibrate"] and not frame.info.get(_INFO + "initial") \
                 and len(self.frames) >= MIN_FRAMES_TO_OPTIMIZE:
@@ -422,24 +541,7 @@ class _Learner:
         sf2 = unc.default_calibration(st.hyper.sigma_force).floor ** 2
         score = np.asarray(r.novelty)
         limit = 0.25 * (self.novelty_threshold() + sf2) - sf2
-        X = st.descriptor.transform(frame)
-        new_points = {}
-        taken = 0
-        for z in sorted({int(z) for z in frame.numbers}):
-            idx = np.flatnonzero(frame.numbers == z)
-            order = idx[np.argsort(-score[idx], kind="stable")]
-            order = [i for i in order if score[i] > limit]
-            existing = st.basis.points.get(z)
-            pick = pick_environments(X, order, s["max_new_points"] - taken, existing)
-            if pick:
-                new_points[chemical_symbols[z]] = X[pick]
-                taken += len(pick)
-        if taken == 0:
-            # the most uncertain atom at least, so every call adds to the sparse set
-            i = int(np.argmax(score))
-            pick = pick_environments(X, [i], 1, st.basis.points.get(int(frame.numbers[i])))
-            if pick:
-                new_points[chemical_symbols[int(frame.numbers[i])]] = X[pick]
+        new_points = [self.new_points(term, frame, score, limit) for term in st.kernel.terms]
         frames = self.frames + [frame]
         new_state, cache = columns.add_rows(st, self.cache, [frame], n_threads=s["n_threads"])
         new_state, cache = columns.add_columns(new_state, frames, new_points, cache,
@@ -452,8 +554,54 @@ class _Learner:
             self.optimize()
         if s["calibrate"] and self.held_out:
             self.recalibrate()
-        record["n_sparse"] = int(model.fitted_state_.basis.n_sparse)
-        record["n_new_points"] = int(sum(len(v) for v in new_points.values()))
+        record["n_sparse"] = int(model.fitted_state_.n_sparse)
+        record["n_new_points"] = int(sum(len(v) for p in new_points for v in p.values()))
+
+    def new_points(self, term, frame: Atoms, score: np.ndarray, limit: float) -> dict:
+        """One term's new sparse points from a labelled frame, ``{key name: X}``.
+
+        An atom-centred term takes the environments of up to ``max_new_points`` atoms whose
+        novelty exceeds ``limit`` (half the gate threshold), most uncertain first, skipping
+        near-duplicates (at least the most uncertain atom's, so that every call adds to the
+        sparse set). A pair term (:func:`grows_pairs`) takes the distances of those atoms'
+        pairs that are at least θ/2 from its points (:func:`pick_pairs`): a pair basis fixed
+        at the first fit would cover only the distances of the start structure (a few shells
+        of a perfect crystal, no pair of a species pair it lacks), so that the two-body term
+        could not follow the compressed or hot pairs the run meets. Other terms keep their
+        points.
+        """
+        s = self.s
+        desc, basis = term.descriptor, term.basis
+        out = {}
+        if getattr(desc, "atom_centred", True):
+            X = desc.transform(frame)
+            taken = 0
+            for z in sorted({int(z) for z in frame.numbers}):
+                idx = np.flatnonzero(frame.numbers == z)
+                order = idx[np.argsort(-score[idx], kind="stable")]
+                order = [i for i in order if score[i] > limit]
+                existing = basis.points.get(z)
+                pick = pick_environments(X, order, s["max_new_points"] - taken, existing)
+                if pick:
+                    out[chemical_symbols[z]] = X[pick]
+                    taken += len(pick)
+            if taken == 0:
+                # the most uncertain atom at least, so every call adds to the sparse set
+                i = int(np.argmax(score))
+                pick = pick_environments(X, [i], 1, basis.points.get(int(frame.numbers[i])))
+                if pick:
+                    out[chemical_symbols[int(frame.numbers[i])]] = X[pick]
+            return out
+        if not grows_pairs(desc):
+            return out
+        above = np.flatnonzero(score > limit)
+        if above.size == 0:
+            above = np.array([int(np.argmax(score))])
+        rank = np.full(len(frame), math.inf)
+        rank[above[np.argsort(-score[above], kind="stable")]] = np.arange(above.size)
+        env = desc.environments(frame, n_threads=s["n_threads"])
+        got = pick_pairs(desc, env, basis.points, rank, s["max_new_points"])
+        return {desc.key_name(k): v for k, v in got.items()}
 
     # -- calibration ------------------------------------------------------------------------
     def measures_before(self, frame: Atoms, r, names) -> dict[str, np.ndarray]:
@@ -465,10 +613,8 @@ class _Learner:
                "delta2": np.array([_prior_scale(st)])}
         for k in names:
             out[k] = np.asarray(getattr(r, k), dtype=np.float64)
-        if "forces_var_diag" not in out and getattr(st, "atom_centred", True):
-            # not (yet) a property of the prediction path: from one pass of pair gradients
-            X, G = st.descriptor.transform(frame, gradients=True, n_threads=self.s["n_threads"])
-            out["forces_var_diag"] = unc.force_variance_diag(st, frame, X, G, r.novelty)
+        if "forces_var_diag" not in out:
+            out["forces_var_diag"] = _forces_var_diag(st, frame, r, self.s["n_threads"])
         return out
 
     def held_out_data(self):
@@ -511,16 +657,14 @@ class _Learner:
         frames held out before their update, whose models were worse than the final one
         (it over-covers: 99-100 % of the errors within ±2u on the Cu benchmark, 92-98 % by
         cross-validation)."""
-        from kmlip.model import KernelPotential
-
         st = self.model.fitted_state_
         folds = [k for k, f in enumerate(self.frames)
                  if not f.info.get(_INFO + "initial")][-CV_FOLDS:]
-        if not folds or not getattr(st, "atom_centred", True):
+        if not folds:
             return
-        names = unc.predicted_measures()
+        names = _measure_names(st)
         h = st.hyper
-        desc = st.descriptor
+        terms = [(t.descriptor, t.basis.zeta) for t in st.kernel.terms]
         nt = self.s["n_threads"]
         meas: dict[str, list] = {k: [] for k in names}
         diag = "forces_var_diag" not in names  # then from the pair gradients below
@@ -529,26 +673,10 @@ class _Learner:
         errors = []
         for k in folds:
             fr = self.frames[k]
-            X = desc.transform(fr, n_threads=nt)
-            Xh = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
-            keep = {}
-            for z in st.basis.species_z:
-                P = st.basis.points[z]
-                own = Xh[fr.numbers == z]
-                if len(own):
-                    Ph = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-300)
-                    # the frame's own environments are bit-identical to the points taken
-                    # from it; distinct points differ by >= 1e-6 (pick_environments)
-                    P = P[np.max(Ph @ own.T, axis=1) < 1.0 - 1e-12]
-                if len(P):
-                    keep[chemical_symbols[z]] = P
+            keep = [_points_not_from(term, fr, nt) for term in st.kernel.terms]
             try:
-                fold = KernelPotential(
-                    desc, zeta=st.basis.zeta, delta=h.delta,
-                    n_sparse={s_: len(v) for s_, v in keep.items()}, sparse_method=keep,
-                    sigma_energy=h.sigma_energy, sigma_force=h.sigma_force,
-                    sigma_stress=h.sigma_stress, e0=dict(st.e0), precision="double",
-                    n_threads=nt, progress=False)
+                fold = _model_with_points(terms, keep, h.delta, (h.sigma_energy, h.sigma_force,
+                                                                 h.sigma_stress), st.e0, nt)
                 fold.fit([f for j, f in enumerate(self.frames) if j != k])
                 r = fold.compute(fr, ("forces", *names))
             except (ValueError, np.linalg.LinAlgError) as exc:
@@ -558,10 +686,7 @@ class _Learner:
             for name in names:
                 meas[name].append(np.asarray(getattr(r, name), dtype=np.float64))
             if diag:
-                Xg, G = fold.fitted_state_.descriptor.transform(fr, gradients=True,
-                                                                n_threads=nt)
-                meas["forces_var_diag"].append(
-                    unc.force_variance_diag(fold.fitted_state_, fr, Xg, G, r.novelty))
+                meas["forces_var_diag"].append(_forces_var_diag(fold.fitted_state_, fr, r, nt))
         if not errors:
             return
         n_cv = len(errors)
@@ -608,6 +733,46 @@ class _Learner:
             self.held_out = {}
 
 
+def _points_not_from(term, frame: Atoms, n_threads) -> dict:
+    """A term's sparse points ``{key name: X}`` without those taken from ``frame`` (for the
+    cross-validation folds)."""
+    desc, basis = term.descriptor, term.basis
+    keep = {}
+    if getattr(desc, "atom_centred", True):
+        X = desc.transform(frame, n_threads=n_threads)
+        Xh = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+        for z in basis.species_z:
+            P = basis.points[z]
+            own = Xh[frame.numbers == z]
+            if len(own):
+                Ph = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-300)
+                # the frame's own environments are bit-identical to the points taken
+                # from it; distinct points differ by >= 1e-6 (pick_environments)
+                P = P[np.max(Ph @ own.T, axis=1) < 1.0 - 1e-12]
+            if len(P):
+                keep[chemical_symbols[z]] = P
+        return keep
+    env = desc.environments(frame, n_threads=n_threads)
+    for k in basis.species_z:
+        P = basis.points[k]
+        # a pair point taken from the frame is one of its distances, bit for bit
+        P = P[~np.isin(P[:, 0], env.features[env.keys == k, 0])]
+        if len(P):
+            keep[desc.key_name(k)] = P
+    return keep
+
+
+def _forces_var_diag(state, frame: Atoms, r, n_threads) -> np.ndarray:
+    """:func:`kmlip.uncertainty.force_variance_diag` of a frame (one pass of pair gradients per
+    term; for one atom-centred term from the prediction's ``novelty``)."""
+    if getattr(state, "atom_centred", True):
+        X, G = state.descriptor.transform(frame, gradients=True, n_threads=n_threads)
+        return unc.force_variance_diag(state, frame, X, G, r.novelty)
+    envs = [t.descriptor.environments(frame, gradients=True, n_threads=n_threads)
+            for t in state.kernel.terms]
+    return unc.force_variance_diag(state, frame, envs=envs)
+
+
 def _prior_scale(state) -> float:
     """δ² of the model (eV²), the scale of its per-atom measures; the sum of the terms' δ² for
     a sum of kernels (whose measures add the terms' prior variances)."""
@@ -652,6 +817,7 @@ def _call_line(rec: dict) -> str:
 def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float = 300.0,
                      timestep: float = 1.0, ensemble: str = "nvt", friction: float = 0.01,
                      frames: Sequence[Atoms] | None = None, descriptor=None, zeta: int = 4,
+                     model=None,
                      threshold: float | None = None, relative_threshold: float = 3.0,
                      max_new_points: int = 32, initial_points: int = 8,
                      max_reference_calls: int | None = None, max_wall_time: float | None = None,
@@ -687,6 +853,19 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
         Default :func:`default_descriptor` over the elements present.
     zeta : int
         Kernel exponent.
+    model : KernelPotential, optional
+        A template of the model instead of ``descriptor``, ``zeta`` and ``delta``: its
+        descriptor(s), ζ, δ and e0 (when set) are used, e.g. GAP's two-body + SOAP sum
+        ``KernelPotential([Distance2b(...), SOAP(...)], zeta=[None, 4], delta=[0.5, 0.2])``.
+        The learner chooses every term's sparse points (the template's ``n_sparse`` and
+        ``sparse_method`` are not used): an atom-centred term as described above (the
+        environments of the uncertain atoms), a Distance2b term the distances of the start
+        frames' pairs on a grid of spacing θ/2, grown at each reference call by the pairs of
+        the uncertain atoms that are farther than θ/2 from its points (see
+        :meth:`_Learner.new_points`); other terms keep the points of the first fit. The
+        label noise comes from ``sigma_*`` below, not from the template. Per-atom novelty of a
+        sum is the projected-process variance of the atom's energy, the sum over terms of
+        each term's part (a pair's energy is shared half and half by its atoms).
     threshold : float, optional
         Absolute gate threshold t, eV/Å, on the uncalibrated uncertainty
         ``sqrt(σ_F² + novelty)``: the gate trips at a novelty of ``t² - σ_F²`` (the log states
@@ -777,11 +956,33 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
         frames = lab.as_frames(frames)
         species = sorted(set(species) | {chemical_symbols[int(z)] for a in frames
                                          for z in a.numbers}, key=lab_z)
-    if descriptor is None:
-        descriptor = default_descriptor(species)
-    missing = [s for s in species if lab_z(s) not in descriptor.species_z]
-    if missing:
-        raise ValueError(f"the descriptor does not cover species {missing}")
+    e0 = None
+    if model is not None:
+        from kmlip.model import KernelPotential
+
+        if not isinstance(model, KernelPotential):
+            raise TypeError(f"model must be a KernelPotential (a template), got "
+                            f"{type(model).__name__}")
+        if descriptor is not None:
+            raise ValueError("give either descriptor or model (whose descriptors are used), "
+                             "not both")
+        term_cfg, delta = model._terms_config()  # validated as a fit would
+        terms = [(tc.descriptor, tc.zeta) for tc in term_cfg]
+        e0 = None if model.e0 is None else dict(model.e0)
+        delta_setting = list(delta) if isinstance(delta, tuple) else delta
+        zeta_setting = [z for _, z in terms] if len(terms) > 1 else terms[0][1]
+        descriptor = [d for d, _ in terms] if len(terms) > 1 else terms[0][0]
+    else:
+        if descriptor is None:
+            descriptor = default_descriptor(species)
+        terms = [(descriptor, _count(zeta, "zeta", minimum=1))]
+        delta_setting = _positive_number(delta, "delta")
+        zeta_setting = terms[0][1]
+    for t, (d, _) in enumerate(terms):
+        missing = [s for s in species if lab_z(s) not in d.species_z]
+        if missing:
+            raise ValueError(f"the descriptor{f' of term {t}' if len(terms) > 1 else ''} does "
+                             f"not cover species {missing}")
     settings = {"steps": steps, "temperature": temperature, "timestep_fs": timestep,
                 "ensemble": ensemble, "friction_per_fs": friction, "threshold": threshold,
                 "relative_threshold": relative_threshold, "max_new_points": max_new_points,
@@ -790,7 +991,7 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
                 "sigma_energy": _positive_number(sigma_energy, "sigma_energy"),
                 "sigma_force": _positive_number(sigma_force, "sigma_force"),
                 "sigma_stress": _positive_number(sigma_stress, "sigma_stress", allow_none=True),
-                "delta": _positive_number(delta, "delta"), "zeta": _count(zeta, "zeta", minimum=1),
+                "delta": delta_setting, "zeta": zeta_setting, "e0": e0,
                 "seed": seed, "trajectory_interval": trajectory_interval}
     directory = None if directory is None else os.fspath(directory)
     if directory is not None:
@@ -821,8 +1022,13 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
             except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file
                 raise ValueError(f"{rpath}: unreadable reference frames ({exc})") from None
     settings["descriptor"] = descriptor
+    settings["terms"] = terms
     settings["n_threads"] = n_threads
-    desc_info = descriptor.to_dict() if hasattr(descriptor, "to_dict") else repr(descriptor)
+
+    def _info(d):
+        return d.to_dict() if hasattr(d, "to_dict") else repr(d)
+
+    desc_info = [_info(d) for d, _ in terms] if len(terms) > 1 else _info(terms[0][0])
     write_manifest = run.write_manifest
 
     resuming = bool(refs) or manifest is not None
@@ -844,7 +1050,17 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
         run.say(f"start: {len(atoms)} atoms ({', '.join(species)}), {steps} steps of "
                 f"{timestep:g} fs, {ensemble.upper()} at {temperature:g} K"
                 + (f" (Langevin friction {friction:g}/fs)" if ensemble == "nvt" else ""))
-        run.say(f"descriptor: {desc_info}; zeta {settings['zeta']}")
+        run.say(f"descriptor: {desc_info}; zeta {settings['zeta']}"
+                + ("" if model is None else f"; delta {settings['delta']}"
+                   + ("" if e0 is None else f"; e0 {e0}")))
+        if any(not getattr(d, "atom_centred", True) for d, _ in terms):
+            run.say("sparse points of the terms whose environments are not atoms: "
+                    + "; ".join(f"term {t} ({type(d).__name__}) "
+                                + ("distances of the start frames' pairs, grown by the pairs "
+                                   "of uncertain atoms (spacing >= theta/2)" if grows_pairs(d)
+                                   else "fixed at the first fit")
+                                for t, (d, _) in enumerate(terms)
+                                if not getattr(d, "atom_centred", True)))
         run.say("gate: " + (f"absolute threshold {threshold:g} eV/Å" if threshold is not None
                             else f"{relative_threshold:g} × σ_F ("
                                  f"{min(relative_threshold, FIRST_MODEL_RELATIVE_THRESHOLD):g} × "
@@ -1061,10 +1277,10 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
     cpu = time.process_time() - t_cpu0
     run.say(f"stopped ({'wall-time cap' if stopped == 'wall_time' else 'all steps done'}) at "
             f"step {step}: {len(run.calls)} reference calls, "
-            f"{run.model.fitted_state_.basis.n_sparse} sparse points, CPU {cpu:.1f} s")
+            f"{run.model.fitted_state_.n_sparse} sparse points, CPU {cpu:.1f} s")
     return LearningResult(model=run.model, calls=list(run.calls), steps=step, stopped=stopped,
                           directory=directory, cpu_seconds=cpu)
 
 
-__all__ = ["DEFAULT_BOUNDS", "LearningResult", "default_descriptor", "label_frame",
-           "learn_on_the_fly", "pick_environments"]
+__all__ = ["DEFAULT_BOUNDS", "LearningResult", "default_descriptor", "grows_pairs", "label_frame",
+           "learn_on_the_fly", "pick_environments", "pick_pairs"]
