@@ -12,6 +12,15 @@ without a refit from scratch (:mod:`kmlip.gp.columns`: the learner keeps the uni
 its few labelled frames in a :class:`~kmlip.gp.columns.RowCache`), re-optimises the
 hyperparameters within bounds, and the MD continues from that frame.
 
+Sums of kernels
+---------------
+``model=KernelPotential([Distance2b(...), SOAP(...)], zeta=[None, 4], delta=[...])`` learns
+GAP's two-body + SOAP model: the template's descriptors, ζ, δ and e0 are used and the learner
+picks every term's sparse points (see :meth:`_Learner.new_points`: atom-centred terms as above,
+a Distance2b term a θ/2 grid of the pair distances it meets, grown with the uncertain atoms'
+pairs). The gate reads the per-atom novelty of the sum (the terms' projected-process
+variances of the atom's energy, added up).
+
 Run directory
 -------------
 ``model.kmlip`` (the current model, with its QR factors), ``reference.extxyz`` (every labelled
