@@ -104,6 +104,15 @@ class KMLIPCalculator(Calculator):
         self._last = None
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        try:
+            self._calculate(atoms, properties, system_changes)
+        except BaseException:
+            # ASE has already stored these atoms as the calculator's: without a reset, asking
+            # again would return the previous structure's results as this one's
+            self.reset()
+            raise
+
+    def _calculate(self, atoms, properties, system_changes):
         if properties is None:
             properties = ["energy"]
         super().calculate(atoms, properties, system_changes)

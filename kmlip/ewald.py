@@ -401,7 +401,11 @@ class Ewald(Calculator):
                   system_changes: list[str] = all_changes) -> None:
         """ASE entry point: fills ``self.results`` (stress only for periodic systems)."""
         super().calculate(atoms, properties or ["energy"], system_changes)
-        r = self.evaluate(self.atoms)
+        try:
+            r = self.evaluate(self.atoms)
+        except BaseException:
+            self.reset()  # else asking again would return the previous structure's results
+            raise
         self.results = {"energy": r["energy"], "free_energy": r["energy"],
                         "energies": r["energies"], "forces": r["forces"]}
         if r["stress"] is not None:

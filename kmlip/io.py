@@ -244,6 +244,10 @@ def read_model_file(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise FileNotFoundError(f"model file {path!r} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a kmlip model file")
+    if not os.path.isfile(path):
+        # a FIFO would block the open forever, a device such as /dev/zero never ends
+        raise ValueError(f"{path}: not a regular file (a pipe or a device), not a kmlip model "
+                         "file")
     try:
         with zipfile.ZipFile(path) as zf:
             infos = {i.filename: i for i in zf.infolist()}

@@ -886,11 +886,13 @@ def cli_files(tmp_path_factory, frames):
     return {"dir": d, "train": train, "model": model, "start": start, "bad": bad}
 
 
-def _fails(capsys, argv, *words, cmd=None):
-    """Runs ``kmlip argv``; checks exit 2, exactly one stderr line naming the words."""
+def _fails(capsys, argv, *words, cmd=None, quiet=False):
+    """Runs ``kmlip argv``; checks exit 2, exactly one stderr line naming the words (and
+    nothing on stdout when ``quiet``: the error came before any work)."""
     capsys.readouterr()
     assert main([str(x) for x in argv]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert not quiet or out == "", out
     # one-line warnings (e.g. about e0) may precede the error; the error is one line
     lines = [ln for ln in err.strip().splitlines() if ": warning: " not in ln]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -1063,4 +1065,155 @@ def test_installed_command_exit_status_and_one_line(cli_files, tmp_path):
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], p.stderr
+    assert _listing(tmp_path) == []
+
+
+# -- descriptors directly ------------------------------------------------------------------------
+
+def _descriptors():
+    from kmlip import ACSF
+    from kmlip.descriptors.distance2b import Distance2b
+
+    return [SOAP(species=["Cu"], r_cut=3.5, n_max=2, l_max=2),
+            ACSF(species=["Cu"], r_cut=3.5, g2_params=[(1.0, 0.0)]),
+            Distance2b(species=["Cu"], r_cut=3.5),
+            PairHistogram(species=["Cu"], r_cut=3.5, n_max=4)]
+
+
+@pytest.mark.parametrize("k", range(4), ids=["SOAP", "ACSF", "Distance2b", "PairHistogram"])
+def test_descriptors_refuse_overlaps_and_non_atoms(k):
+    desc = _descriptors()[k]
+    a = bulk("Cu", "fcc", a=3.6, cubic=True)
+    a.positions[3] = a.positions[2] + [0.0, 3e-7, 0.0]
+    for grad in (False, True):
+        with pytest.raises(ValueError, match=r"atoms 2 and 3 are 3e-07 Å apart, closer than "
+                                             r"1e-06 Å: overlapping atoms"):
+            desc.transform(a, gradients=grad)
+    a.positions[3, 1] += 1e-6  # 1.3e-6 Å: unusual but allowed
+    assert np.all(np.isfinite(desc.transform(a)))
+    with pytest.raises(TypeError, match="expected an ase.Atoms, got str"):
+        desc.transform("Cu")
+    with pytest.raises(ValueError, match="n_threads must be"):
+        desc.transform(bulk("Cu"), n_threads=0)
+    empty = desc.transform(Atoms(cell=[4.0, 4.0, 4.0], pbc=True))
+    assert empty.shape == (0, desc.n_features)
+
+
+# -- calculators after a failed call -------------------------------------------------------------
+
+def test_calculator_does_not_reuse_results_after_a_failure(model, frames):
+    calc = KMLIPCalculator(model)
+    good = frames[0].copy()
+    e_good = calc.get_potential_energy(good)
+    bad = frames[1].copy()
+    bad.positions[1] = bad.positions[0]
+    for _ in range(2):  # asking again must not return the previous structure's energy
+        with pytest.raises(ValueError, match="overlapping atoms"):
+            calc.get_potential_energy(bad)
+        with pytest.raises(ValueError, match="overlapping atoms"):
+            calc.get_forces(bad)
+    assert calc.get_potential_energy(good) == e_good
+
+
+def test_ewald_calculator_does_not_reuse_results_after_a_failure():
+    from kmlip.ewald import Ewald
+
+    ew = Ewald({"Na": 1.0, "Cl": -1.0})
+    good = bulk("NaCl", "rocksalt", a=5.64)
+    e_good = ew.get_potential_energy(good)
+    bad = good.copy()
+    bad.pbc = [True, True, False]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="partly periodic systems"):
+            ew.get_potential_energy(bad)
+    assert ew.get_potential_energy(good) == e_good
+
+
+# -- files that are not regular files, crafted model files ---------------------------------------
+
+def test_pipes_and_devices_are_refused_not_read(model, cli_files, capsys, tmp_path):
+    fifo = tmp_path / "pipe.kmlip"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    with pytest.raises(ValueError, match="not a regular file"):
+        kmlip.load(fifo)
+    _fails(capsys, ["info", fifo], f"{fifo}: not a regular file (a pipe)")
+    _fails(capsys, ["predict", fifo, cli_files["start"]], "not a regular file (a pipe)")
+    _fails(capsys, ["predict", cli_files["model"], fifo], "not a regular file (a pipe)")
+    _fails(capsys, ["fit", cli_files["train"], "-o", tmp_path / "m.kmlip", "--model", fifo],
+           "not a regular file (a pipe)")
+    if os.path.exists("/dev/zero"):  # endless: reading it would fill the memory
+        _fails(capsys, ["predict", cli_files["model"], "/dev/zero"],
+               "/dev/zero: not a regular file (a device or socket)")
+        _fails(capsys, ["md", "/dev/zero", cli_files["start"], "-o", tmp_path / "t.xyz",
+                        "--steps", "1", "--temperature", "10"], "not a regular file")
+    assert _listing(tmp_path) == ["pipe.kmlip"]
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe\x00binary", "not a UTF-8 text file"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b"{\"terms\": []}", "needs a non-empty list 'terms'"),
+    (b"", "model spec is empty"),
+], ids=["binary", "deep", "no_terms", "empty"])
+def test_fit_model_spec_errors(content, words, cli_files, capsys, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_bytes(content)
+    _fails(capsys, ["fit", cli_files["train"], "-o", tmp_path / "m.kmlip", "--model", spec],
+           f"{spec}: ", words)
+    assert _listing(tmp_path) == ["spec.json"]
+
+
+@pytest.mark.parametrize("where, name, value, words", [
+    ("arrays", "alpha", np.nan, "array 'alpha' contains NaN or inf"),
+    ("arrays", "R", np.inf, "array 'R' contains NaN or inf"),
+    ("fitted", "delta", -1.0, "delta must be in (0,"),
+    ("fitted", "sigma_force", float("nan"), "sigma_force must be a finite number"),
+    ("fitted", "zeta", 0, "zeta must be an integer in [1, 64]"),
+])
+def test_crafted_model_files_with_valid_checksums(where, name, value, words, model, tmp_path):
+    # checksums only catch accidents: a file written with bad content and matching checksums
+    # must still be refused, not give NaN or nonsense predictions
+    import copy
+
+    from kmlip.io import read_model_file, write_model_file
+
+    path = tmp_path / "good.kmlip"
+    model.save(path)
+    header, arrays = read_model_file(path)
+    header = copy.deepcopy({k: header[k] for k in ("params", "fitted")})
+    if where == "arrays":
+        arrays[name] = arrays[name].copy()
+        arrays[name].flat[0] = value
+    else:
+        header["fitted"][name] = value
+    bad = tmp_path / "bad.kmlip"
+    write_model_file(bad, header, arrays)
+    with pytest.raises(ValueError, match=re.escape(words)) as info:
+        kmlip.load(bad)
+    assert str(info.value).startswith(f"{bad}: ")
+
+
+def test_md_keep_velocities_refuses_nan_momenta(cli_files, capsys, tmp_path):
+    a = _cu(seed=6)
+    a.set_momenta(np.full((len(a), 3), np.nan))
+    start = tmp_path / "start.xyz"
+    write(start, a, format="extxyz")
+    _fails(capsys, ["md", cli_files["model"], start, "-o", tmp_path / "t.xyz", "--steps", "3",
+                    "--temperature", "300", "--keep-velocities"],
+           f"{start}: momenta contain NaN or inf (atoms [0, 1, 2, 3])")
+    assert _listing(tmp_path) == ["start.xyz"]
+
+
+def test_learn_threads_checked_before_the_first_reference_call(cli_files, capsys, tmp_path):
+    _fails(capsys, ["learn", cli_files["start"], "--reference", "emt", "--steps", "2",
+                    "--temperature", "300", "-o", tmp_path / "run", "--threads", "0"],
+           "--threads must be >= 1", quiet=True)
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--seed", "-1"], "--seed must be >= 0"), (["--threads", "0"], "--threads must be >= 1"),
+], ids=["seed", "threads"])
+def test_demo_options_checked_before_any_work(extra, words, capsys, tmp_path):
+    _fails(capsys, ["demo", "--quick", "--out", tmp_path / "d.kmlip", *extra], words, quiet=True)
     assert _listing(tmp_path) == []

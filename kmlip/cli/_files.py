@@ -10,6 +10,7 @@ status 2. ASE's readers raise many exception types for files they cannot parse
 from __future__ import annotations
 
 import os
+import stat
 
 
 def first_line(exc: BaseException) -> str:
@@ -25,14 +26,19 @@ def _with_path(path: str, msg: str) -> str:
 
 
 def check_readable(path: str, what: str) -> bytes:
-    """The first bytes of ``path``; ValueError if it is missing, a directory, unreadable or
-    empty."""
+    """The first bytes of ``path``; ValueError if it is missing, a directory, not a regular
+    file (a pipe, a device), unreadable or empty."""
     if not os.path.lexists(path):
         raise ValueError(f"{path}: {what} does not exist")
     if not os.path.exists(path):
         raise ValueError(f"{path}: {what} is a broken symbolic link")
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a {what}")
+    if not os.path.isfile(path):
+        # a named pipe without a writer blocks the open forever, and a pipe cannot be read
+        # twice (its head is read here first); a device such as /dev/zero never ends
+        kind = "a pipe" if stat.S_ISFIFO(os.stat(path).st_mode) else "a device or socket"
+        raise ValueError(f"{path}: not a regular file ({kind}); give the {what} as a file")
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)

@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from kmlip import SOAP, KernelPotential, KMLIPCalculator, load
     from kmlip.datasets import emt_frames
 
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.out:
         check_output(args.out)
     n_train, n_test = (12, 6) if args.quick else (40, 20)

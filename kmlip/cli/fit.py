@@ -6,7 +6,7 @@ import contextlib
 import time
 
 from kmlip._validate import check_structure
-from kmlip.cli._files import check_output, read_structures
+from kmlip.cli._files import check_output, check_readable, read_structures
 
 DESCRIPTION = (
     "Fit a SOAP + sparse Gaussian-process potential to the energies, forces and (optionally) "
@@ -128,6 +128,7 @@ def read_model_spec(path: str, args: argparse.Namespace):
 
     from kmlip.descriptors.base import Descriptor
 
+    check_readable(path, "model spec")  # missing, a directory, a pipe, empty: one line
     try:
         with open(path, encoding="utf-8") as fh:
             spec = json.load(fh)
@@ -135,6 +136,10 @@ def read_model_spec(path: str, args: argparse.Namespace):
         raise ValueError(f"{path}: cannot read the model spec ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file (a JSON model spec)") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply for a model spec") from None
     terms = spec.get("terms") if isinstance(spec, dict) else None
     if not isinstance(terms, list) or not terms:
         raise ValueError(f"{path}: the model spec needs a non-empty list 'terms'")

@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None and args.threads < 1:  # else found after the first reference call
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     start = read_structures(args.start, format=args.format)[-1]
     if "X" in start.get_chemical_symbols():
         raise ValueError(f"{args.start}: holds dummy atoms 'X' (Z = 0)")

@@ -236,6 +236,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         model.set_params(n_threads=args.threads)
     momenta = atoms.get_momenta() if args.keep_velocities else None
+    if momenta is not None and not np.all(np.isfinite(momenta)):
+        bad = np.unique(np.nonzero(~np.isfinite(momenta))[0])[:5].tolist()
+        raise ValueError(f"{args.start}: momenta contain NaN or inf (atoms {bad}); they are "
+                         "used as given with --keep-velocities")
     atoms = atoms.copy()
     atoms.calc = KMLIPCalculator(model, variances=("uncertainty",))
     try:  # the first call checks that the model knows this structure (species, cell)

@@ -24,7 +24,7 @@ from itertools import combinations_with_replacement
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
-from kmlip._validate import check_real, check_species
+from kmlip._validate import check_real, check_species, checked_system
 from kmlip.descriptors.base import MAX_CUTOFF, Descriptor, Environments, PairGradients
 
 #: Key of a species pair (a, b), a <= b: ``KEY_BASE * a + b``.
@@ -147,7 +147,7 @@ class Distance2b(Descriptor):
         from kmlip._threads import resolve_threads, threads_for
         from kmlip.neighbors import check_no_overlap, neighbor_list
 
-        Z = np.asarray(atoms.numbers, dtype=np.int64)
+        Z = checked_system(atoms)[0]  # TypeError for anything but Atoms; NaN, singular cells
         bad = sorted({int(z) for z in Z if int(z) not in self.species_z})
         if bad:
             raise ValueError(f"species {[chemical_symbols[z] for z in bad]} not declared in "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from ase.data import chemical_symbols
 
-from kmlip._validate import check_int, check_real, check_species
+from kmlip._validate import check_int, check_n_threads, check_real, check_species, checked_system
 from kmlip.descriptors.base import MAX_CUTOFF, MAX_FEATURES, Descriptor, PairGradients
 
 #: Upper bound of n_max (see :class:`PairHistogram`).
@@ -153,6 +153,8 @@ class PairHistogram(Descriptor):
         X : ndarray, shape (n_atoms, n_features)
         G : PairGradients, only when ``gradients``
         """
+        checked_system(atoms)  # TypeError for anything but Atoms; NaN, singular cells
+        check_n_threads(n_threads)
         spec = self._species_index(atoms)
         n = len(atoms)
         i, j, D, d = _pairs(atoms, self._r_cut)
