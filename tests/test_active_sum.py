@@ -41,13 +41,19 @@ class Crash(RuntimeError):
     pass
 
 
-def test_learning_with_a_sum_resumes_and_equals_a_fresh_fit(tmp_path):
-    full = _learn(tmp_path / "full")
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("full")
+    return _learn(d), d
+
+
+def test_learning_with_a_sum_resumes_and_equals_a_fresh_fit(tmp_path, full_run):
+    full, full_dir = full_run
     assert full.n_reference_calls >= 3, "the test needs two gate trips"
     st = full.model.fitted_state_
     assert [type(t.descriptor).__name__ for t in st.kernel.terms] == ["Distance2b", "SOAP"]
     assert full.calls[-1]["n_sparse"] == st.n_sparse > 22  # grown from the first model
-    log = (tmp_path / "full" / "log").read_text()
+    log = (full_dir / "log").read_text()
     assert "term 0 (Distance2b) distances of the start frames' pairs, grown" in log
     assert "sparse points of the first model: term 0 (Distance2b): Al-Al 2" in log
 
@@ -85,6 +91,29 @@ def test_learning_with_a_sum_resumes_and_equals_a_fresh_fit(tmp_path):
     # the calibration was fitted on a sum's measures, forces_var_diag among them
     cal = m.fitted_state_.calibration
     assert cal is not None and "forces_var_diag" in cal.report["spearman"]
+
+
+def test_a_frame_labelled_before_a_crash_in_the_update_is_taken_on_resume(tmp_path, monkeypatch,
+                                                                        full_run):
+    from kmlip.gp import columns
+
+    full, _ = full_run
+    real = columns.add_columns
+
+    def failing(*a, **kw):
+        raise Crash
+
+    monkeypatch.setattr(columns, "add_columns", failing)
+    with pytest.raises(Crash):
+        _learn(tmp_path / "run")
+    monkeypatch.setattr(columns, "add_columns", real)
+    assert len(read(tmp_path / "run" / "reference.extxyz", ":")) == 2  # labelled, not taken
+    res = _learn(tmp_path / "run")
+    assert "call 2 taken on resume" in (tmp_path / "run" / "log").read_text()
+    assert [r["step"] for r in res.calls] == [r["step"] for r in full.calls]
+    a = cual_cells(1, seed=32, repeat=(2, 2, 2))[0]
+    f1, f2 = res.model.predict_forces(a), full.model.predict_forces(a)
+    assert np.max(np.abs(f1 - f2)) <= 1e-8 * np.max(np.abs(f2))
 
 
 def test_learner_arguments_with_a_template(tmp_path):
