@@ -240,8 +240,6 @@ def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction
     Z = np.asarray(atoms.numbers, dtype=np.int64)
     (want_f, want_s, want_fvar, want_e, want_unc, want_lvar, want_fdiag, want_nov, want_evar,
      rows, need_grad) = _wants(state, atoms, props)
-    if want_fdiag:
-        raise ValueError("forces_var_diag is defined for a single atom-centred kernel only")
     kernel = state.kernel
     deltas = state.hyper.delta if isinstance(state.hyper.delta, tuple) else (state.hyper.delta,)
     d2s = [float(d) ** 2 for d in deltas]
@@ -259,8 +257,10 @@ def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction
     for t, term in enumerate(kernel.terms):
         basis, desc, d2 = term.basis, term.descriptor, d2s[t]
         alpha = state.alpha[kernel.columns(t)]
-        if want_fvar or not need_grad:
-            env = desc.environments(atoms, gradients=want_fvar, n_threads=nt)
+        if want_fvar or want_fdiag or not need_grad:
+            # forces_var_diag spreads each environment's novelty by its pair gradients, so it
+            # needs them stored, as the exact forces_var does
+            env = desc.environments(atoms, gradients=want_fvar or want_fdiag, n_threads=nt)
             eps, v, K = basis.evaluate(env.features, env.keys, alpha, grad=need_grad, rows=rows,
                                        n_threads=nt)
             if need_grad:
@@ -296,6 +296,8 @@ def _compute_terms(state, atoms: Atoms, props: frozenset[str], nt) -> Prediction
                 out.novelty = np.maximum(prior - np.sum(A * A, axis=0), 0.0)
             else:
                 out.novelty = prior
+        if want_fdiag:
+            out.forces_var_diag = uncertainty.force_variance_diag(state, atoms, envs=envs)
         if want_unc:
             cal = state.uncertainty_map
             out.uncertainty = cal.uncertainty(getattr(out, cal.measure))

@@ -520,13 +520,6 @@ def calibrate(compute, frames, forces_key: str = "forces", measure: str = "auto"
         raise ValueError(f"measure {measure!r} is not computed by this version's prediction "
                          f"path (it computes {names})")
     st = getattr(getattr(compute, "__self__", None), "fitted_state_", None)
-    # a sum of kernels: the prediction path gives no forces_var_diag, which is computed here
-    # from every term's environments (for the report; it cannot be the model's measure)
-    by_terms = st is not None and not getattr(st, "atom_centred", True)
-    if by_terms and measure == "forces_var_diag":
-        raise ValueError("measure 'forces_var_diag' is not computed by the prediction path of "
-                         "a sum of kernels; choose 'novelty' or 'energies_var'")
-    asked = tuple(k for k in names if not (by_terms and k == "forces_var_diag"))
     if isinstance(max_floor, str):
         if max_floor != "model":
             raise ValueError(f"max_floor must be a number, None or 'model', got {max_floor!r}")
@@ -536,16 +529,11 @@ def calibrate(compute, frames, forces_key: str = "forces", measure: str = "auto"
     errors, u_before = [], []
     for k, a in enumerate(frames):
         f = read_forces(a, forces_key, f"frame {k}")
-        r = compute(a, ("forces", *asked, "uncertainty"))
+        r = compute(a, ("forces", *names, "uncertainty"))
         errors.append(r.forces - f)
         u_before.append(r.uncertainty)
         for name in names:
-            if name in asked:
-                m[name].append(getattr(r, name))
-            else:
-                envs = [t.descriptor.environments(a, gradients=True)
-                        for t in st.kernel.terms]
-                m[name].append(force_variance_diag(st, a, envs=envs))
+            m[name].append(getattr(r, name))
     if not errors:
         raise ValueError("calibration needs at least one labelled frame")
     return calibration_from_data({k: np.concatenate(v) for k, v in m.items()},

@@ -197,8 +197,13 @@ def test_force_variance_diag_of_a_sum_is_the_sum_of_its_terms():
     np.testing.assert_allclose(parts[0], ref, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="envs="):
         unc.force_variance_diag(st, a, X, G, nov)
-    # KernelPotential.calibrate of a sum: forces_var_diag from the terms, for the report only
+    # the prediction path of a sum gives the same, as a property and as a calibration measure
+    np.testing.assert_allclose(s.compute(a, ("forces_var_diag",)).forces_var_diag, total,
+                               rtol=1e-12, atol=1e-18)
     rep = s.calibrate(cual_cells(2, seed=43))
     assert rep["measure"] in ("novelty", "energies_var") and "forces_var_diag" in rep["spearman"]
-    with pytest.raises(ValueError, match="sum of kernels"):
-        s.calibrate(cual_cells(1, seed=43), measure="forces_var_diag")
+    rep = s.calibrate(cual_cells(1, seed=43), measure="forces_var_diag")
+    assert rep["measure"] == "forces_var_diag"
+    r = s.compute(a, ("forces_var_diag", "uncertainty"))
+    np.testing.assert_allclose(r.uncertainty, s.fitted_state_.calibration.uncertainty(total),
+                               rtol=1e-12)

@@ -210,11 +210,11 @@ def test_general_path_equals_the_single_term_fast_path(frames):
     st = m.fitted_state_
     a = cual_cells(1, seed=14)[0]
     props = frozenset({"energy", "energies", "forces", "stress", "energies_var", "energy_var",
-                       "forces_var", "novelty"})
+                       "forces_var", "novelty", "forces_var_diag"})
     fast = _compute(st, a, props, 1, None)
     gen = _compute_terms(st, a, props, 1)
     for k in ("energy", "energies", "forces", "stress", "energy_var", "energies_var",
-              "forces_var", "novelty"):
+              "forces_var", "novelty", "forces_var_diag"):
         assert np.allclose(getattr(fast, k), getattr(gen, k), rtol=1e-7, atol=1e-12), k
 
 

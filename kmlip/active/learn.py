@@ -328,15 +328,6 @@ def pick_pairs(descriptor, env, existing: Mapping[int, np.ndarray], atom_rank: n
     return {k: np.asarray(v, dtype=np.float64)[:, None] for k, v in taken.items()}
 
 
-def _measure_names(state) -> tuple[str, ...]:
-    """Measures the prediction path gives for this model (a sum of kernels: no
-    ``forces_var_diag``, which :func:`kmlip.uncertainty.force_variance_diag` adds)."""
-    names = unc.predicted_measures()
-    if not getattr(state, "atom_centred", True):
-        names = tuple(k for k in names if k != "forces_var_diag")
-    return names
-
-
 def _model_with_points(terms, term_points, delta, sigmas, e0, n_threads):
     """An unfitted model with given sparse points: ``terms`` ``[(descriptor, zeta)]``,
     ``term_points`` ``[{key name: X}]`` (one per term), δ (scalar for one term, else one per
@@ -538,7 +529,7 @@ class _Learner:
         s = self.s
         model = self.model
         st = model.fitted_state_
-        names = _measure_names(st)
+        names = unc.predicted_measures()
         r = model.compute(frame, ("forces", "uncertainty", *names))
         if s["calibrate"] and not frame.info.get(_INFO + "initial") \
                 and len(self.frames) >= MIN_FRAMES_TO_OPTIMIZE:
@@ -622,8 +613,6 @@ class _Learner:
                "delta2": np.array([_prior_scale(st)])}
         for k in names:
             out[k] = np.asarray(getattr(r, k), dtype=np.float64)
-        if "forces_var_diag" not in out:
-            out["forces_var_diag"] = _forces_var_diag(st, frame, r, self.s["n_threads"])
         return out
 
     def held_out_data(self):
@@ -671,14 +660,11 @@ class _Learner:
                  if not f.info.get(_INFO + "initial")][-CV_FOLDS:]
         if not folds:
             return
-        names = _measure_names(st)
+        names = unc.predicted_measures()
         h = st.hyper
         terms = [(t.descriptor, t.basis.zeta) for t in st.kernel.terms]
         nt = self.s["n_threads"]
         meas: dict[str, list] = {k: [] for k in names}
-        diag = "forces_var_diag" not in names  # then from the pair gradients below
-        if diag:
-            meas["forces_var_diag"] = []
         errors = []
         for k in folds:
             fr = self.frames[k]
@@ -694,8 +680,6 @@ class _Learner:
             errors.append(np.asarray(r.forces) - np.asarray(fr.get_forces()))
             for name in names:
                 meas[name].append(np.asarray(getattr(r, name), dtype=np.float64))
-            if diag:
-                meas["forces_var_diag"].append(_forces_var_diag(fold.fitted_state_, fr, r, nt))
         if not errors:
             return
         n_cv = len(errors)
@@ -769,17 +753,6 @@ def _points_not_from(term, frame: Atoms, n_threads) -> dict:
         if len(P):
             keep[desc.key_name(k)] = P
     return keep
-
-
-def _forces_var_diag(state, frame: Atoms, r, n_threads) -> np.ndarray:
-    """:func:`kmlip.uncertainty.force_variance_diag` of a frame (one pass of pair gradients per
-    term; for one atom-centred term from the prediction's ``novelty``)."""
-    if getattr(state, "atom_centred", True):
-        X, G = state.descriptor.transform(frame, gradients=True, n_threads=n_threads)
-        return unc.force_variance_diag(state, frame, X, G, r.novelty)
-    envs = [t.descriptor.environments(frame, gradients=True, n_threads=n_threads)
-            for t in state.kernel.terms]
-    return unc.force_variance_diag(state, frame, envs=envs)
 
 
 def _prior_scale(state) -> float:
