@@ -36,7 +36,25 @@ def checked_system(atoms) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
         if s.size == 0 or s.min() <= 1e-10 * max(1.0, s.max()):
             raise ValueError("cell has zero volume (or degenerate periodic vectors) with pbc=True")
     numbers = np.ascontiguousarray(atoms.numbers, dtype=np.int64)
+    check_numbers(numbers)
     return numbers, positions, cell, pbc
+
+
+def check_numbers(numbers) -> None:
+    """ValueError for atomic numbers that are no element (negative or above 118).
+
+    0 (ASE's dummy atom "X") passes here; species checks refuse it by name. Without this a
+    number past the periodic table indexes out of ASE's tables (IndexError), and a negative
+    one from their end (-1 would be named "Og").
+    """
+    from ase.data import chemical_symbols
+
+    numbers = np.asarray(numbers)
+    bad = (numbers < 0) | (numbers >= len(chemical_symbols))
+    if np.any(bad):
+        idx = np.flatnonzero(bad)
+        raise ValueError(f"atomic numbers {numbers[idx[:5]].tolist()} (atoms {idx[:5].tolist()}) "
+                         f"are no element (1..{len(chemical_symbols) - 1})")
 
 
 def check_structure(atoms, where: str = "") -> None:

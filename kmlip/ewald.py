@@ -53,6 +53,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.data import atomic_numbers, chemical_symbols
 
 from kmlip._threads import resolve_threads, threads_for
+from kmlip._validate import check_numbers
 
 __all__ = ["Ewald", "K_E"]
 
@@ -209,6 +210,7 @@ class Ewald(Calculator):
                 raise ValueError(f"initial charges are not finite (NaN or inf) at atoms {bad}")
             return q
         numbers_ = atoms.get_atomic_numbers()
+        check_numbers(numbers_)  # a huge one would size the table below, a negative one wrap
         table = np.full(max(int(numbers_.max(initial=0)) + 1, 1), np.nan)
         for sym, val in self._charges.items():
             z = atomic_numbers[sym]

@@ -302,6 +302,8 @@ def export_raw(directory, header: Mapping, arrays: Mapping[str, np.ndarray]) -> 
     ``directory`` (created if needed), for readers without NumPy (see the module docstring)."""
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     meta = _complete_header(header, arrays)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{os.fspath(directory)}: exists and is not a directory")
     os.makedirs(directory, exist_ok=True)
     for name, a in arrays.items():
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))

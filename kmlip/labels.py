@@ -24,6 +24,8 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
+from kmlip._validate import check_numbers
+
 
 @dataclass(frozen=True)
 class LabelKeys:
@@ -220,6 +222,10 @@ def read_labels(atoms: Atoms, k: int, keys: LabelKeys) -> FrameLabels:
 def check_species(atoms: Atoms, known: Iterable[int], where: str, what: str) -> None:
     """ValueError when ``atoms`` holds a species not in ``known`` (atomic numbers)."""
     known = set(known)
+    try:
+        check_numbers(atoms.numbers)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
     bad = sorted({int(z) for z in atoms.numbers} - known)
     if bad:
         names = [chemical_symbols[z] for z in bad]

@@ -59,6 +59,11 @@ _MIN_BINS_CAP = 1000
 _SINGULAR_RTOL = 1e-10
 # Refuse searches that would visit more periodic bin images than this per centre.
 _MAX_IMAGE_BINS = 10**8
+#: Refuse structures whose cutoff sphere holds more neighbours per atom than this, estimated
+#: from the periodic density before the search: 72 MB of pairs per atom, and what the
+#: descriptors keep per pair on top. A solid at r_cut = 100 Å (the largest SOAP cutoff) has
+#: ~4e5; more means a cell far too small for its atoms, whose search would exhaust memory.
+MAX_NEIGHBOURS_PER_ATOM = 10**6
 #: Two atoms (or an atom and a periodic image of another) closer than this (Å) are taken as a
 #: duplicated atom: no interatomic potential is meant for them, and the pair direction is
 #: undefined at zero distance.
@@ -203,6 +208,7 @@ def neighbor_list_arrays(
     basis = _working_basis(cell_a, pbc_a)
     if n == 0:
         return _empty(0)
+    _check_density(pos, cell_a, pbc_a, rc)
 
     # Fractional coordinates in the working basis; along non-periodic directions the basis
     # vector is a unit vector orthogonal to all others, so the coordinate is in Å.
@@ -317,6 +323,42 @@ def check_no_overlap(nl: NeighborList, min_distance: float = MIN_DISTANCE, *,
         image = "" if not np.any(nl.shifts[k]) else f" (periodic image {nl.shifts[k].tolist()})"
         raise ValueError(f"{what} {i} and {j}{image} are {d:.3g} Å apart, closer than "
                          f"{min_distance:g} Å: overlapping atoms (an atom given twice?)")
+
+
+def _check_density(pos: np.ndarray, cell: np.ndarray, pbc: np.ndarray, rc: float) -> None:
+    """ValueError when the cutoff would reach more than :data:`MAX_NEIGHBOURS_PER_ATOM`.
+
+    Estimate: the atoms' density over the volume they occupy times the cutoff sphere. That
+    volume is the cell's (3 periodic directions), or the periodic face or period times the
+    atoms' extent across it, the extent counted at least about a cutoff (an atomically thin
+    slab or wire, whose images fill a disc or a line of the sphere); exact for a tiny cell.
+    """
+    n = len(pos)
+    vecs = cell[pbc]
+    k = len(vecs)
+    if k == 0:
+        return
+    if k == 3:
+        volume = abs(float(np.linalg.det(vecs)))
+    elif k == 2:
+        normal = np.cross(vecs[0], vecs[1])
+        area = float(np.linalg.norm(normal))
+        thickness = float(np.ptp(pos @ (normal / area)))
+        volume = area * max(thickness, 4.0 / 3.0 * rc)
+    else:
+        length = float(np.linalg.norm(vecs[0]))
+        u = vecs[0] / length
+        v = np.cross(u, [1.0, 0.0, 0.0] if abs(u[0]) < 0.9 else [0.0, 1.0, 0.0])
+        v /= np.linalg.norm(v)
+        w = np.cross(u, v)
+        side = np.sqrt(2.0 * np.pi / 3.0) * rc
+        volume = length * max(float(np.ptp(pos @ v)), side) * max(float(np.ptp(pos @ w)), side)
+    per_atom = n * 4.0 / 3.0 * np.pi * rc**3 / volume
+    if per_atom > MAX_NEIGHBOURS_PER_ATOM:
+        raise ValueError(f"cutoff {rc:g} Å is too large for the cell: it reaches about "
+                         f"{per_atom:.3g} neighbours per atom (more than "
+                         f"{MAX_NEIGHBOURS_PER_ATOM:.0e}); the cell is far too small for its {n} "
+                         f"atom{'s' * (n != 1)}")
 
 
 def _as_float_array(x, name: str) -> np.ndarray:

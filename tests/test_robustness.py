@@ -316,10 +316,6 @@ def _dummy_species(a):
     a.numbers[3] = 0
 
 
-def _tiny_cell(a):
-    a.set_cell(a.cell * 1e-3, scale_atoms=True)
-
-
 BAD_STRUCTURES = [
     (_nan_pos, "positions contain NaN or inf (atoms [2])"),
     (_inf_pos, "positions contain NaN or inf (atoms [0])"),
@@ -388,11 +384,21 @@ def test_fit_names_the_frame_of_a_bad_structure(damage, words, frames):
         _tiny_model().fit(bad)
 
 
-def test_too_many_periodic_images_is_refused(model):
-    a = _cu()
-    _tiny_cell(a)
-    with pytest.raises(ValueError, match="too large for the cell: too many periodic images"):
-        model.compute(a, ("energy",))
+@pytest.mark.parametrize("side, n_atoms", [(3.6e-3, 4), (0.05, 1), (0.15, 27)])
+def test_cells_far_too_small_are_refused_before_the_search(side, n_atoms, model):
+    # the search would need 72 bytes per pair: 1.6 GB for one atom in a 0.02 Å cube
+    a = Atoms(f"Cu{n_atoms}", cell=[side] * 3, pbc=True)
+    a.set_scaled_positions(np.random.default_rng(0).random((n_atoms, 3)))
+    with pytest.raises(ValueError, match=r"is too large for the cell: it reaches about .* "
+                                         r"neighbours per atom \(more than 1e\+06\); the cell "
+                                         r"is far too small for its"):
+        model.compute(a, ("energy", "forces"))
+    # a slab of the same kind: the estimate from the periodic area
+    a.pbc = [True, True, False]
+    a.cell[2] = 0.0
+    if n_atoms * np.pi * 4.5**2 / side**2 > 1e6:  # cutoff incl. the cutoff of the neighbour list
+        with pytest.raises(ValueError, match="far too small"):
+            model.compute(a, ("energy",))
 
 
 @pytest.mark.parametrize("X, exc, words", [
@@ -647,11 +653,25 @@ def test_negative_random_state_names_the_parameter(frames):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py predict(): return_std='yes' (any truthy non-bool) is taken as True; "
-    "should raise TypeError('return_std must be True or False') via _validate.check_bool"))
-def test_predict_return_std_must_be_a_bool(model, frames):
-    with pytest.raises(TypeError, match="return_std"):
-        model.predict(frames[0], return_std="yes")
+    "kmlip/model.py predict(return_std=...) and fit(optimize=...): any truthy non-bool "
+    "('yes') is taken as True; check them with kmlip._validate.check_bool (TypeError naming "
+    "the argument)"))
+@pytest.mark.parametrize("call", ["predict", "fit"])
+def test_bool_flags_must_be_bools(call, model, frames):
+    with pytest.raises(TypeError, match="return_std|optimize"):
+        if call == "predict":
+            model.predict(frames[0], return_std="yes")
+        else:
+            _tiny_model().fit(frames, optimize="no")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kmlip/model.py noise_levels(atoms): a str is taken as a structure of len(str) atoms and "
+    "gives numbers (sigma_energy**2 * 1 for 'x'); check isinstance(atoms, ase.Atoms) and "
+    "raise TypeError as predict does (labels.as_frames or _validate.checked_system)"))
+def test_noise_levels_needs_atoms(model):
+    with pytest.raises(TypeError, match="Atoms"):
+        model.noise_levels("x")
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -1217,3 +1237,121 @@ def test_learn_threads_checked_before_the_first_reference_call(cli_files, capsys
 def test_demo_options_checked_before_any_work(extra, words, capsys, tmp_path):
     _fails(capsys, ["demo", "--quick", "--out", tmp_path / "d.kmlip", *extra], words, quiet=True)
     assert _listing(tmp_path) == []
+
+
+def test_outputs_never_replace_inputs(cli_files, capsys, tmp_path):
+    # a successful run must not destroy its own input: refused before any work
+    import shutil
+
+    train, model, start = (shutil.copy(cli_files[k], tmp_path) for k in ("train", "model",
+                                                                          "start"))
+    before = {p: open(p, "rb").read() for p in (train, model, start)}
+    for argv, what in [
+        (["fit", train, "-o", train, *CLI_FIT], "is the training file"),
+        (["predict", model, start, "-o", start], "is the structures file"),
+        (["predict", model, start, "-o", model], "is the model file"),
+        (["md", model, start, "-o", start, "--steps", "1", "--temperature", "10"],
+         "is the start file"),
+        (["eval", model, train, "--calibrate", "-o", train], "is the structures file"),
+        (["lammps", "export", model, model], "is the model file"),
+    ]:
+        _fails(capsys, argv, f"{argv[argv.index('-o') + 1] if '-o' in argv else model}: {what}",
+               quiet=True)
+    assert {p: open(p, "rb").read() for p in before} == before
+    assert sorted(_listing(tmp_path)) == sorted(os.path.basename(p) for p in before)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kmlip/gp (the solve in kmlip/gp/sparse.py, or KernelPotential.fit in kmlip/model.py): a "
+    "finite but absurd label (energy 1.7e308 eV) overflows in the scaled rows and the fit "
+    "returns a model whose alpha_ is NaN, without a word; check np.isfinite on the weights "
+    "(and the likelihood) after the solve and raise ValueError('the fit gave non-finite "
+    "weights: labels or noise levels out of range (largest |label|/sigma ...)')"))
+def test_overflowing_labels_do_not_give_a_nan_model(frames):
+    bad = _relabelled(frames)
+    bad[2].calc.results["energy"] = 1.7e308
+    m = _tiny_model()
+    try:
+        m.fit(bad)
+    except ValueError:
+        return
+    assert np.all(np.isfinite(m.alpha_))
+
+
+@pytest.mark.parametrize("z", [119, 200, -1, 2**40])
+def test_atomic_numbers_that_are_no_element(z, model, frames):
+    # were IndexError from ASE's tables, 'Og' for -1, and an 8 TiB charge table in Ewald
+    from kmlip.ewald import Ewald
+
+    a = _cu()
+    a.numbers[2] = z
+    words = f"atomic numbers [{z}] (atoms [2]) are no element (1..118)"
+    for call in (lambda: model.compute(a, ("energy",)), lambda: SOAP(**TINY).transform(a),
+                 lambda: _descriptors()[2].transform(a), lambda: Ewald({"Cu": 1.0}).compute(a)):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            call()
+    bad = _relabelled(frames)
+    bad[1].numbers[2] = z
+    with pytest.raises(ValueError, match=re.escape(f"frame 1: {words}")):
+        _tiny_model().fit(bad)
+
+
+def test_export_raw_into_a_file_is_refused(model, tmp_path):
+    target = tmp_path / "model.raw"
+    target.write_text("keep")
+    with pytest.raises(ValueError, match=re.escape(f"{target}: exists and is not a directory")):
+        model.export_raw(target)
+    assert target.read_text() == "keep"
+
+
+def test_eval_plot_dir_checked_before_any_work(cli_files, capsys, tmp_path, monkeypatch):
+    plots = tmp_path / "plots"
+    real_access = os.access
+
+    def read_only(path, mode, *args, **kwargs):  # a read-only directory, also for root
+        if os.fspath(path) == str(tmp_path) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", read_only)
+    _fails(capsys, ["eval", cli_files["model"], cli_files["train"], "--plot-dir", plots],
+           f"{plots}: cannot write to directory {tmp_path} (permission denied)", quiet=True)
+    assert _listing(tmp_path) == []
+
+
+def test_learn_emt_refuses_elements_it_cannot_label(capsys, tmp_path):
+    start = tmp_path / "si.xyz"
+    write(start, bulk("Si", cubic=True), format="extxyz")
+    _fails(capsys, ["learn", start, "--reference", "emt", "--steps", "2", "--temperature",
+                    "300", "-o", tmp_path / "run"], "ASE's EMT has no parameters for ['Si']",
+           quiet=True)
+    assert _listing(tmp_path) == ["si.xyz"]
+
+
+def failing_reference_factory():
+    """A ``--reference module:callable`` whose factory fails (used below)."""
+    raise RuntimeError("licence server unreachable")
+
+
+def test_learn_reference_factory_that_fails(cli_files, capsys, tmp_path):
+    _fails(capsys, ["learn", cli_files["start"], "--reference",
+                    "test_robustness:failing_reference_factory", "--steps", "2",
+                    "--temperature", "300", "-o", tmp_path / "run"],
+           "failing_reference_factory() failed (RuntimeError: licence server unreachable)",
+           quiet=True)
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("cmd", ["md", "learn", "eval", "predict", "fit"])
+def test_unreadable_extxyz_for_every_subcommand(cmd, cli_files, capsys, tmp_path):
+    bad = tmp_path / "broken.xyz"
+    bad.write_text("3\nProperties=species:S:1:pos:R:3\nCu 0 0 0\nCu 1 1\n")
+    argv = {"md": ["md", cli_files["model"], bad, "-o", tmp_path / "t.xyz", "--steps", "1",
+                   "--temperature", "10"],
+            "learn": ["learn", bad, "--reference", "emt", "--steps", "1", "--temperature",
+                      "10", "-o", tmp_path / "run"],
+            "eval": ["eval", cli_files["model"], bad],
+            "predict": ["predict", cli_files["model"], bad, "-o", tmp_path / "p.xyz"],
+            "fit": ["fit", bad, "-o", tmp_path / "m.kmlip", *CLI_FIT]}[cmd]
+    _fails(capsys, argv, f"{bad}: ASE cannot read it as a structure file", quiet=True)
+    assert _listing(tmp_path) == ["broken.xyz"]

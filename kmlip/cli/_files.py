@@ -149,15 +149,32 @@ def load_model(path: str):
                          f"{first_line(exc)})") from None
 
 
-def check_output(path: str) -> None:
+def check_output(path: str, inputs: dict | None = None) -> None:
     """Raises ValueError now, before any work, if ``path`` cannot be written later.
 
     The file itself is written atomically at the end (a temporary file renamed over it), so a
     failed run never leaves a partial file nor destroys an existing one.
+
+    Parameters
+    ----------
+    path : str
+        The output file.
+    inputs : dict of str to str, optional
+        ``{description: path}`` of input files the output must not replace (a successful run
+        would destroy its own input, e.g. ``kmlip fit train.xyz -o train.xyz``).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory; give a file name for the output")
+    for what, other in (inputs or {}).items():
+        other = os.fspath(other)
+        try:
+            same = os.path.samefile(path, other)
+        except OSError:  # either does not exist (yet): they cannot be the same file
+            same = False
+        if same:
+            raise ValueError(f"{path}: is the {what}; writing the output there would destroy "
+                             "it, give another file name")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"{path}: directory {directory} does not exist")

@@ -258,6 +258,9 @@ def _check_plot_dir(directory: str) -> None:
     parent = os.path.dirname(os.path.abspath(directory))
     if not os.path.isdir(directory) and not os.path.isdir(parent):
         raise ValueError(f"{directory}: parent directory {parent} does not exist")
+    target = directory if os.path.isdir(directory) else parent
+    if not os.access(target, os.W_OK | os.X_OK):  # found now, not after the predictions
+        raise ValueError(f"{directory}: cannot write to directory {target} (permission denied)")
 
 
 # -- command -------------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     if args.measure != "auto" and not args.calibrate:
         raise ValueError("--measure is only used with --calibrate")
     if args.output:
-        check_output(args.output)
+        check_output(args.output, {"structures file": args.structures})  # the model: allowed
     if args.plot_dir:
         _check_plot_dir(args.plot_dir)
     check_readable(args.model, "model file")

@@ -170,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    check_output(args.output)  # fail now, not after the fit
+    check_output(args.output, {"training file": args.train,  # fail now, not after the fit
+                               **({"model spec": args.model} if args.model else {})})
     frames = read_structures(args.train, format=args.format)
     for k, a in enumerate(frames):  # name the file and frame of a bad structure, before any work
         check_structure(a, f"{args.train}: frame {k}")

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from kmlip.lammps.export import export_lammps
 
     out = args.out or f"{args.model}.lammps"
-    check_output(out)  # before the model loads
+    check_output(out, {"model file": args.model})  # before the model loads
     model = load_model(args.model)
     path = export_lammps(model, out)
     species = " ".join(model.fitted_state_.species)

@@ -107,7 +107,15 @@ def reference_calculator(name: str):
         raise ValueError(f"--reference {name!r}: {module!r} has no {attr!r}") from None
     if not callable(factory):
         raise ValueError(f"--reference {name!r}: {attr!r} is not callable")
-    calc = factory()
+    try:
+        calc = factory()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code: any failure is a bad --reference
+        from kmlip.cli._files import first_line
+
+        raise ValueError(f"--reference {name!r}: {attr}() failed ({type(exc).__name__}: "
+                         f"{first_line(exc)})") from None
     if not (callable(getattr(calc, "get_potential_energy", None))
             or callable(getattr(calc, "calculate", None))):
         raise ValueError(f"--reference {name!r}: returned a {type(calc).__name__}, not an ASE "
@@ -150,6 +158,13 @@ def run(args: argparse.Namespace) -> int:
             check_structure(a, f"{args.frames}: structure {k}")
     reference = reference_calculator(args.reference)
     species = sorted({s for a in [start] + (frames or []) for s in a.get_chemical_symbols()})
+    if args.reference == "emt":
+        from ase.calculators.emt import parameters
+
+        missing = [s for s in species if s not in parameters]
+        if missing:  # EMT's NotImplementedError would come after the run has started
+            raise ValueError(f"--reference emt: ASE's EMT has no parameters for {missing} "
+                             f"(it knows {sorted(parameters)})")
     if (args.r_cut, args.n_max, args.l_max) == (4.5, 6, 4):
         descriptor = default_descriptor(species)
     else:

@@ -220,11 +220,12 @@ def run(args: argparse.Namespace) -> int:
     from kmlip.calculator import KMLIPCalculator
 
     _check_args(args)
-    check_output(args.output)
+    inputs = {"model file": args.model, "start file": args.start}
+    check_output(args.output, inputs)
     gated = args.gate_std is not None or args.gate_relative is not None
     trip_path = tripped_path(args.output)
     if gated:
-        check_output(trip_path)
+        check_output(trip_path, inputs)
     check_readable(args.model, "model file")
     atoms = read_structures(args.start, format=args.format)[-1]
     if args.ensemble == "npt" and not atoms.pbc.all():

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from kmlip import KMLIPCalculator
 
     if args.output:
-        check_output(args.output)
+        check_output(args.output, {"model file": args.model,
+                                   "structures file": args.structures})
     # cheap checks first: a bad structures file fails before the model (and scikit-learn) loads
     check_readable(args.model, "model file")
     frames = read_structures(args.structures, format=args.format)
