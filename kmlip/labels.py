@@ -103,7 +103,7 @@ def voigt(stress: Any, where: str) -> np.ndarray:
         s = s.reshape(3, 3)
         return np.array([s[0, 0], s[1, 1], s[2, 2], 0.5 * (s[1, 2] + s[2, 1]),
                          0.5 * (s[0, 2] + s[2, 0]), 0.5 * (s[0, 1] + s[1, 0])])
-    raise ValueError(f"{where}: stress must have shape (6,), (3, 3) or (9,), got {s.shape}")
+    raise ValueError(f"{where}: must have shape (6,), (3, 3) or (9,), got {s.shape}")
 
 
 def positive(value: Any, where: str) -> float:
@@ -164,10 +164,10 @@ def read_forces(atoms: Atoms, key: str, where: str) -> np.ndarray:
     f = _fetch(atoms, "arrays", key)
     if f is None:
         raise ValueError(f"{where}: no forces label {key!r} (atoms.arrays or calculator results)")
-    try:
-        f = np.array(f, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: forces {key!r} are not numbers") from exc
+    f = np.asarray(f)
+    if f.dtype.kind not in "iuf":  # strings ("1.0") and bools are no forces
+        raise ValueError(f"{where}: forces {key!r} are not numbers (dtype {f.dtype})")
+    f = np.array(f, dtype=np.float64)
     n = len(atoms)
     if f.shape != (n, 3):
         raise ValueError(f"{where}: forces {key!r} have shape {f.shape}, expected ({n}, 3)")
@@ -182,10 +182,10 @@ def read_stress(atoms: Atoms, key: str, where: str) -> np.ndarray:
     if s is None:
         raise ValueError(f"{where}: no stress label {key!r} for a periodic structure "
                          "(sigma_stress is set)")
-    try:
-        s = voigt(s, where)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: stress {key!r}: {exc}") from exc
+    a = np.asarray(s)
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: stress {key!r} is not numbers (dtype {a.dtype})")
+    s = voigt(a, f"{where}: stress {key!r}")
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{where}: stress {key!r} contains NaN or inf")
     return s

@@ -509,7 +509,11 @@ BAD_LABELS = [
     (_set_result("forces", np.full((8, 3), np.inf)), "forces 'forces' contain NaN or inf"),
     (_set_result("forces", np.zeros((7, 3))), "have shape (7, 3), expected (8, 3)"),
     (_set_result("forces", np.zeros(24)), "have shape (24,), expected (8, 3)"),
-    (_set_result("stress", np.zeros(5)), "stress must have shape (6,), (3, 3) or (9,)"),
+    (_set_result("stress", np.zeros(5)),
+     "frame 2: stress 'stress': must have shape (6,), (3, 3) or (9,), got (5,)"),
+    (_set_result("stress", ["1"] * 6), "stress 'stress' is not numbers (dtype <U1)"),
+    (_set_result("forces", np.full((8, 3), "0.1")), "forces 'forces' are not numbers"),
+    (_set_result("forces", np.zeros((8, 3), dtype=bool)), "forces 'forces' are not numbers"),
     (_set_result("stress", np.full(6, np.nan)), "stress 'stress' contains NaN or inf"),
     (_drop_labels, "no energy label 'energy'"),
     (_set_info("energy_sigma", -0.1), "info['energy_sigma'] must be a positive finite number"),
@@ -1355,3 +1359,27 @@ def test_unreadable_extxyz_for_every_subcommand(cmd, cli_files, capsys, tmp_path
             "fit": ["fit", bad, "-o", tmp_path / "m.kmlip", *CLI_FIT]}[cmd]
     _fails(capsys, argv, f"{bad}: ASE cannot read it as a structure file", quiet=True)
     assert _listing(tmp_path) == ["broken.xyz"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kmlip/model.py compute(reuse=...) / kmlip/prediction.py: a reuse that is not a "
+    "Prediction ('x') raises AttributeError(\"'str' object has no attribute 'features'\"); "
+    "check isinstance(reuse, prediction.Prediction) and raise TypeError naming reuse"))
+def test_compute_reuse_must_be_a_prediction(model):
+    with pytest.raises(TypeError, match="reuse"):
+        model.compute(_cu(), ("energy_var",), reuse="x")
+
+
+def test_huge_vacuum_cell_equals_the_cluster(model):
+    cluster = _cu(seed=7)
+    cluster.pbc = False
+    boxed = cluster.copy()
+    boxed.cell = np.diag([1e6, 2e6, 3e6])
+    boxed.pbc = True
+    props = ("energy", "forces", "energies_var")
+    r, b = model.compute(cluster, props), model.compute(boxed, props)
+    assert b.energy == pytest.approx(r.energy, rel=1e-12)
+    np.testing.assert_allclose(b.forces, r.forces, atol=1e-12)
+    np.testing.assert_allclose(b.energies_var, r.energies_var, rtol=1e-10)
+    # its stress is finite and ~0 (the virial over a 6e18 Å^3 volume)
+    assert np.all(np.abs(model.compute(boxed, ("stress",)).stress) < 1e-15)
