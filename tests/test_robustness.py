@@ -235,6 +235,15 @@ def test_from_dict_raises_value_error(d):
 # a crash or a silent wrong number; valid-but-unusual input gets the exact right answer; a failed
 # write never destroys an existing file. Tiny systems (SOAP n_max 2, l_max 2, 5 sparse points).
 # ================================================================================================
+@contextlib.contextmanager
+def _raises(exc, match=None):
+    """``pytest.raises`` that also requires the exact type (not a subclass of it)."""
+    with pytest.raises(exc, match=match) as info:
+        yield info
+    types = exc if isinstance(exc, tuple) else (exc,)
+    assert type(info.value) in types, f"{type(info.value).__name__}: {info.value}"
+
+
 TINY = dict(species=["Cu", "Al"], r_cut=3.5, n_max=2, l_max=2, sigma=0.5)
 
 
@@ -337,19 +346,19 @@ BAD_STRUCTURES_BY_NAME = [(d.__name__[1:], w) for d, w in BAD_STRUCTURES]
 def test_bad_structure_is_refused_everywhere(damage, words, model, frames):
     a = _cu()
     damage(a)
-    with pytest.raises(ValueError) as info:
+    with _raises(ValueError) as info:
         model.compute(a, ("energy", "forces", "stress"))
     assert words in str(info.value)
     a.calc = KMLIPCalculator(model)
-    with pytest.raises(ValueError, match=re.escape(words)):
+    with _raises(ValueError, match=re.escape(words)):
         a.get_forces()
     # in training data too (fit and the online update)
     bad = _relabelled(frames)
     damage(bad[2])
-    with pytest.raises(ValueError) as info:
+    with _raises(ValueError) as info:
         _tiny_model().fit(bad)
     assert words.replace("the model", "the descriptor") in str(info.value)
-    with pytest.raises(ValueError) as info:
+    with _raises(ValueError) as info:
         clone(model).fit(frames[:2]).partial_fit(bad[1:3])
     assert words in str(info.value)
 
@@ -359,9 +368,9 @@ def test_bad_structure_is_refused_everywhere(damage, words, model, frames):
 def test_fit_names_the_frame_of_unknown_species(damage, model, frames):
     bad = _relabelled(frames)
     damage(bad[2])
-    with pytest.raises(ValueError, match=r"^frame 2: species \['(Fe|X)'\] unknown"):
+    with _raises(ValueError, match=r"^frame 2: species \['(Fe|X)'\] unknown"):
         _tiny_model().fit(bad)
-    with pytest.raises(ValueError, match=r"^frame 1: species \['(Fe|X)'\] unknown"):
+    with _raises(ValueError, match=r"^frame 1: species \['(Fe|X)'\] unknown"):
         clone(model).fit(frames[:2]).partial_fit(bad[1:3])
 
 
@@ -380,7 +389,7 @@ STRUCTURAL = [(d, w) for d, w in BAD_STRUCTURES if d not in (_unknown_species, _
 def test_fit_names_the_frame_of_a_bad_structure(damage, words, frames):
     bad = _relabelled(frames)
     damage(bad[2])
-    with pytest.raises(ValueError, match=r"^(frame|structure) 2: " + re.escape(words)):
+    with _raises(ValueError, match=r"^(frame|structure) 2\b.*" + re.escape(words)):
         _tiny_model().fit(bad)
 
 
@@ -389,7 +398,7 @@ def test_cells_far_too_small_are_refused_before_the_search(side, n_atoms, model)
     # the search would need 72 bytes per pair: 1.6 GB for one atom in a 0.02 Å cube
     a = Atoms(f"Cu{n_atoms}", cell=[side] * 3, pbc=True)
     a.set_scaled_positions(np.random.default_rng(0).random((n_atoms, 3)))
-    with pytest.raises(ValueError, match=r"is too large for the cell: it reaches about .* "
+    with _raises(ValueError, match=r"is too large for the cell: it reaches about .* "
                                          r"neighbours per atom \(more than 1e\+06\); the cell "
                                          r"is far too small for its"):
         model.compute(a, ("energy", "forces"))
@@ -397,7 +406,7 @@ def test_cells_far_too_small_are_refused_before_the_search(side, n_atoms, model)
     a.pbc = [True, True, False]
     a.cell[2] = 0.0
     if n_atoms * np.pi * 4.5**2 / side**2 > 1e6:  # cutoff incl. the cutoff of the neighbour list
-        with pytest.raises(ValueError, match="far too small"):
+        with _raises(ValueError, match="far too small"):
             model.compute(a, ("energy",))
 
 
@@ -407,14 +416,14 @@ def test_cells_far_too_small_are_refused_before_the_search(side, n_atoms, model)
     ([bulk("Cu"), "Cu"], TypeError, "X[1] is a str"),
 ], ids=["str", "None", "dict", "empty", "mixed"])
 def test_predict_needs_atoms(X, exc, words, model):
-    with pytest.raises(exc, match=re.escape(words)):
+    with _raises(exc, match=re.escape(words)):
         model.predict(X)
 
 
 def test_compute_rejects_unknown_properties(model):
-    with pytest.raises(ValueError, match=r"unknown properties \['magmom'\]"):
+    with _raises(ValueError, match=r"unknown properties \['magmom'\]"):
         model.compute(_cu(), ("energy", "magmom"))
-    with pytest.raises(TypeError, match="properties must be a sequence"):
+    with _raises(TypeError, match="properties must be a sequence"):
         model.compute(_cu(), 3)
 
 
@@ -479,7 +488,7 @@ def test_huge_coordinates_give_the_same_result(model, pbc):
 def test_coordinates_beyond_double_precision_are_refused(model):
     a = _cu()
     a.positions[0, 0] = 1e300
-    with pytest.raises(ValueError, match="too far outside the periodic cell"):
+    with _raises(ValueError, match="too far outside the periodic cell"):
         model.compute(a, ("energy",))
 
 
@@ -530,7 +539,7 @@ def test_bad_labels_name_the_frame_and_cause(damage, words, frames):
     bad = _relabelled(frames)
     damage(bad[2])
     m = _tiny_model(sigma_stress=0.02)
-    with pytest.raises(ValueError) as info:
+    with _raises(ValueError) as info:
         m.fit(bad)
     assert type(info.value) is ValueError
     msg = str(info.value)
@@ -545,7 +554,7 @@ def test_bad_labels_name_the_frame_and_cause(damage, words, frames):
 def test_bad_per_atom_force_sigma(value, words, frames):
     bad = _relabelled(frames)
     bad[4].arrays["force_atom_sigma"] = value
-    with pytest.raises(ValueError, match=r"^frame 4: arrays\['force_atom_sigma'\] must be "
+    with _raises(ValueError, match=r"^frame 4: arrays\['force_atom_sigma'\] must be "
                                          + re.escape(words)):
         _tiny_model().fit(bad)
 
@@ -556,7 +565,7 @@ def test_bad_per_atom_force_sigma(value, words, frames):
     ("stress_key", "no stress label 'total_energy'"),
 ])
 def test_label_keys_pointing_nowhere(key, words, frames):
-    with pytest.raises(ValueError, match=r"^frame 0: " + re.escape(words)):
+    with _raises(ValueError, match=r"^frame 0: " + re.escape(words)):
         _tiny_model(sigma_stress=0.02, **{key: "total_energy"}).fit(frames)
 
 
@@ -610,14 +619,14 @@ BAD_PARAMS = [
                          ids=[f"{n}={v!r}"[:30] for n, v, _, _ in BAD_PARAMS])
 def test_bad_estimator_parameters(name, value, exc, words, frames):
     m = KernelPotential(**{"descriptor": SOAP(**TINY), "n_sparse": 5, name: value})
-    with pytest.raises(exc) as info:
+    with _raises(exc) as info:
         m.fit(frames)
     assert type(info.value) is exc and words in str(info.value), str(info.value)
     assert not hasattr(m, "fitted_state_")
 
 
 def test_both_sigmas_none_is_refused(frames):
-    with pytest.raises(ValueError, match="at least one of sigma_energy and sigma_force"):
+    with _raises(ValueError, match="at least one of sigma_energy and sigma_force"):
         _tiny_model(sigma_energy=None, sigma_force=None).fit(frames)
 
 
@@ -633,7 +642,7 @@ def test_n_sparse_beyond_the_environments_takes_them_all(frames):
     "gives a model of e0 alone without a word; should raise ValueError('n_sparse gives no "
     "sparse points for any species ...') when sum(counts.values()) == 0"))
 def test_n_sparse_zero_everywhere_is_refused(frames):
-    with pytest.raises(ValueError, match="n_sparse"):
+    with _raises(ValueError, match="n_sparse"):
         _tiny_model(n_sparse=0).fit(frames)
 
 
@@ -643,7 +652,7 @@ def test_n_sparse_zero_everywhere_is_refused(frames):
     "should raise ValueError(\"n_sparse['Fe']: not a species of the descriptor\") for keys "
     "whose Z is not in descriptor.species_z"))
 def test_n_sparse_for_an_unknown_species_is_refused(frames):
-    with pytest.raises(ValueError, match="Fe"):
+    with _raises(ValueError, match="Fe"):
         _tiny_model(n_sparse={"Fe": 3, "Cu": 2, "Al": 2}).fit(frames)
 
 
@@ -652,7 +661,7 @@ def test_n_sparse_for_an_unknown_species_is_refused(frames):
     "numpy.random.default_rng, whose 'expected non-negative integer' does not name the "
     "parameter; should raise ValueError('random_state must be >= 0, got -1')"))
 def test_negative_random_state_names_the_parameter(frames):
-    with pytest.raises(ValueError, match="random_state"):
+    with _raises(ValueError, match="random_state"):
         _tiny_model(random_state=-1).fit(frames)
 
 
@@ -662,7 +671,7 @@ def test_negative_random_state_names_the_parameter(frames):
     "the argument)"))
 @pytest.mark.parametrize("call", ["predict", "fit"])
 def test_bool_flags_must_be_bools(call, model, frames):
-    with pytest.raises(TypeError, match="return_std|optimize"):
+    with _raises(TypeError, match="return_std|optimize"):
         if call == "predict":
             model.predict(frames[0], return_std="yes")
         else:
@@ -670,11 +679,12 @@ def test_bool_flags_must_be_bools(call, model, frames):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py noise_levels(atoms): a str is taken as a structure of len(str) atoms and "
-    "gives numbers (sigma_energy**2 * 1 for 'x'); check isinstance(atoms, ase.Atoms) and "
-    "raise TypeError as predict does (labels.as_frames or _validate.checked_system)"))
+    "kmlip/model.py noise_levels(atoms): a str gives no TypeError (AttributeError \"'str' "
+    "object has no attribute 'pbc'\"; an earlier version returned numbers for len('x') = 1 "
+    "atom); check isinstance(atoms, ase.Atoms) and raise TypeError as predict does "
+    "(labels.as_frames or _validate.checked_system)"))
 def test_noise_levels_needs_atoms(model):
-    with pytest.raises(TypeError, match="Atoms"):
+    with _raises(TypeError, match="Atoms"):
         model.noise_levels("x")
 
 
@@ -685,7 +695,7 @@ def test_noise_levels_needs_atoms(model):
 def test_predict_names_the_bad_structure_of_a_list(model, frames):
     bad = [a.copy() for a in frames]
     bad[3].positions[2, 1] = np.nan
-    with pytest.raises(ValueError, match="structure 3"):
+    with _raises(ValueError, match="structure 3"):
         model.predict(bad)
 
 
@@ -720,24 +730,24 @@ def test_unreadable_model_files(model, tmp_path):
     good = tmp_path / "good.kmlip"
     model.save(good)
     for name, p in _bad_model_files(tmp_path, good.read_bytes()).items():
-        with pytest.raises(ValueError) as info:
+        with _raises(ValueError) as info:
             kmlip.load(p)
         assert type(info.value) is ValueError and str(info.value).startswith(f"{p}: "), name
-    with pytest.raises(ValueError, match="is a directory"):
+    with _raises(ValueError, match="is a directory"):
         kmlip.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with _raises(FileNotFoundError, match="does not exist"):
         kmlip.load(tmp_path / "missing.kmlip")
-    with pytest.raises(TypeError):
+    with _raises(TypeError):
         kmlip.load(None)
 
 
 def test_save_errors_name_the_path_and_leave_nothing(model, tmp_path):
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'no' / 'm.kmlip'}: directory "
+    with _raises(ValueError, match=re.escape(f"{tmp_path / 'no' / 'm.kmlip'}: directory "
                                                    f"{tmp_path / 'no'} does not exist")):
         model.save(tmp_path / "no" / "m.kmlip")
-    with pytest.raises(ValueError, match="is a directory"):
+    with _raises(ValueError, match="is a directory"):
         model.save(tmp_path)
-    with pytest.raises(TypeError, match="path must be a str"):
+    with _raises(TypeError, match="path must be a str"):
         model.save(3)
     assert list(tmp_path.iterdir()) == []
 
@@ -752,7 +762,7 @@ def test_failed_writes_keep_the_existing_file(model, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", half_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with _raises(OSError, match="No space left"):
         model.save(path)
     monkeypatch.undo()
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["m.kmlip"]
@@ -763,7 +773,7 @@ def test_failed_writes_keep_the_existing_file(model, tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with pytest.raises(PermissionError) as info:
+    with _raises(PermissionError) as info:
         model.save(path)
     assert info.value.filename == str(path) and "cannot write to directory" in str(info.value)
     monkeypatch.undo()
@@ -782,14 +792,14 @@ def test_failed_writes_keep_the_existing_file(model, tmp_path, monkeypatch):
     ({"forces_var": "no"}, TypeError, "forces_var must be True or False"),
 ], ids=["unknown", "int_name", "None", "int", "dict", "forces_var_str"])
 def test_calculator_rejects_bad_arguments(kwargs, exc, words, model):
-    with pytest.raises(exc, match=re.escape(words)):
+    with _raises(exc, match=re.escape(words)):
         KMLIPCalculator(model, **kwargs)
 
 
 def test_calculator_needs_a_fitted_model():
-    with pytest.raises(ValueError, match="needs a fitted KernelPotential"):
+    with _raises(ValueError, match="needs a fitted KernelPotential"):
         KMLIPCalculator(_tiny_model())
-    with pytest.raises(ValueError, match="needs a fitted KernelPotential"):
+    with _raises(ValueError, match="needs a fitted KernelPotential"):
         KMLIPCalculator("model.kmlip")
 
 
@@ -800,17 +810,17 @@ def test_calculator_properties_the_model_cannot_give(model, frames):
                                            SOAP(**TINY)],
                                n_sparse=[3, 3], zeta=[None, 2], delta=[0.5, 0.2],
                                random_state=0, n_threads=1).fit(frames[:3])
-    with pytest.raises(ValueError, match="'forces_var_diag' is defined for a single atom-centred"):
+    with _raises(ValueError, match="'forces_var_diag' is defined for a single atom-centred"):
         KMLIPCalculator(pair_sum, variances=("uncertainty", "forces_var_diag"))
     a = frames[0].copy()
     a.calc = KMLIPCalculator(pair_sum, variances=("uncertainty",))
     assert a.calc.get_property("uncertainty", a).shape == (8,)
     # ASE's own error for what no kmlip model computes; no stress without a periodic cell
-    with pytest.raises(PropertyNotImplementedError):
+    with _raises(PropertyNotImplementedError):
         a.get_dipole_moment()
     b = Atoms("CuAl", positions=[[0, 0, 0], [2.5, 0, 0]])
     b.calc = KMLIPCalculator(model)
-    with pytest.raises(PropertyNotImplementedError):
+    with _raises(PropertyNotImplementedError):
         b.get_stress()
     assert np.isfinite(b.get_potential_energy())
 
@@ -833,7 +843,7 @@ def test_gate_rejects_bad_thresholds(kwargs, exc, words, model):
 
     a = _cu()
     a.calc = KMLIPCalculator(model, variances=("uncertainty",))
-    with pytest.raises(exc, match=re.escape(words)):
+    with _raises(exc, match=re.escape(words)):
         UncertaintyGate(a, log=None, **kwargs)
 
 
@@ -845,17 +855,17 @@ def test_gate_checks_its_output_and_accepts_numpy_numbers(model, tmp_path):
     a = _cu(seed=3)
     a.calc = KMLIPCalculator(model, variances=("uncertainty",))
     missing = tmp_path / "no" / "tripped.extxyz"
-    with pytest.raises(ValueError, match=re.escape(f"directory {tmp_path / 'no'} does not exist")):
+    with _raises(ValueError, match=re.escape(f"directory {tmp_path / 'no'} does not exist")):
         UncertaintyGate(a, threshold=1e-9, log=None, output=missing)
-    with pytest.raises(ValueError, match="is a directory"):
+    with _raises(ValueError, match="is a directory"):
         UncertaintyGate(a, threshold=1e-9, log=None, output=tmp_path)
-    with pytest.raises(TypeError, match="UncertaintyGate needs atoms whose calculator"):
+    with _raises(TypeError, match="UncertaintyGate needs atoms whose calculator"):
         UncertaintyGate(_cu(), threshold=0.1, log=None)
     gate = UncertaintyGate(a, threshold=np.float32(0.5), log=None)
     assert gate.threshold == 0.5
     dyn = VelocityVerlet(a, timestep=1.0)
     for steps, exc in ((-1, ValueError), (2.0, TypeError), (True, TypeError), ("3", TypeError)):
-        with pytest.raises(exc, match="steps must be a non-negative int"):
+        with _raises(exc, match="steps must be a non-negative int"):
             run_gated(dyn, steps, gate)
     assert run_gated(dyn, np.int64(2), gate) == 2
     out = tmp_path / "tripped.extxyz"
@@ -872,10 +882,10 @@ def test_ewald_refuses_overlapping_charges_but_not_close_ones():
     ew = Ewald({"Na": 1.0, "Cl": -1.0})
     crystal = bulk("NaCl", "rocksalt", a=5.64).repeat((2, 1, 1))
     crystal.positions[3] = crystal.positions[2] + 1e-9
-    with pytest.raises(ValueError, match="charged atoms 2 and 3 are 1.73e-09 Å apart"):
+    with _raises(ValueError, match="charged atoms 2 and 3 are 1.73e-09 Å apart"):
         ew.compute(crystal)
     pair = Atoms("NaCl", positions=[[0, 0, 0], [0, 0, 1e-9]])
-    with pytest.raises(ValueError, match="charged atoms 0 and 1"):
+    with _raises(ValueError, match="charged atoms 0 and 1"):
         ew.compute(pair)
     # 1e-5 Å is unusual but valid: the bare Coulomb energy, exactly
     pair.positions[1, 2] = 1e-5
@@ -1110,14 +1120,14 @@ def test_descriptors_refuse_overlaps_and_non_atoms(k):
     a = bulk("Cu", "fcc", a=3.6, cubic=True)
     a.positions[3] = a.positions[2] + [0.0, 3e-7, 0.0]
     for grad in (False, True):
-        with pytest.raises(ValueError, match=r"atoms 2 and 3 are 3e-07 Å apart, closer than "
+        with _raises(ValueError, match=r"atoms 2 and 3 are 3e-07 Å apart, closer than "
                                              r"1e-06 Å: overlapping atoms"):
             desc.transform(a, gradients=grad)
     a.positions[3, 1] += 1e-6  # 1.3e-6 Å: unusual but allowed
     assert np.all(np.isfinite(desc.transform(a)))
-    with pytest.raises(TypeError, match="expected an ase.Atoms, got str"):
+    with _raises(TypeError, match="expected an ase.Atoms, got str"):
         desc.transform("Cu")
-    with pytest.raises(ValueError, match="n_threads must be"):
+    with _raises(ValueError, match="n_threads must be"):
         desc.transform(bulk("Cu"), n_threads=0)
     empty = desc.transform(Atoms(cell=[4.0, 4.0, 4.0], pbc=True))
     assert empty.shape == (0, desc.n_features)
@@ -1132,9 +1142,9 @@ def test_calculator_does_not_reuse_results_after_a_failure(model, frames):
     bad = frames[1].copy()
     bad.positions[1] = bad.positions[0]
     for _ in range(2):  # asking again must not return the previous structure's energy
-        with pytest.raises(ValueError, match="overlapping atoms"):
+        with _raises(ValueError, match="overlapping atoms"):
             calc.get_potential_energy(bad)
-        with pytest.raises(ValueError, match="overlapping atoms"):
+        with _raises(ValueError, match="overlapping atoms"):
             calc.get_forces(bad)
     assert calc.get_potential_energy(good) == e_good
 
@@ -1148,7 +1158,7 @@ def test_ewald_calculator_does_not_reuse_results_after_a_failure():
     bad = good.copy()
     bad.pbc = [True, True, False]
     for _ in range(2):
-        with pytest.raises(ValueError, match="partly periodic systems"):
+        with _raises(ValueError, match="partly periodic systems"):
             ew.get_potential_energy(bad)
     assert ew.get_potential_energy(good) == e_good
 
@@ -1158,7 +1168,7 @@ def test_ewald_calculator_does_not_reuse_results_after_a_failure():
 def test_pipes_and_devices_are_refused_not_read(model, cli_files, capsys, tmp_path):
     fifo = tmp_path / "pipe.kmlip"
     os.mkfifo(fifo)  # opening it for reading would block until a writer comes
-    with pytest.raises(ValueError, match="not a regular file"):
+    with _raises(ValueError, match="not a regular file"):
         kmlip.load(fifo)
     _fails(capsys, ["info", fifo], f"{fifo}: not a regular file (a pipe)")
     _fails(capsys, ["predict", fifo, cli_files["start"]], "not a regular file (a pipe)")
@@ -1212,7 +1222,7 @@ def test_crafted_model_files_with_valid_checksums(where, name, value, words, mod
         header["fitted"][name] = value
     bad = tmp_path / "bad.kmlip"
     write_model_file(bad, header, arrays)
-    with pytest.raises(ValueError, match=re.escape(words)) as info:
+    with _raises(ValueError, match=re.escape(words)) as info:
         kmlip.load(bad)
     assert str(info.value).startswith(f"{bad}: ")
 
@@ -1292,18 +1302,18 @@ def test_atomic_numbers_that_are_no_element(z, model, frames):
     words = f"atomic numbers [{z}] (atoms [2]) are no element (1..118)"
     for call in (lambda: model.compute(a, ("energy",)), lambda: SOAP(**TINY).transform(a),
                  lambda: _descriptors()[2].transform(a), lambda: Ewald({"Cu": 1.0}).compute(a)):
-        with pytest.raises(ValueError, match=re.escape(words)):
+        with _raises(ValueError, match=re.escape(words)):
             call()
     bad = _relabelled(frames)
     bad[1].numbers[2] = z
-    with pytest.raises(ValueError, match=re.escape(f"frame 1: {words}")):
+    with _raises(ValueError, match=re.escape(f"frame 1: {words}")):
         _tiny_model().fit(bad)
 
 
 def test_export_raw_into_a_file_is_refused(model, tmp_path):
     target = tmp_path / "model.raw"
     target.write_text("keep")
-    with pytest.raises(ValueError, match=re.escape(f"{target}: exists and is not a directory")):
+    with _raises(ValueError, match=re.escape(f"{target}: exists and is not a directory")):
         model.export_raw(target)
     assert target.read_text() == "keep"
 
@@ -1366,7 +1376,7 @@ def test_unreadable_extxyz_for_every_subcommand(cmd, cli_files, capsys, tmp_path
     "Prediction ('x') raises AttributeError(\"'str' object has no attribute 'features'\"); "
     "check isinstance(reuse, prediction.Prediction) and raise TypeError naming reuse"))
 def test_compute_reuse_must_be_a_prediction(model):
-    with pytest.raises(TypeError, match="reuse"):
+    with _raises(TypeError, match="reuse"):
         model.compute(_cu(), ("energy_var",), reuse="x")
 
 
@@ -1383,3 +1393,12 @@ def test_huge_vacuum_cell_equals_the_cluster(model):
     np.testing.assert_allclose(b.energies_var, r.energies_var, rtol=1e-10)
     # its stress is finite and ~0 (the virial over a 6e18 Å^3 volume)
     assert np.all(np.abs(model.compute(boxed, ("stress",)).stress) < 1e-15)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kmlip/gp/e0.py (the e0 check, near \"e0[...] is not a number\"): a numeric string "
+    "(e0={'Cu': '1.0'}) is converted by float() while a bool is refused; refuse str as well "
+    "(isinstance(v, numbers.Real) and not bool), as labels.positive now does for delta"))
+def test_e0_values_must_be_numbers(frames):
+    with _raises((TypeError, ValueError), match=r"e0\['Cu'\]"):
+        _tiny_model(e0={"Cu": "1.0", "Al": 0.0}).fit(frames)
