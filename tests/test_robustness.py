@@ -1247,9 +1247,11 @@ def test_learn_threads_checked_before_the_first_reference_call(cli_files, capsys
 
 @pytest.mark.parametrize("extra, words", [
     (["--seed", "-1"], "--seed must be >= 0"), (["--threads", "0"], "--threads must be >= 1"),
-], ids=["seed", "threads"])
-def test_demo_options_checked_before_any_work(extra, words, capsys, tmp_path):
-    _fails(capsys, ["demo", "--quick", "--out", tmp_path / "d.kmlip", *extra], words, quiet=True)
+    (["--out", "no/d.kmlip"], "no/d.kmlip: directory"),
+], ids=["seed", "threads", "out"])
+def test_demo_options_checked_before_any_work(extra, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, ["demo", "--quick", "--out", "d.kmlip", *extra], words, quiet=True)
     assert _listing(tmp_path) == []
 
 
@@ -1402,3 +1404,33 @@ def test_huge_vacuum_cell_equals_the_cluster(model):
 def test_e0_values_must_be_numbers(frames):
     with _raises((TypeError, ValueError), match=r"e0\['Cu'\]"):
         _tiny_model(e0={"Cu": "1.0", "Al": 0.0}).fit(frames)
+
+
+def test_left_handed_cell_is_the_mirror_image(model, frames):
+    # a negative-determinant cell is valid: the mirror image of a right-handed one
+    from kmlip.ewald import Ewald
+
+    mirror = np.diag([1.0, 1.0, -1.0])
+    voigt_sign = np.array([1, 1, 1, -1, -1, 1])  # yz and xz change sign under z -> -z
+
+    def reflect(a):
+        b = a.copy()
+        b.set_cell(a.cell.array @ mirror)
+        b.positions = a.positions @ mirror
+        assert np.linalg.det(b.cell.array) < 0
+        return b
+
+    a = frames[0]
+    props = ("energy", "forces", "stress", "energies_var")
+    r, s = model.compute(a, props), model.compute(reflect(a), props)
+    assert s.energy == pytest.approx(r.energy, rel=1e-13)
+    np.testing.assert_allclose(s.forces, r.forces @ mirror, atol=1e-13)
+    np.testing.assert_allclose(s.stress, r.stress * voigt_sign, atol=1e-13)
+    np.testing.assert_allclose(s.energies_var, r.energies_var, rtol=1e-11)
+    salt = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    salt.rattle(0.1, seed=1)
+    ew = Ewald({"Na": 1.0, "Cl": -1.0})
+    (e1, f1, s1), (e2, f2, s2) = ew.compute(salt), ew.compute(reflect(salt))
+    assert e2 == pytest.approx(e1, rel=1e-12)
+    np.testing.assert_allclose(f2, f1 @ mirror, atol=1e-10)
+    np.testing.assert_allclose(s2, s1 * voigt_sign, atol=1e-12)
