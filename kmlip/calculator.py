@@ -63,8 +63,7 @@ class KMLIPCalculator(Calculator):
     TypeError
         ``variances`` is not a str or an iterable of str; ``forces_var`` is not a bool.
     ValueError
-        An unfitted model, an unknown variance name, or ``"forces_var_diag"`` for a model that
-        cannot give it (a sum of kernels, pair environments).
+        An unfitted model or an unknown variance name.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress",
@@ -91,13 +90,6 @@ class KMLIPCalculator(Calculator):
         bad = [v for v in variances if not isinstance(v, str) or v not in VARIANCES]
         if bad:
             raise ValueError(f"unknown variances {bad}; choose from {sorted(VARIANCES)}")
-        state = getattr(model, "fitted_state_", None)
-        if "forces_var_diag" in variances and state is not None \
-                and not getattr(state, "atom_centred", True):
-            # say so now rather than at the first step of a run
-            raise ValueError("variances: 'forces_var_diag' is defined for a single atom-centred "
-                             "kernel only, not for this model (a sum of kernels or pair "
-                             "environments); use 'forces' or 'uncertainty'")
         self.model = model
         self.variances = variances + (("forces",) if forces_var and "forces" not in variances
                                       else ())

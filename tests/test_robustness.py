@@ -803,18 +803,21 @@ def test_calculator_needs_a_fitted_model():
         KMLIPCalculator("model.kmlip")
 
 
-def test_calculator_properties_the_model_cannot_give(model, frames):
+def test_calculator_properties_the_model_can_and_cannot_give(model, frames):
+    from kmlip.calculator import VARIANCES
     from kmlip.descriptors.distance2b import Distance2b
 
     pair_sum = KernelPotential(descriptor=[Distance2b(species=["Cu", "Al"], r_cut=3.5),
                                            SOAP(**TINY)],
                                n_sparse=[3, 3], zeta=[None, 2], delta=[0.5, 0.2],
                                random_state=0, n_threads=1).fit(frames[:3])
-    with _raises(ValueError, match="'forces_var_diag' is defined for a single atom-centred"):
-        KMLIPCalculator(pair_sum, variances=("uncertainty", "forces_var_diag"))
+    # every variance the calculator names, a sum of kernels gives too, on every call
     a = frames[0].copy()
-    a.calc = KMLIPCalculator(pair_sum, variances=("uncertainty",))
-    assert a.calc.get_property("uncertainty", a).shape == (8,)
+    a.calc = KMLIPCalculator(pair_sum, variances=tuple(VARIANCES))
+    a.get_forces()
+    ref = pair_sum.compute(a, [VARIANCES[v] for v in VARIANCES])
+    for name in VARIANCES.values():
+        np.testing.assert_allclose(a.calc.results[name], getattr(ref, name), rtol=1e-10)
     # ASE's own error for what no kmlip model computes; no stress without a periodic cell
     with _raises(PropertyNotImplementedError):
         a.get_dipole_moment()
