@@ -61,6 +61,7 @@ from kmlip import io as model_io
 from kmlip import labels as lab
 from kmlip import metrics, prediction
 from kmlip._threads import resolve_threads, serial_blas
+from kmlip._validate import check_bool
 from kmlip.gp import e0 as e0_mod
 from kmlip.gp import hyperparameters as hp
 from kmlip.gp import sparse_points, training
@@ -253,6 +254,8 @@ class KernelPotential(BaseEstimator):
                     and not isinstance(self.random_state, bool))):
             raise TypeError("random_state must be an int, a numpy Generator or None, got "
                             f"{type(self.random_state).__name__}")
+        if isinstance(self.random_state, (int, np.integer)) and self.random_state < 0:
+            raise ValueError(f"random_state must be >= 0, got {self.random_state}")
         if self.progress is not None and not isinstance(self.progress, (bool, np.bool_)):
             raise TypeError(f"progress must be True, False or None, got {self.progress!r}")
         if isinstance(self.verbose, bool) or not isinstance(self.verbose, (int, np.integer)):
@@ -386,6 +389,8 @@ class KernelPotential(BaseEstimator):
         self
         """
         t_start = time.perf_counter()
+        optimize = check_bool("optimize", optimize)
+        optimize_delta = check_bool("optimize_delta", optimize_delta)
         cfg = self._config()
         frames = lab.as_frames(frames)
         for tc in cfg.terms:
@@ -421,7 +426,8 @@ class KernelPotential(BaseEstimator):
             choose, accumulate = sparse_points.choose, training.accumulate
         t0 = time.perf_counter()
         baseline = copy_component(self.baseline)
-        base = [training.baseline_values(baseline, a) for a in frames]
+        base = [training.in_frame(lambda a=a: training.baseline_values(baseline, a), k, True)
+                for k, a in enumerate(frames)]
         e0 = cfg.e0 if cfg.e0 is not None else self._fit_e0(frames, labels, base, present, cfg)
         timings["baseline_e0"] = time.perf_counter() - t0
 
@@ -547,7 +553,8 @@ class KernelPotential(BaseEstimator):
         # kmlip's own OpenMP loops call BLAS per block; BLAS threads beside them would spin
         # (and a threaded SVD in the sparse selection is slower than a serial one here)
         with serial_blas():
-            base = [training.baseline_values(state.baseline, a) for a in frames]
+            base = [training.in_frame(lambda a=a: training.baseline_values(state.baseline, a),
+                                     k, True) for k, a in enumerate(frames)]
             factors, _ = accumulate(
                 state.kernel, frames, labels,
                 [float(np.sum(state.e0_table[a.numbers])) for a in frames], base,
@@ -696,13 +703,18 @@ class KernelPotential(BaseEstimator):
             ``energy`` (eV), ``energies`` (n_atoms,), ``forces`` (n_atoms, 3) eV/Å, ``stress``
             (6,) eV/Å³, variances in eV² / (eV/Å)²; None where not requested.
         """
+        if reuse is not None and not isinstance(reuse, prediction.Prediction):
+            raise TypeError("reuse must be a Prediction of an earlier compute() or None, got "
+                            f"{type(reuse).__name__}")
         return prediction.compute(self._fitted(), atoms, properties, n_threads=self.n_threads,
                                   reuse=reuse)
 
     def _each(self, X, properties, pick):
         if isinstance(X, Atoms):
             return pick(self.compute(X, properties), X)
-        return [pick(self.compute(a, properties), a) for a in lab.as_frames(X, "X")]
+        frames = lab.as_frames(X, "X")
+        return [training.in_frame(lambda a=a: pick(self.compute(a, properties), a), k, True,
+                                  "structure") for k, a in enumerate(frames)]
 
     def predict(self, X, return_std: bool = False):
         """Total energies.
@@ -721,9 +733,11 @@ class KernelPotential(BaseEstimator):
         std : ndarray, shape (n_frames,), only with ``return_std``
             eV.
         """
+        return_std = check_bool("return_std", return_std)
         frames = lab.as_frames(X, "X")
         props = ("energy", "energy_var") if return_std else ("energy",)
-        res = [self.compute(a, props) for a in frames]
+        res = [training.in_frame(lambda a=a: self.compute(a, props), k, len(frames) > 1,
+                                 "structure") for k, a in enumerate(frames)]
         E = np.array([r.energy for r in res])
         if return_std:
             return E, np.sqrt(np.array([r.energy_var for r in res]))
@@ -758,6 +772,8 @@ class KernelPotential(BaseEstimator):
         ``energy`` (eV², total energy), ``forces`` (eV²/Å², per component), ``stress``
         ((eV/Å³)², per Voigt component; None when not used or not periodic)."""
         h = self._fitted().hyper
+        if not isinstance(atoms, Atoms):
+            raise TypeError(f"noise_levels needs an ase.Atoms, got {type(atoms).__name__}")
         n = len(atoms)
         out: dict[str, float | None] = {"energy": None, "forces": None, "stress": None}
         if h.sigma_energy is not None:

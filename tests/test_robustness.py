@@ -377,14 +377,6 @@ def test_fit_names_the_frame_of_unknown_species(damage, model, frames):
 STRUCTURAL = [(d, w) for d, w in BAD_STRUCTURES if d not in (_unknown_species, _dummy_species)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py fit()/partial_fit() (serial data pass, kmlip/gp/training.py or "
-    "kmlip/gp/columns.py): an error of the descriptor on training structure k ('positions "
-    "contain NaN or inf', 'cell has zero volume', 'overlapping atoms') is raised without "
-    "saying which structure; wrap the per-structure descriptor call and re-raise "
-    "ValueError(f'frame {k}: {exc}') as the labels and species checks do (the Dask path "
-    "already says 'structure k (Dask worker ...)'). A check up front in labels.read_labels "
-    "would do it too but would pre-empt the worker-error tests of tests/test_distributed.py"))
 @pytest.mark.parametrize("damage, words", STRUCTURAL, ids=[d.__name__[1:] for d, _ in STRUCTURAL])
 def test_fit_names_the_frame_of_a_bad_structure(damage, words, frames):
     bad = _relabelled(frames)
@@ -637,38 +629,21 @@ def test_n_sparse_beyond_the_environments_takes_them_all(frames):
         assert m.fitted_state_.basis.n_sparse == n_atoms
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/gp/sparse_points.py validate(): n_sparse=0 (or a dict of zeros) for every species "
-    "gives a model of e0 alone without a word; should raise ValueError('n_sparse gives no "
-    "sparse points for any species ...') when sum(counts.values()) == 0"))
 def test_n_sparse_zero_everywhere_is_refused(frames):
     with _raises(ValueError, match="n_sparse"):
         _tiny_model(n_sparse=0).fit(frames)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/gp/sparse_points.py validate(): a dict n_sparse naming a species the descriptor "
-    "does not know ({'Fe': 3} with species Cu, Al) is silently ignored (a typo goes unseen); "
-    "should raise ValueError(\"n_sparse['Fe']: not a species of the descriptor\") for keys "
-    "whose Z is not in descriptor.species_z"))
 def test_n_sparse_for_an_unknown_species_is_refused(frames):
     with _raises(ValueError, match="Fe"):
         _tiny_model(n_sparse={"Fe": 3, "Cu": 2, "Al": 2}).fit(frames)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py parameter check (near 'random_state must be an int'): a negative int reaches "
-    "numpy.random.default_rng, whose 'expected non-negative integer' does not name the "
-    "parameter; should raise ValueError('random_state must be >= 0, got -1')"))
 def test_negative_random_state_names_the_parameter(frames):
     with _raises(ValueError, match="random_state"):
         _tiny_model(random_state=-1).fit(frames)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py predict(return_std=...) and fit(optimize=...): any truthy non-bool "
-    "('yes') is taken as True; check them with kmlip._validate.check_bool (TypeError naming "
-    "the argument)"))
 @pytest.mark.parametrize("call", ["predict", "fit"])
 def test_bool_flags_must_be_bools(call, model, frames):
     with _raises(TypeError, match="return_std|optimize"):
@@ -678,20 +653,11 @@ def test_bool_flags_must_be_bools(call, model, frames):
             _tiny_model().fit(frames, optimize="no")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py noise_levels(atoms): a str gives no TypeError (AttributeError \"'str' "
-    "object has no attribute 'pbc'\"; an earlier version returned numbers for len('x') = 1 "
-    "atom); check isinstance(atoms, ase.Atoms) and raise TypeError as predict does "
-    "(labels.as_frames or _validate.checked_system)"))
 def test_noise_levels_needs_atoms(model):
     with _raises(TypeError, match="Atoms"):
         model.noise_levels("x")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py predict() (and predict_forces/predict_stress/evaluate): a bad structure in "
-    "a list raises without saying which one ('positions contain NaN or inf (atoms [2])'); "
-    "should prefix 'structure k: ' as fit does with 'frame k: '"))
 def test_predict_names_the_bad_structure_of_a_list(model, frames):
     bad = [a.copy() for a in frames]
     bad[3].positions[2, 1] = np.nan
@@ -1280,12 +1246,6 @@ def test_outputs_never_replace_inputs(cli_files, capsys, tmp_path):
     assert sorted(_listing(tmp_path)) == sorted(os.path.basename(p) for p in before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/gp (the solve in kmlip/gp/sparse.py, or KernelPotential.fit in kmlip/model.py): a "
-    "finite but absurd label (energy 1.7e308 eV) overflows in the scaled rows and the fit "
-    "returns a model whose alpha_ is NaN, without a word; check np.isfinite on the weights "
-    "(and the likelihood) after the solve and raise ValueError('the fit gave non-finite "
-    "weights: labels or noise levels out of range (largest |label|/sigma ...)')"))
 def test_overflowing_labels_do_not_give_a_nan_model(frames):
     bad = _relabelled(frames)
     bad[2].calc.results["energy"] = 1.7e308
@@ -1376,10 +1336,6 @@ def test_unreadable_extxyz_for_every_subcommand(cmd, cli_files, capsys, tmp_path
     assert _listing(tmp_path) == ["broken.xyz"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/model.py compute(reuse=...) / kmlip/prediction.py: a reuse that is not a "
-    "Prediction ('x') raises AttributeError(\"'str' object has no attribute 'features'\"); "
-    "check isinstance(reuse, prediction.Prediction) and raise TypeError naming reuse"))
 def test_compute_reuse_must_be_a_prediction(model):
     with _raises(TypeError, match="reuse"):
         model.compute(_cu(), ("energy_var",), reuse="x")
@@ -1400,10 +1356,6 @@ def test_huge_vacuum_cell_equals_the_cluster(model):
     assert np.all(np.abs(model.compute(boxed, ("stress",)).stress) < 1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kmlip/gp/e0.py (the e0 check, near \"e0[...] is not a number\"): a numeric string "
-    "(e0={'Cu': '1.0'}) is converted by float() while a bool is refused; refuse str as well "
-    "(isinstance(v, numbers.Real) and not bool), as labels.positive now does for delta"))
 def test_e0_values_must_be_numbers(frames):
     with _raises((TypeError, ValueError), match=r"e0\['Cu'\]"):
         _tiny_model(e0={"Cu": "1.0", "Al": 0.0}).fit(frames)

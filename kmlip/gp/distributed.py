@@ -232,14 +232,7 @@ def _worker_address() -> str:
 
 def _located(exc: Exception, index: int) -> Exception:
     """``exc`` with the structure and worker prepended to its message, same type if possible."""
-    msg = f"structure {index} (Dask worker {_worker_address()}): {exc}"
-    try:
-        new = type(exc)(msg)
-        if str(new) != msg:
-            raise TypeError
-    except Exception:  # noqa: BLE001 - exception types with other constructors
-        new = RuntimeError(f"{type(exc).__name__}: {msg}")
-    return new
+    return training.located(exc, f"structure {index} (Dask worker {_worker_address()})")
 
 
 def _wait(client, futures: dict, blocks: list, on_done: Callable | None = None,
@@ -453,13 +446,15 @@ def _collect_block(descriptor, frames, keys, start, n_threads, caps, rng):
         try:
             with serial_blas(), _task_malloc():
                 env, eid = sparse_points.collect_environments(
-                    keys, descriptor, frames[lo:hi], n_threads, frame_offset=start + lo)
+                    keys, descriptor, frames[lo:hi], n_threads, frame_offset=start + lo,
+                    name_frames=False)
         except Exception as exc:
             # collect_environments has no per-structure callback: find the structure by
             # redoing them one at a time (only on the error path)
             for k in range(lo, hi):
                 try:
-                    sparse_points.collect_environments(keys, descriptor, [frames[k]], n_threads)
+                    sparse_points.collect_environments(keys, descriptor, [frames[k]], n_threads,
+                                                       name_frames=False)
                 except Exception as exc_k:  # noqa: BLE001
                     raise _located(exc_k, start + k) from exc_k
             raise _located(exc, start + lo) from exc
@@ -601,7 +596,8 @@ def _accumulate_block(kernel, frames, extras, start, prev, n_threads, precision,
         with serial_blas(), _task_malloc():
             factors, t_rows = training.accumulate(
                 kernel, frames, labels, e0_totals, baselines, n_threads, precision, block_rows,
-                factors=None if prev is None else prev.factors, on_frame=tick)
+                factors=None if prev is None else prev.factors, on_frame=tick,
+                name_frames=False)
     except Exception as exc:
         raise _located(exc, start + done[0]) from exc
     return _Partial(factors, t_rows + (0.0 if prev is None else prev.seconds_rows))

@@ -31,7 +31,8 @@ def validate_e0(e0: object) -> dict[str, float] | None:
     for s, v in e0.items():
         if not isinstance(s, str) or atomic_numbers.get(s, 0) == 0:
             raise ValueError(f"e0 key {s!r} is not a chemical symbol")
-        if isinstance(v, bool):
+        if isinstance(v, (bool, str, bytes)):
+            # float("1.0") would pass a string from a hand-edited spec unnoticed
             raise ValueError(f"e0[{s!r}] is not a number: {v!r}")
         try:
             out[s] = float(v)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
 
-from kmlip.gp import selection
+from kmlip.gp import selection, training
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,13 @@ def validate(n_sparse, sparse_method, frames: Sequence, descriptor) -> SparseSpe
 
     if isinstance(n_sparse, Mapping):
         counts = {}
+        known = set(descriptor.kernel_keys())
         for s, v in n_sparse.items():
             z = key_of(s, "n_sparse")
+            if z not in known:
+                # a typo would otherwise leave that species without points, unnoticed
+                raise ValueError(f"n_sparse[{s!r}]: not a species of the descriptor "
+                                 f"({[descriptor.key_name(k) for k in sorted(known)]})")
             counts[z] = _count(v, f"n_sparse[{s!r}]")
         counts = {z: counts.get(z, 0) for z in present}
     else:
@@ -107,6 +112,9 @@ def validate(n_sparse, sparse_method, frames: Sequence, descriptor) -> SparseSpe
         if method not in selection.METHODS:
             raise ValueError(f"unknown sparse_method {method!r}; use one of "
                              f"{selection.METHODS}, indices or arrays")
+        if present and not any(counts.values()):
+            raise ValueError(f"n_sparse gives no sparse points for any species "
+                             f"({n_sparse!r}): the model would be e0 alone")
         return SparseSpec(counts=counts, method=method)
     if isinstance(method, Mapping):
         per = {}
@@ -138,7 +146,7 @@ def validate(n_sparse, sparse_method, frames: Sequence, descriptor) -> SparseSpe
 
 
 def collect_environments(keys: Sequence[int], descriptor, frames: Sequence, n_threads: int,
-                         frame_offset: int = 0):
+                         frame_offset: int = 0, name_frames: bool = True):
     """Features of every environment of the given kernel keys, and where each comes from.
 
     Parameters
@@ -149,6 +157,8 @@ def collect_environments(keys: Sequence[int], descriptor, frames: Sequence, n_th
     n_threads : int
     frame_offset : int
         Added to the frame numbers in the ids (for blocks of a larger set).
+    name_frames : bool
+        Prefix a structure's ValueError/TypeError with "frame k: " (k with the offset).
 
     Returns
     -------
@@ -164,11 +174,13 @@ def collect_environments(keys: Sequence[int], descriptor, frames: Sequence, n_th
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(n_threads) as pool:
-            envs = list(pool.map(lambda a: descriptor.environments(a, gradients=False,
-                                                                   n_threads=1), frames))
+            envs = list(pool.map(lambda k: training.in_frame(
+                lambda: descriptor.environments(frames[k], gradients=False, n_threads=1),
+                k + frame_offset, name_frames), range(len(frames))))
     else:
-        envs = [descriptor.environments(a, gradients=False, n_threads=n_threads)
-                for a in frames]
+        envs = [training.in_frame(lambda a=a: descriptor.environments(
+            a, gradients=False, n_threads=n_threads), k + frame_offset, name_frames)
+                for k, a in enumerate(frames)]
     for k, e in enumerate(envs):
         for z in keys:
             rows = np.flatnonzero(e.keys == z)

@@ -222,6 +222,10 @@ class FittedState:
         kernel = kw["kernel"]
         sol = hp.solve(factors, L_hat, hyper,
                        groups=[kernel.columns(t) for t in range(len(kernel))])
+        if not np.all(np.isfinite(sol.alpha)):
+            # finite labels can still overflow once scaled by 1/σ (an energy of 1e308 eV)
+            raise ValueError("the fit gave non-finite weights: labels or noise levels out of "
+                             "range (a label near the float limit, or a noise level near 0)")
         kw["e0"] = MappingProxyType(dict(kw["e0"]))
         if kw.get("sparse_indices") is not None:
             kw["sparse_indices"] = MappingProxyType(dict(kw["sparse_indices"]))

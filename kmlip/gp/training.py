@@ -31,6 +31,30 @@ FRAME_PARALLEL = True
 BaselineValues = tuple[float, np.ndarray, np.ndarray]
 
 
+def located(exc: Exception, where: str) -> Exception:
+    """``exc`` with ``where`` ("frame 3", "structure 14 (Dask worker ...)") prepended to its
+    message, of the same type when its constructor takes a message (else RuntimeError)."""
+    msg = f"{where}: {exc}"
+    try:
+        new = type(exc)(msg)
+        if str(new) != msg:
+            raise TypeError
+    except Exception:  # noqa: BLE001 - exception types with other constructors
+        new = RuntimeError(f"{type(exc).__name__}: {msg}")
+    return new
+
+
+def in_frame(fn, k: int, name_frames: bool, what: str = "frame"):
+    """``fn()``; its ValueError/TypeError names ``what`` ``k`` ("frame 3: ...") when
+    ``name_frames``."""
+    if not name_frames:
+        return fn()
+    try:
+        return fn()
+    except (ValueError, TypeError) as exc:
+        raise located(exc, f"{what} {k}") from exc
+
+
 def frame_rows(kernel: KernelSum, atoms, labels: FrameLabels,
                e0_total: float, base: BaselineValues, n_threads: int, precision: str,
                grad_buffers=None):
@@ -92,7 +116,8 @@ def accumulate(kernel: KernelSum, frames: Sequence,
                labels: Sequence[FrameLabels], e0_totals: Sequence[float],
                baselines: Sequence[BaselineValues], n_threads: int, precision: str,
                block_rows: int, factors: dict | None = None,
-               on_frame: Callable[[], None] | None = None) -> tuple[dict, float]:
+               on_frame: Callable[[], None] | None = None,
+               name_frames: bool = True) -> tuple[dict, float]:
     """Streams every structure's label rows into per-class QR factors.
 
     Parameters
@@ -107,6 +132,9 @@ def accumulate(kernel: KernelSum, frames: Sequence,
         Existing ``{class: ClassFactor}`` to extend (online update); copied, never modified.
     on_frame : callable, optional
         Called after each structure (progress bars).
+    name_frames : bool
+        Prefix a structure's ValueError/TypeError (e.g. from its descriptor) with "frame k: "
+        (its index in ``frames``); off where the caller names structures itself.
 
     Returns
     -------
@@ -129,11 +157,11 @@ def accumulate(kernel: KernelSum, frames: Sequence,
     try:
         if parallel_frames:
             rows_in_order = _rows_in_parallel(kernel, frames, labels, e0_totals, baselines,
-                                              n_threads, precision)
+                                              n_threads, precision, name_frames)
         else:
-            rows_in_order = (frame_rows(kernel, a, labels[k], e0_totals[k], baselines[k],
-                                        n_threads, precision, grad_buffers)
-                             for k, a in enumerate(frames))
+            rows_in_order = (in_frame(lambda k=k: frame_rows(
+                kernel, frames[k], labels[k], e0_totals[k], baselines[k], n_threads, precision,
+                grad_buffers), k, name_frames) for k in range(len(frames)))
         t1 = time.perf_counter()
         for rows in rows_in_order:
             t_rows += time.perf_counter() - t1
@@ -148,7 +176,7 @@ def accumulate(kernel: KernelSum, frames: Sequence,
 
 
 def _rows_in_parallel(kernel: KernelSum, frames, labels, e0_totals, baselines, n_threads: int,
-                      precision: str):
+                      precision: str, name_frames: bool = True):
     """Every structure's rows, in order, computed by ``n_threads`` Python threads, one
     structure each on one OpenMP thread (the kernels release the GIL).
 
@@ -168,8 +196,8 @@ def _rows_in_parallel(kernel: KernelSum, frames, labels, e0_totals, baselines, n
         bufs = getattr(local, "bufs", None)
         if bufs is None:
             bufs = local.bufs = kernel.grad_buffers()
-        return frame_rows(kernel, frames[k], labels[k], e0_totals[k], baselines[k], 1,
-                          precision, bufs)
+        return in_frame(lambda: frame_rows(kernel, frames[k], labels[k], e0_totals[k],
+                                         baselines[k], 1, precision, bufs), k, name_frames)
 
     with ThreadPoolExecutor(n_threads, thread_name_prefix="kmlip-rows") as pool:
         window: deque = deque()
