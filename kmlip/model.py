@@ -406,9 +406,16 @@ class KernelPotential(BaseEstimator):
                 raise ValueError(f"e0 has no value for species {missing} of the training set")
         # kmlip's own OpenMP loops call BLAS per block; BLAS threads beside them would spin
         # (and a threaded SVD in the sparse selection is slower than a serial one here)
-        with serial_blas():
-            state = self._train(frames, labels, present, specs, cfg, optimize, optimize_delta,
-                                t_start, client)
+        try:
+            with serial_blas():
+                state = self._train(frames, labels, present, specs, cfg, optimize,
+                                    optimize_delta, t_start, client)
+        except BaseException:
+            if client is not None:
+                from kmlip.gp import distributed
+
+                distributed.release(client)
+            raise
         self.fitted_state_ = state
         return self
 

@@ -260,6 +260,28 @@ def test_model_fit_with_client_equals_serial(client, soap, monkeypatch):
     assert client.id not in distributed._scattered
 
 
+def test_a_fit_failing_between_the_passes_releases_the_structures(client, soap, monkeypatch):
+    """Selection scatters the structures and keeps them for the data pass; a fit that fails in
+    between (here the Cholesky factor of K_MM) must not leave them on the workers."""
+    import kmlip.model
+    from kmlip.model import KernelPotential
+
+    kept = []
+    keep = distributed._keep_for_accumulate
+    monkeypatch.setattr(distributed, "_keep_for_accumulate",
+                        lambda c, p: kept.append(1) or keep(c, p))
+
+    def broken(*a, **k):
+        raise np.linalg.LinAlgError("K_MM is not positive definite")
+
+    monkeypatch.setattr(kmlip.model, "cholesky_jitter", broken)
+    with pytest.raises(np.linalg.LinAlgError, match="K_MM"):
+        KernelPotential(soap, n_sparse=6, random_state=0, n_threads=1).fit(
+            cual_cells(6, seed=23), client=client)
+    assert kept  # selection did keep them for the data pass ...
+    assert client.id not in distributed._scattered  # ... and the failed fit let them go
+
+
 def test_selection_pieces(monkeypatch, soap, frames):
     """A worker's block is computed in pieces: the same environments, ids offset globally, a
     sample within the cap."""

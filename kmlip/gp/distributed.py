@@ -220,6 +220,13 @@ def _keep_for_accumulate(client, placement: _Placement) -> None:
         _scattered[client.id] = placement
 
 
+def release(client) -> None:
+    """Drops the structures :func:`choose` left on the workers for the data pass (a fit that
+    fails between the two passes calls this, so they do not wait for the next fit)."""
+    with _scattered_lock:
+        _scattered.pop(getattr(client, "id", None), None)
+
+
 # -- errors -------------------------------------------------------------------------------------
 def _worker_address() -> str:
     try:
