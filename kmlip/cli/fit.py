@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 
 from kmlip._validate import check_structure
@@ -12,6 +13,26 @@ DESCRIPTION = (
     "Fit a SOAP + sparse Gaussian-process potential to the energies, forces and (optionally) "
     "stresses of labelled structures, print the training errors and save the model. "
     "Units: eV, Å, eV/Å, eV/Å³.")
+
+
+def noise_level(text: str) -> float | None:
+    """A ``--sigma-*`` value: a positive number, or ``none`` (that label class is not fitted).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        Anything else (argparse prints it as a one-line usage error, exit status 2).
+    """
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}") \
+            from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,13 +78,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["cur", "fps", "random", "uniform"],
                    help="how sparse points are chosen: CUR leverage scores, farthest-point "
                         "sampling, random or uniform (default: %(default)s)")
-    g.add_argument("--sigma-energy", type=float, default=0.002,
-                   help="energy noise in eV per atom (default: %(default)s)")
-    g.add_argument("--sigma-force", type=float, default=0.02,
-                   help="force noise in eV/Å per component (default: %(default)s)")
-    g.add_argument("--sigma-stress", type=float, default=None,
+    g.add_argument("--sigma-energy", type=noise_level, default=0.002, metavar="EV|none",
+                   help="energy noise in eV per atom, or 'none' not to fit energies "
+                        "(default: %(default)s)")
+    g.add_argument("--sigma-force", type=noise_level, default=0.02, metavar="EV_PER_A|none",
+                   help="force noise in eV/Å per component, or 'none' not to fit forces, e.g. "
+                        "for energy-only data (default: %(default)s)")
+    g.add_argument("--sigma-stress", type=noise_level, default=None, metavar="EV|none",
                    help="virial noise in eV per atom; stresses are fitted only when given "
-                        "(default: stresses not used)")
+                        "(default: none, stresses not used)")
     g.add_argument("--optimize", action="store_true",
                    help="maximise the log marginal likelihood over delta and the sigmas "
                         "(default: off, use the values given)")
@@ -106,8 +129,11 @@ def _dask_client(args: argparse.Namespace):
         with Client(args.scheduler) as client:
             yield client
         return
+    # the scheduler always serves HTTP (health, metrics; the dashboard with bokeh): None means
+    # its default port 8787, which a second cluster finds taken (a warning); a free port on
+    # the loopback interface (":0" would listen on every interface) clashes with nothing
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         yield client
 
 
