@@ -51,8 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "\"n_sparse\": 20, \"sparse_method\": \"uniform\"}, {\"descriptor\": "
                         "{\"type\": \"SOAP\", \"params\": {...}}, \"delta\": 0.2, \"zeta\": 4}]}; "
                         "per-term keys: descriptor, delta, zeta, n_sparse, sparse_method "
-                        "(the sparse-GP options below fill what a term leaves out; "
-                        "default: one SOAP term from the options below)")
+                        "(the sparse-GP options below fill what a term leaves out); an "
+                        "optional top-level \"e0\": {\"Cu\": -0.1, ...} fixes the "
+                        "isolated-atom energies in eV (default: one SOAP term from the options "
+                        "below, e0 fitted by least squares)")
     g = p.add_argument_group("SOAP descriptor")
     g.add_argument("--species", nargs="+", default=None, metavar="SYMBOL",
                    help="chemical symbols the potential accepts "
@@ -140,10 +142,30 @@ def _dask_client(args: argparse.Namespace):
 #: Keys of one term of a ``--model`` spec and the option that fills each when left out.
 TERM_KEYS = {"descriptor": None, "delta": "delta", "zeta": "zeta", "n_sparse": "n_sparse",
              "sparse_method": "sparse_method"}
+#: Top-level keys of a ``--model`` spec: the terms and, optionally, isolated-atom energies.
+SPEC_KEYS = ("terms", "e0")
 
 
 def read_model_spec(path: str, args: argparse.Namespace):
-    """Descriptor(s) and per-term parameters of a JSON model spec (see ``--model``).
+    """Descriptor(s) and keyword arguments of :class:`~kmlip.model.KernelPotential` of a JSON
+    model spec (see ``--model``).
+
+    Parameters
+    ----------
+    path : str
+        The spec: ``{"terms": [{"descriptor": {"type", "params"}, "delta", "zeta",
+        "n_sparse", "sparse_method"}, ...], "e0": {symbol: eV}}`` (``e0`` optional).
+    args : argparse.Namespace
+        ``delta``, ``zeta``, ``n_sparse`` and ``sparse_method``: the values of what a term
+        leaves out (ζ is None for a descriptor whose kernel is its own, e.g. Distance2b).
+
+    Returns
+    -------
+    descriptor : Descriptor or list of Descriptor
+        One descriptor for a one-term spec, else the list (a sum of kernels).
+    params : dict
+        ``delta``, ``zeta``, ``n_sparse``, ``sparse_method`` (scalars for one term, else a
+        list per term) and ``e0`` (``{symbol: eV}``) when the spec gives it.
 
     Raises
     ------
@@ -153,6 +175,7 @@ def read_model_spec(path: str, args: argparse.Namespace):
     import json
 
     from kmlip.descriptors.base import Descriptor
+    from kmlip.gp.e0 import validate_e0
 
     check_readable(path, "model spec")  # missing, a directory, a pipe, empty: one line
     try:
@@ -169,6 +192,14 @@ def read_model_spec(path: str, args: argparse.Namespace):
     terms = spec.get("terms") if isinstance(spec, dict) else None
     if not isinstance(terms, list) or not terms:
         raise ValueError(f"{path}: the model spec needs a non-empty list 'terms'")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:  # a misspelt "e0" would otherwise be dropped without a word
+        raise ValueError(f"{path}: the model spec has unknown keys {unknown}; known: "
+                         f"{list(SPEC_KEYS)}")
+    try:
+        e0 = validate_e0(spec.get("e0"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
     descs, params = [], {k: [] for k in TERM_KEYS if k != "descriptor"}
     for t, term in enumerate(terms):
         if not isinstance(term, dict):
@@ -186,9 +217,10 @@ def read_model_spec(path: str, args: argparse.Namespace):
                 default = None if (k == "zeta" and not descs[-1].uses_zeta) \
                     else getattr(args, opt)
                 params[k].append(term.get(k, default))
+    extra = {} if e0 is None else {"e0": e0}
     if len(descs) == 1:
-        return descs[0], {k: v[0] for k, v in params.items()}
-    return descs, params
+        return descs[0], {**{k: v[0] for k, v in params.items()}, **extra}
+    return descs, {**params, **extra}
 
 
 def run(args: argparse.Namespace) -> int:

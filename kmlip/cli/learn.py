@@ -19,6 +19,14 @@ DESCRIPTION = (
     "Units: eV, Å, fs, K.")
 
 
+#: The default descriptor's SOAP settings (those of
+#: :func:`kmlip.active.learn.default_descriptor`), and what a ``--model`` term leaves out: the
+#: learner's starting δ (eV) and ζ.
+SOAP_DEFAULTS = {"r_cut": 4.5, "n_max": 6, "l_max": 4}
+LEARN_DELTA = 0.5
+LEARN_ZETA = 4
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("start", help="start structure: any file ASE can read (the last frame is "
                                  "used)")
@@ -62,12 +70,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frames", default=None, metavar="FILE",
                    help="labelled structures to start from (default: label the start "
                         "structure with the reference)")
-    g = p.add_argument_group("SOAP descriptor (default: over the elements present)")
-    g.add_argument("--r-cut", type=float, default=4.5, help="cutoff in Å (default: %(default)s)")
-    g.add_argument("--n-max", type=int, default=6, metavar="N",
-                   help="radial functions (default: %(default)s)")
-    g.add_argument("--l-max", type=int, default=4, metavar="L",
-                   help="maximum angular momentum (default: %(default)s)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="SPEC.json",
+                   help="a JSON model spec instead of the SOAP options below, as for 'kmlip "
+                        "fit --model', e.g. GAP's two-body + SOAP sum: {\"terms\": "
+                        "[{\"descriptor\": {\"type\": \"Distance2b\", \"params\": "
+                        "{\"species\": [\"Cu\", \"Al\"], \"r_cut\": 4.0}}, \"delta\": 0.5}, "
+                        "{\"descriptor\": {\"type\": \"SOAP\", \"params\": {...}}, "
+                        "\"delta\": 0.2, \"zeta\": 4}], \"e0\": {\"Cu\": -0.1, \"Al\": "
+                        "-0.2}}"
+                        f"; a term's delta defaults to {LEARN_DELTA} eV and zeta to "
+                        f"{LEARN_ZETA}; the learner "
+                        "picks the sparse points (n_sparse, sparse_method are not used); give "
+                        "e0 (isolated-atom energies, eV) when the start frames have a single "
+                        "composition of several elements, which cannot determine it. A resumed "
+                        "run keeps its model: a spec whose terms differ from it is refused "
+                        "(default: one SOAP term from the options below)")
+    g = p.add_argument_group("SOAP descriptor (default: over the elements present; not with "
+                             "--model)")
+    g.add_argument("--r-cut", type=float, default=None,
+                   help=f"cutoff in Å (default: {SOAP_DEFAULTS['r_cut']})")
+    g.add_argument("--n-max", type=int, default=None, metavar="N",
+                   help=f"radial functions (default: {SOAP_DEFAULTS['n_max']})")
+    g.add_argument("--l-max", type=int, default=None, metavar="L",
+                   help=f"maximum angular momentum (default: {SOAP_DEFAULTS['l_max']})")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the initial velocities and the thermostat (default: "
@@ -123,6 +149,96 @@ def reference_calculator(name: str):
     return calc
 
 
+def model_template(path: str, species) -> object:
+    """The ``--model`` spec as a KernelPotential template for :func:`learn_on_the_fly`.
+
+    Terms leave δ at :data:`LEARN_DELTA` and ζ at :data:`LEARN_ZETA` when they do not set them;
+    their ``n_sparse`` and ``sparse_method`` are not used (a warning says so): the learner
+    picks sparse points itself. The spec's ``e0`` is the model's e0.
+
+    Raises
+    ------
+    ValueError
+        A malformed spec (see :func:`kmlip.cli.fit.read_model_spec`) or one whose e0 lacks an
+        element of ``species``.
+    """
+    import warnings
+
+    from kmlip.cli.fit import read_model_spec
+    from kmlip.model import KernelPotential
+
+    defaults = argparse.Namespace(delta=LEARN_DELTA, zeta=LEARN_ZETA, n_sparse=None,
+                                  sparse_method=None)
+    descriptor, params = read_model_spec(path, defaults)
+    multi = isinstance(descriptor, list)
+    unused = {k for k in ("n_sparse", "sparse_method")
+              if any(v is not None for v in (params[k] if multi else [params[k]]))}
+    if unused:
+        warnings.warn(f"{path}: {' and '.join(sorted(unused))} of the terms are not used: the "
+                      "learner picks the sparse points itself", UserWarning, stacklevel=2)
+    e0 = params.get("e0")
+    if e0 is not None:
+        missing = [s for s in species if s not in e0]
+        if missing:  # else found by the first fit, after the first reference call
+            raise ValueError(f"{path}: e0 has no value for {missing} of the start structure")
+    return KernelPotential(descriptor, zeta=params["zeta"], delta=params["delta"], e0=e0)
+
+
+def _term_signature(descriptor, zeta) -> tuple:
+    return (descriptor.to_dict(), zeta)
+
+
+def check_resumed_terms(directory: str, path: str, template) -> None:
+    """Refuses a ``--model`` spec whose terms differ from those of the run being resumed.
+
+    A run directory with a checkpoint (``manifest.json`` and ``model.kmlip``) resumes from its
+    model, whatever the spec says; a spec with other descriptors, ζ or e0 would be ignored
+    without a word, so it is an error. δ is not compared (the run re-optimises it).
+
+    Raises
+    ------
+    ValueError
+        The spec and the checkpoint differ (naming the first differing term), or the
+        checkpoint's model cannot be read.
+    """
+    if not (os.path.isfile(os.path.join(directory, "manifest.json"))
+            and os.path.isfile(os.path.join(directory, "model.kmlip"))):
+        return  # a new run, or one that has not checkpointed a model: the spec is used
+    from kmlip.cli._files import load_model
+
+    st = load_model(os.path.join(directory, "model.kmlip")).fitted_state_
+    run = [_term_signature(t.descriptor, getattr(t.basis, "zeta", None))
+           for t in st.kernel.terms]
+    cfg, _ = template._terms_config()
+    spec = [_term_signature(tc.descriptor, tc.zeta) for tc in cfg]
+
+    def names(sig):
+        return " + ".join(d["type"] for d, _ in sig)
+
+    why = None
+    if len(run) != len(spec) or any(a[0]["type"] != b[0]["type"]
+                                    for a, b in zip(run, spec, strict=True)):
+        why = f"its terms are {names(spec)}, the run's {names(run)}"
+    else:
+        for t, ((d1, z1), (d2, z2)) in enumerate(zip(spec, run, strict=True)):
+            if d1 != d2:
+                keys = sorted(k for k in set(d1["params"]) | set(d2["params"])
+                              if d1["params"].get(k) != d2["params"].get(k))
+                why = (f"term {t} ({d1['type']}) differs in "
+                       + ", ".join(f"{k} ({d1['params'].get(k)!r} vs the run's "
+                                   f"{d2['params'].get(k)!r})" for k in keys))
+                break
+            if z1 != z2:
+                why = f"term {t} ({d1['type']}) has zeta {z1}, the run's {z2}"
+                break
+    if why is None and template.e0 is not None and dict(template.e0) != dict(st.e0):
+        why = f"its e0 {dict(template.e0)} differs from the run's {dict(st.e0)}"
+    if why is not None:
+        raise ValueError(f"--model {path}: {why}; {directory} resumes from its own model: "
+                         "drop --model or give the run's spec, or start a new run with "
+                         "another -o")
+
+
 #: Files a learning run writes into its directory (the manifest last, see kmlip.active.learn);
 #: a run that fails before its manifest exists removes those of them it created.
 RUN_FILES = ("log", "reference.extxyz", "model.kmlip", "rowcache.npz", "trajectory.extxyz",
@@ -147,6 +263,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:  # else found after the first reference call
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.model is not None:
+        given = [opt for opt, v in (("--r-cut", args.r_cut), ("--n-max", args.n_max),
+                                    ("--l-max", args.l_max)) if v is not None]
+        if given:  # the spec's terms define the descriptors: these would be dropped unseen
+            raise ValueError(f"{', '.join(given)} and --model cannot be combined (the options "
+                             "set the default SOAP; the spec's terms set the descriptors)")
     start = read_structures(args.start, format=args.format)[-1]
     if "X" in start.get_chemical_symbols():
         raise ValueError(f"{args.start}: holds dummy atoms 'X' (Z = 0)")
@@ -165,10 +287,17 @@ def run(args: argparse.Namespace) -> int:
         if missing:  # EMT's NotImplementedError would come after the run has started
             raise ValueError(f"--reference emt: ASE's EMT has no parameters for {missing} "
                              f"(it knows {sorted(parameters)})")
-    if (args.r_cut, args.n_max, args.l_max) == (4.5, 6, 4):
+    descriptor = template = None
+    if args.model is not None:
+        template = model_template(args.model, species)
+        check_resumed_terms(out, args.model, template)
+    elif (args.r_cut, args.n_max, args.l_max) == (None, None, None):
         descriptor = default_descriptor(species)
     else:
-        descriptor = SOAP(species, r_cut=args.r_cut, n_max=args.n_max, l_max=args.l_max)
+        soap = {k: SOAP_DEFAULTS[k] if v is None else v
+                for k, v in (("r_cut", args.r_cut), ("n_max", args.n_max),
+                             ("l_max", args.l_max))}
+        descriptor = SOAP(species, **soap)
     created = not os.path.exists(out)
     ours = RUN_FILES
     existed = {n for n in ours if os.path.exists(os.path.join(out, n))}
@@ -176,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
         res = learn_on_the_fly(
             start, reference, steps=args.steps, temperature=args.temperature,
             timestep=args.timestep, ensemble=args.ensemble, friction=args.friction,
-            frames=frames, descriptor=descriptor, threshold=args.threshold,
+            frames=frames, descriptor=descriptor, model=template, threshold=args.threshold,
             relative_threshold=args.relative_threshold, max_new_points=args.max_new_points,
             max_reference_calls=args.max_calls, max_wall_time=args.max_time, directory=out,
             calibrate=not args.no_calibrate, seed=args.seed, n_threads=args.threads,
@@ -195,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
                         pass
         raise
     print(f"{res.steps} steps, {res.n_reference_calls} reference calls, "
-          f"{res.model.fitted_state_.basis.n_sparse} sparse points, "
+          f"{res.model.fitted_state_.n_sparse} sparse points, "  # all terms of a sum
           f"{res.cpu_seconds:.1f} CPU s ({res.stopped}); wrote {out}/model.kmlip, "
           f"{out}/trajectory.extxyz, {out}/reference.extxyz, {out}/log")
     return 0
