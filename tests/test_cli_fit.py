@@ -135,3 +135,25 @@ def test_local_dask_cluster_takes_a_free_http_port(labelled, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "8787" not in err and "already in use" not in err, err
     assert load(out).n_labels_["energy"] == 6
+
+
+@pytest.mark.parametrize("extra, named", [(["--r-cut", "5.0"], "--r-cut"),
+                                          (["--species", "Cu", "--sigma", "0.4"],
+                                           "--species, --sigma")])
+def test_soap_options_with_a_model_spec_are_refused(labelled, tmp_path, capsys, extra, named):
+    import json
+
+    train = tmp_path / "train.xyz"
+    write(train, labelled[:2], format="extxyz")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"terms": [{"descriptor": {
+        "type": "SOAP", "params": {"species": ["Cu"], "r_cut": 4.0, "n_max": 3, "l_max": 2}}}]}))
+    out = tmp_path / "m.kmlip"
+    assert main(["fit", str(train), "-o", str(out), "--model", str(spec), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kmlip fit: error: {named} and --model cannot be combined"), err
+    assert "\n" not in err and not out.exists()
+    # the spec alone (with the sparse-GP options, which fill its terms) fits
+    assert main(["fit", str(train), "-o", str(out), "--model", str(spec), "--n-sparse", "4",
+                 "--threads", "1"]) == 0
+    assert load(out).descriptor.r_cut == 4.0

@@ -35,6 +35,14 @@ def noise_level(text: str) -> float | None:
     return value
 
 
+#: SOAP settings of the default model (options of the "SOAP descriptor" group).
+SOAP_DEFAULTS = {"r_cut": 5.0, "n_max": 8, "l_max": 6, "sigma": 0.5}
+#: Options that set the default SOAP only: refused with ``--model`` (whose terms set the
+#: descriptors), rather than dropped without a word.
+SOAP_OPTIONS = {"--species": "species", "--r-cut": "r_cut", "--n-max": "n_max",
+                "--l-max": "l_max", "--sigma": "sigma"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("train", help="labelled training structures: any file ASE can read that "
                                  "holds energies and forces (e.g. extxyz), all frames are used")
@@ -55,18 +63,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "optional top-level \"e0\": {\"Cu\": -0.1, ...} fixes the "
                         "isolated-atom energies in eV (default: one SOAP term from the options "
                         "below, e0 fitted by least squares)")
-    g = p.add_argument_group("SOAP descriptor")
+    g = p.add_argument_group("SOAP descriptor (not with --model)")
     g.add_argument("--species", nargs="+", default=None, metavar="SYMBOL",
                    help="chemical symbols the potential accepts "
                         "(default: those in the training file)")
-    g.add_argument("--r-cut", type=float, default=5.0,
-                   help="cutoff radius in Å, >= 1 (default: %(default)s)")
-    g.add_argument("--n-max", type=int, default=8, metavar="N",
-                   help="radial basis functions, 1..20 (default: %(default)s)")
-    g.add_argument("--l-max", type=int, default=6, metavar="L",
-                   help="maximum angular momentum, 0..20 (default: %(default)s)")
-    g.add_argument("--sigma", type=float, default=0.5,
-                   help="Gaussian atom width in Å (default: %(default)s)")
+    g.add_argument("--r-cut", type=float, default=None,
+                   help=f"cutoff radius in Å, >= 1 (default: {SOAP_DEFAULTS['r_cut']})")
+    g.add_argument("--n-max", type=int, default=None, metavar="N",
+                   help=f"radial basis functions, 1..20 (default: {SOAP_DEFAULTS['n_max']})")
+    g.add_argument("--l-max", type=int, default=None, metavar="L",
+                   help=f"maximum angular momentum, 0..20 (default: {SOAP_DEFAULTS['l_max']})")
+    g.add_argument("--sigma", type=float, default=None,
+                   help=f"Gaussian atom width in Å (default: {SOAP_DEFAULTS['sigma']})")
     g = p.add_argument_group("sparse GP")
     g.add_argument("--zeta", type=int, default=4,
                    help="kernel exponent: k = delta² (p·q)^zeta (default: %(default)s)")
@@ -228,6 +236,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.model is not None:
+        given = [opt for opt, dest in SOAP_OPTIONS.items() if getattr(args, dest) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} and --model cannot be combined (the options "
+                             "set the default SOAP; the spec's terms set the descriptors)")
     check_output(args.output, {"training file": args.train,  # fail now, not after the fit
                                **({"model spec": args.model} if args.model else {})})
     frames = read_structures(args.train, format=args.format)
@@ -242,8 +255,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         descriptor, per_term = read_model_spec(args.model, args)
     else:
-        descriptor = SOAP(species=species, r_cut=args.r_cut, n_max=args.n_max,
-                          l_max=args.l_max, sigma=args.sigma)
+        soap = {k: SOAP_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+                for k in SOAP_DEFAULTS}
+        descriptor = SOAP(species=species, **soap)
         per_term = {"zeta": args.zeta, "delta": args.delta, "n_sparse": args.n_sparse,
                     "sparse_method": args.sparse_method}
     model = KernelPotential(descriptor=descriptor, **per_term,

@@ -323,8 +323,9 @@ def run(args: argparse.Namespace) -> int:
                     except FileNotFoundError:
                         pass
         raise
+    written = ", ".join(os.path.join(out, n) for n in ("model.kmlip", "trajectory.extxyz",
+                                                        "reference.extxyz", "log"))
     print(f"{res.steps} steps, {res.n_reference_calls} reference calls, "
           f"{res.model.fitted_state_.n_sparse} sparse points, "  # all terms of a sum
-          f"{res.cpu_seconds:.1f} CPU s ({res.stopped}); wrote {out}/model.kmlip, "
-          f"{out}/trajectory.extxyz, {out}/reference.extxyz, {out}/log")
+          f"{res.cpu_seconds:.1f} CPU s ({res.stopped}); wrote {written}")
     return 0
