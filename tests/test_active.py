@@ -241,6 +241,32 @@ def test_caps(tmp_path):
         _learn(tmp_path / "c", ref, bounds={"delta": (0.0, 1.0)})
 
 
+def test_resume_refuses_another_descriptor_and_keeps_its_own(tmp_path):
+    # a resumed run goes on with the model of its checkpoint: another descriptor asked for
+    # would be ignored without a word, so it is refused before the run directory is touched
+    from kmlip.active.learn import terms_difference
+    from kmlip.model import load
+
+    ref = CountingEMT()
+    run = tmp_path / "run"
+    _learn(run, ref, max_wall_time=1e-9)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    other = SOAP(species=["Cu"], r_cut=3.0, n_max=2, l_max=2)
+    with pytest.raises(ValueError, match=r"resumes from its own model, but the given "
+                                         r"descriptor differs: term 0 \(SOAP\) differs in "):
+        _learn(run, ref, descriptor=other)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    st = load(run / "model.kmlip").fitted_state_
+    assert terms_difference(st, [(_soap(), 4)]) is None
+    assert "zeta 2" in terms_difference(st, [(_soap(), 2)])
+    assert "e0" in terms_difference(st, [(_soap(), 4)], {"Cu": 123.0})
+    # the same descriptor, or none, resumes
+    res = _learn(run, ref)
+    assert res.steps == STEPS
+    res = _learn(run, ref, descriptor=None, steps=STEPS + 5)
+    assert res.steps == STEPS + 5
+
+
 class Crash(RuntimeError):
     pass
 

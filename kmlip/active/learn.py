@@ -350,6 +350,47 @@ def _model_with_points(terms, term_points, delta, sigmas, e0, n_threads):
         n_threads=n_threads, progress=False)
 
 
+def terms_difference(state, terms, e0=None) -> str | None:
+    """How kernel terms differ from a fitted model's, or None when they are the same.
+
+    Parameters
+    ----------
+    state : FittedState
+        The model of a run (its checkpoint).
+    terms : list of (Descriptor, zeta)
+        The terms asked for (zeta None for kernels without one).
+    e0 : dict, optional
+        Asked-for e0 (not compared when None).
+
+    Returns
+    -------
+    str or None
+        The first difference in words (descriptor types, a descriptor parameter, zeta, e0); δ
+        is not compared (a run re-optimises it).
+    """
+    run = [(t.descriptor.to_dict(), getattr(t.basis, "zeta", None)) for t in state.kernel.terms]
+    asked = [(d.to_dict(), z) for d, z in terms]
+
+    def names(sig):
+        return " + ".join(d["type"] for d, _ in sig)
+
+    if len(run) != len(asked) or any(a[0]["type"] != b[0]["type"]
+                                     for a, b in zip(run, asked, strict=True)):
+        return f"its terms are {names(asked)}, the run's {names(run)}"
+    for t, ((d1, z1), (d2, z2)) in enumerate(zip(asked, run, strict=True)):
+        if d1 != d2:
+            keys = sorted(k for k in set(d1["params"]) | set(d2["params"])
+                          if d1["params"].get(k) != d2["params"].get(k))
+            return (f"term {t} ({d1['type']}) differs in "
+                    + ", ".join(f"{k} ({d1['params'].get(k)!r} vs the run's "
+                                f"{d2['params'].get(k)!r})" for k in keys))
+        if z1 is not None and z2 is not None and z1 != z2:
+            return f"term {t} ({d1['type']}) has zeta {z1}, the run's {z2}"
+    if e0 is not None and dict(e0) != dict(state.e0):
+        return f"its e0 {dict(e0)} differs from the run's {dict(state.e0)}"
+    return None
+
+
 def _fmt(v) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
@@ -883,6 +924,9 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
         Run directory (created); None keeps everything in memory (no checkpoints).
     resume : bool
         Continue the run in ``directory`` when it holds one; False refuses such a directory.
+        A resumed run goes on with the model of its checkpoint: a ``descriptor`` or ``model``
+        given that differs from it (descriptors, ζ, e0; :func:`terms_difference`) is a
+        ValueError, raised before the directory is touched; None takes the run's.
     trajectory_interval : int
         Write every this many steps to ``trajectory.extxyz``.
     seed : int
@@ -939,6 +983,8 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
         species = sorted(set(species) | {chemical_symbols[int(z)] for a in frames
                                          for z in a.numbers}, key=lab_z)
     e0 = None
+    explicit = "model" if model is not None else ("descriptor" if descriptor is not None
+                                                  else None)
     if model is not None:
         from kmlip.model import KernelPotential
 
@@ -996,6 +1042,16 @@ def learn_on_the_fly(atoms: Atoms, reference, *, steps: int, temperature: float 
                 raise ValueError(f"{mpath}: unreadable run manifest ({exc})") from None
             if manifest.get("format") != "kmlip-learn":
                 raise ValueError(f"{mpath}: not a kmlip learning run")
+            if explicit and os.path.exists(run.path("model.kmlip")):
+                from kmlip.model import load
+
+                why = terms_difference(load(run.path("model.kmlip")).fitted_state_, terms, e0)
+                if why is not None:
+                    # the run goes on with its own model: another one asked for would be
+                    # ignored without a word (checked before the run's log is touched)
+                    raise ValueError(f"{directory} resumes from its own model, but the given "
+                                     f"{explicit} differs: {why}; give the run's, none, or "
+                                     "another directory")
         if os.path.exists(rpath):
             from ase.io import read
 

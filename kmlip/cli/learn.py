@@ -184,16 +184,13 @@ def model_template(path: str, species) -> object:
     return KernelPotential(descriptor, zeta=params["zeta"], delta=params["delta"], e0=e0)
 
 
-def _term_signature(descriptor, zeta) -> tuple:
-    return (descriptor.to_dict(), zeta)
-
-
 def check_resumed_terms(directory: str, path: str, template) -> None:
     """Refuses a ``--model`` spec whose terms differ from those of the run being resumed.
 
     A run directory with a checkpoint (``manifest.json`` and ``model.kmlip``) resumes from its
     model, whatever the spec says; a spec with other descriptors, ζ or e0 would be ignored
-    without a word, so it is an error. δ is not compared (the run re-optimises it).
+    without a word, so it is an error (checked here, before the run's log is touched). δ is
+    not compared (the run re-optimises it).
 
     Raises
     ------
@@ -204,35 +201,12 @@ def check_resumed_terms(directory: str, path: str, template) -> None:
     if not (os.path.isfile(os.path.join(directory, "manifest.json"))
             and os.path.isfile(os.path.join(directory, "model.kmlip"))):
         return  # a new run, or one that has not checkpointed a model: the spec is used
+    from kmlip.active.learn import terms_difference
     from kmlip.cli._files import load_model
 
     st = load_model(os.path.join(directory, "model.kmlip")).fitted_state_
-    run = [_term_signature(t.descriptor, getattr(t.basis, "zeta", None))
-           for t in st.kernel.terms]
     cfg, _ = template._terms_config()
-    spec = [_term_signature(tc.descriptor, tc.zeta) for tc in cfg]
-
-    def names(sig):
-        return " + ".join(d["type"] for d, _ in sig)
-
-    why = None
-    if len(run) != len(spec) or any(a[0]["type"] != b[0]["type"]
-                                    for a, b in zip(run, spec, strict=True)):
-        why = f"its terms are {names(spec)}, the run's {names(run)}"
-    else:
-        for t, ((d1, z1), (d2, z2)) in enumerate(zip(spec, run, strict=True)):
-            if d1 != d2:
-                keys = sorted(k for k in set(d1["params"]) | set(d2["params"])
-                              if d1["params"].get(k) != d2["params"].get(k))
-                why = (f"term {t} ({d1['type']}) differs in "
-                       + ", ".join(f"{k} ({d1['params'].get(k)!r} vs the run's "
-                                   f"{d2['params'].get(k)!r})" for k in keys))
-                break
-            if z1 != z2:
-                why = f"term {t} ({d1['type']}) has zeta {z1}, the run's {z2}"
-                break
-    if why is None and template.e0 is not None and dict(template.e0) != dict(st.e0):
-        why = f"its e0 {dict(template.e0)} differs from the run's {dict(st.e0)}"
+    why = terms_difference(st, [(tc.descriptor, tc.zeta) for tc in cfg], template.e0)
     if why is not None:
         raise ValueError(f"--model {path}: {why}; {directory} resumes from its own model: "
                          "drop --model or give the run's spec, or start a new run with "
@@ -246,7 +220,7 @@ RUN_FILES = ("log", "reference.extxyz", "model.kmlip", "rowcache.npz", "trajecto
 
 
 def run(args: argparse.Namespace) -> int:
-    from kmlip.active.learn import default_descriptor, learn_on_the_fly
+    from kmlip.active.learn import learn_on_the_fly
     from kmlip.descriptors.soap import SOAP
 
     out = os.fspath(args.output)
@@ -292,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         template = model_template(args.model, species)
         check_resumed_terms(out, args.model, template)
     elif (args.r_cut, args.n_max, args.l_max) == (None, None, None):
-        descriptor = default_descriptor(species)
+        descriptor = None  # the learner's default over the elements; a resumed run keeps its own
     else:
         soap = {k: SOAP_DEFAULTS[k] if v is None else v
                 for k, v in (("r_cut", args.r_cut), ("n_max", args.n_max),
