@@ -180,3 +180,4 @@ def check_output(path: str, inputs: dict | None = None) -> None:
         raise ValueError(f"{path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"{path}: cannot write to directory {directory} (permission denied)")
+

@@ -8,6 +8,7 @@ import time
 
 from kmlip._validate import check_structure
 from kmlip.cli._files import check_output, check_readable, read_structures
+from kmlip.cli._options import add_soap_options
 
 DESCRIPTION = (
     "Fit a SOAP + sparse Gaussian-process potential to the energies, forces and (optionally) "
@@ -67,14 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--species", nargs="+", default=None, metavar="SYMBOL",
                    help="chemical symbols the potential accepts "
                         "(default: those in the training file)")
-    g.add_argument("--r-cut", type=float, default=None,
-                   help=f"cutoff radius in Å, >= 1 (default: {SOAP_DEFAULTS['r_cut']})")
-    g.add_argument("--n-max", type=int, default=None, metavar="N",
-                   help=f"radial basis functions, 1..20 (default: {SOAP_DEFAULTS['n_max']})")
-    g.add_argument("--l-max", type=int, default=None, metavar="L",
-                   help=f"maximum angular momentum, 0..20 (default: {SOAP_DEFAULTS['l_max']})")
-    g.add_argument("--sigma", type=float, default=None,
-                   help=f"Gaussian atom width in Å (default: {SOAP_DEFAULTS['sigma']})")
+    add_soap_options(g, SOAP_DEFAULTS)
     g = p.add_argument_group("sparse GP")
     g.add_argument("--zeta", type=int, default=4,
                    help="kernel exponent: k = delta² (p·q)^zeta (default: %(default)s)")

@@ -8,6 +8,7 @@ import sys
 
 from kmlip._validate import check_structure
 from kmlip.cli._files import read_structures
+from kmlip.cli._options import add_soap_options
 
 DESCRIPTION = (
     "Learn a SOAP + sparse-GP potential on the fly: run molecular dynamics with the model and "
@@ -88,12 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: one SOAP term from the options below)")
     g = p.add_argument_group("SOAP descriptor (default: over the elements present; not with "
                              "--model)")
-    g.add_argument("--r-cut", type=float, default=None,
-                   help=f"cutoff in Å (default: {SOAP_DEFAULTS['r_cut']})")
-    g.add_argument("--n-max", type=int, default=None, metavar="N",
-                   help=f"radial functions (default: {SOAP_DEFAULTS['n_max']})")
-    g.add_argument("--l-max", type=int, default=None, metavar="L",
-                   help=f"maximum angular momentum (default: {SOAP_DEFAULTS['l_max']})")
+    add_soap_options(g, SOAP_DEFAULTS)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the initial velocities and the thermostat (default: "
