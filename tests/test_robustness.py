@@ -1062,8 +1062,10 @@ def test_installed_command_exit_status_and_one_line(cli_files, tmp_path):
           "5", "--temperature", "300", "--timestep", "0"], "--timestep must be in (0, 100] fs"),
         (["predict", cli_files["start"], cli_files["start"]], "not a kmlip model file"),
     ):
+        # cwd away from the source tree: "python -m" puts the working directory first on the
+        # path, and a non-editable install (CI) must not be shadowed by the uncompiled sources
         p = subprocess.run([sys.executable, "-m", "kmlip.cli.main", *map(str, argv)],
-                           capture_output=True, text=True, timeout=120,
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
                            env={**os.environ, "KMLIP_DEBUG": ""})
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
