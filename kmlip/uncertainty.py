@@ -41,8 +41,8 @@ MEASURES = ("novelty", "energies_var", "forces_var_diag")
 #: Measures "auto" chooses among: those from the pass that gives the forces.
 #: ``forces_var_diag`` is taken only when asked for: it needs the pair gradients on every
 #: step (2.5× the cost of a force call on 108-atom Cu) and, though it ranks errors a little
-#: better (Spearman 0.77 vs 0.70 on the Cu–Au held-out sets), it rises less on novel cells
-#: (15 %-compressed Cu–Au: 2.5× the training median vs 3.8× for novelty).
+#: better (Spearman 0.79 vs 0.72 on the Cu–Au held-out sets), it rises less on novel cells
+#: (15 %-compressed Cu–Au: 2.9× the training median vs 3.7× for novelty).
 AUTO_MEASURES = ("novelty", "energies_var")
 
 
@@ -501,7 +501,7 @@ def calibrate(compute, frames, forces_key: str = "forces", measure: str = "auto"
         of calibration frames that the measure does explain, and then caps how far the
         uncertainty can rise on novel structures (on Cu–Au: b 0.096 eV/Å for σ_F 0.02, and a
         15 %-compressed cell's median uncertainty only 1.8× the training median while its
-        force errors are 4.5× larger; with b <= σ_F, 3.8× and 89 % instead of 80 % of its
+        force errors are 4.5× larger; with b <= σ_F, 3.7× and 91 % instead of 80 % of its
         error components within ±2u).
 
     Returns
