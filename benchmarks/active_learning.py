@@ -117,25 +117,26 @@ def kmlip_worker(args) -> dict:
         w0 = time.perf_counter()
         res = learn_on_the_fly(start, EMT(), steps=args.steps, temperature=1000.0,
                                timestep=1.0, directory=os.path.join(d, "run"), seed=args.seed,
-                               progress=False)
+                               progress=False, model=kmlip_template(args.kmlip_model))
         cpu, wall = time.process_time() - t0, time.perf_counter() - w0
-    from kmlip import uncertainty as unc
+    from kmlip import SOAP
 
     st = res.model.fitted_state_
+    # the learned bound's per-atom inputs: one fixed SOAP whatever the model
+    soap = SOAP(species=["Cu"], r_cut=4.5, n_max=6, l_max=4)
     errors, u, features = [], [], []
     measures = {k: [] for k in ("novelty", "energies_var", "forces_var_diag", "forces_var")}
     for a in test:
-        r = res.model.compute(a, ("forces", "uncertainty", "novelty", "energies_var"))
+        r = res.model.compute(a, ("forces", "uncertainty", *measures))
         errors.append(r.forces - a.arrays["emt_forces"])
         u.append(r.uncertainty)
-        X, G = st.descriptor.transform(a, gradients=True)
-        measures["novelty"].append(r.novelty)
-        measures["energies_var"].append(r.energies_var)
-        measures["forces_var_diag"].append(unc.force_variance_diag(st, a, X, G, r.novelty))
-        measures["forces_var"].append(unc.force_variance_exact(st, a, X, G))
+        for k in measures:
+            v = getattr(r, k)
+            # the exact force variance per atom: summed over x, y, z like forces_var_diag
+            measures[k].append(v.sum(axis=1) if v.ndim == 2 else v)
         features.append(np.column_stack(
             [np.log(np.maximum(measures[k][-1], 1e-30)) for k in measures]
-            + [np.linalg.norm(r.forces, axis=1), X]))
+            + [np.linalg.norm(r.forces, axis=1), soap.transform(a)]))
     e = np.linalg.norm(np.concatenate(errors), axis=1)
     cal = st.calibration
     # the same frames with hot and compressed ones: the mixed held-out set
@@ -145,7 +146,7 @@ def kmlip_worker(args) -> dict:
         mixed_err.append(r.forces - a.arrays["emt_forces"])
         mixed_u.append(r.uncertainty)
     return {"code": "kmlip", "reference_calls": res.n_reference_calls, "cpu_s": cpu,
-            "wall_s": wall, "n_sparse": int(st.basis.n_sparse),
+            "wall_s": wall, "n_sparse": int(st.n_sparse),
             "calibration": None if cal is None else {
                 "measure": cal.measure, "scale": cal.scale, "floor": cal.floor,
                 "n_atoms": cal.n_atoms},
@@ -155,6 +156,18 @@ def kmlip_worker(args) -> dict:
             "spearman_learned": learned_error_ranking(features, errors),
             "mixed": _scores(mixed_err, mixed_u),
             **_scores(errors, u)}
+
+
+def kmlip_template(name: str):
+    """The learner's model: None (its default SOAP, 4.5 Å / 6 / 4) for "soap"; GAP's
+    two-body + SOAP sum for "2b+soap" (Distance2b 5 Å, θ 0.5 Å, and the same SOAP)."""
+    if name == "soap":
+        return None
+    from kmlip import SOAP, Distance2b, KernelPotential
+
+    return KernelPotential([Distance2b(["Cu"], r_cut=5.0, theta=0.5),
+                            SOAP(species=["Cu"], r_cut=4.5, n_max=6, l_max=4)],
+                           zeta=[None, 4], delta=[0.5, 0.5])
 
 
 def spearman_ceiling(errors: np.ndarray, seed: int = 0) -> float:
@@ -305,6 +318,9 @@ def main() -> None:
     p.add_argument("--flare-update-threshold", type=float, default=0.01,
                    help="FLARE's update_threshold (atoms added per call above it)")
     p.add_argument("--only", choices=["kmlip", "flare"], default=None)
+    p.add_argument("--kmlip-model", choices=["soap", "2b+soap"], default="soap",
+                   help="kmlip's model: the learner's default SOAP, or GAP's two-body + SOAP "
+                        "sum (default: %(default)s)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--test", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mixed", default=None, help=argparse.SUPPRESS)
@@ -328,7 +344,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--_worker", "kmlip", "--test", str(test),
                "--mixed", str(mixed),
-               "--steps", str(args.steps), "--seed", str(rep)]
+               "--steps", str(args.steps), "--seed", str(rep), "--kmlip-model", args.kmlip_model]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(args.threads))
         if proc.returncode != 0:
             rows.append({"code": "kmlip", "error": proc.stderr.strip().splitlines()[-1:]})
