@@ -119,21 +119,25 @@ def fd_forces(energy, atoms, h=1e-5) -> np.ndarray:
 
 
 def fd_positions(desc, atoms, h=1e-5) -> np.ndarray:
-    """Central differences of a descriptor's features, (n_atoms, n_atoms, 3, F)."""
+    """Central differences of a descriptor's features, (n_env, n_atoms, 3, F): n_env rows of
+    ``desc.transform`` (atoms, or pairs for Distance2b)."""
     n = len(atoms)
-    out = np.zeros((n, n, 3, desc.n_features))
+    out = None
     for j in range(n):
         for a in range(3):
             p, m = atoms.copy(), atoms.copy()
             p.positions[j, a] += h
             m.positions[j, a] -= h
-            out[:, j, a] = (desc.transform(p) - desc.transform(m)) / (2 * h)
+            d = (desc.transform(p) - desc.transform(m)) / (2 * h)
+            if out is None:
+                out = np.zeros((d.shape[0], n, 3, d.shape[1]))
+            out[:, j, a] = d
     return out
 
 
 def fd_strain(desc, atoms, h=1e-6) -> np.ndarray:
-    """Central differences of the features under cell strain, (n_atoms, 3, 3, F)."""
-    out = np.zeros((len(atoms), 3, 3, desc.n_features))
+    """Central differences of the features under cell strain, (n_env, 3, 3, F)."""
+    out = None
     cell = atoms.cell.array
     for a in range(3):
         for b in range(3):
@@ -144,5 +148,7 @@ def fd_strain(desc, atoms, h=1e-6) -> np.ndarray:
                 s = atoms.copy()
                 s.set_cell(cell @ e.T, scale_atoms=True)
                 res.append(desc.transform(s))
+            if out is None:
+                out = np.zeros((res[0].shape[0], 3, 3, res[0].shape[1]))
             out[:, a, b] = (res[0] - res[1]) / (2 * h)
     return out
