@@ -54,28 +54,15 @@ def test_frames(path: Path, n: int = 20, every: int = 25, seed: int = 1234,
                 temperature: float = 1000.0, volume: float = 1.0, append: bool = False) -> None:
     """Writes ``n`` frames of an independent EMT Langevin run (forces in ``emt_forces``), of
     the cell scaled to ``volume`` times its volume."""
-    from ase import units
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.io import write
-    from ase.md import velocitydistribution as vd
-    from ase.md.langevin import Langevin
+
+    from kmlip.datasets import langevin_frames
 
     atoms = bulk("Cu", "fcc", a=3.61 * volume ** (1 / 3), cubic=True).repeat(3)
-    atoms.calc = EMT()
-    rng = np.random.default_rng(seed)
-    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-    thermalize(atoms, temperature_K=temperature, rng=rng)
-    vd.Stationary(atoms)
-    dyn = Langevin(atoms, units.fs, temperature_K=temperature, friction=0.01 / units.fs,
-                   fixcm=False, rng=rng)
-    dyn.run(100)
-    frames = []
-    for _ in range(n):
-        dyn.run(every)
-        a = atoms.copy()
-        a.arrays["emt_forces"] = atoms.get_forces().copy()
-        frames.append(a)
+    frames = langevin_frames(atoms, EMT(), n, every, temperature, seed=seed,
+                             forces_key="emt_forces")
     write(path, frames, format="extxyz", append=append)
 
 

@@ -14,36 +14,19 @@ import argparse
 import time
 
 import numpy as np
-from ase import units
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import Stationary
 
 from kmlip.active import learn_on_the_fly
+from kmlip.datasets import langevin_frames
 from kmlip.uncertainty import spearman
 
 
 def independent_frames(n: int = 20, every: int = 25, seed: int = 1234, temperature=1000.0):
-    """Frames of an EMT Langevin run from another seed, with their EMT forces."""
-    from ase.md import velocitydistribution as vd
-
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
-    atoms.calc = EMT()
-    rng = np.random.default_rng(seed)
-    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-    thermalize(atoms, temperature_K=temperature, rng=rng)
-    Stationary(atoms)
-    dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=temperature, friction=0.01 / units.fs,
-                   fixcm=False, rng=rng)
-    dyn.run(100)  # leave the perfect lattice behind
-    frames = []
-    for _ in range(n):
-        dyn.run(every)
-        a = atoms.copy()
-        a.arrays["emt_forces"] = atoms.get_forces().copy()
-        frames.append(a)
-    return frames
+    """Frames of an EMT Langevin run from another seed, with their EMT forces (100 steps of
+    1 fs leave the perfect lattice behind first)."""
+    return langevin_frames(bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3), EMT(), n, every,
+                           temperature, seed=seed, forces_key="emt_forces")
 
 
 def main() -> None:

@@ -28,11 +28,10 @@ import time
 import warnings
 
 import numpy as np
-from ase import units
 from ase.build import molecule
-from ase.md.langevin import Langevin
 
 from kmlip.active import learn_on_the_fly
+from kmlip.datasets import langevin_frames
 from kmlip.uncertainty import coverage, spearman
 
 #: Hyperparameter bounds of the example (see the module docstring).
@@ -56,24 +55,9 @@ def start_structure(name: str):
 
 def independent_frames(name: str, n: int, every: int, temperature: float, seed: int = 1234):
     """Frames of an xTB Langevin run from another seed, with their xTB forces."""
-    from ase.md import velocitydistribution as vd
-
-    atoms = start_structure(name)
-    atoms.calc = reference()
-    rng = np.random.default_rng(seed)
-    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
-    thermalize(atoms, temperature_K=temperature, rng=rng)
-    vd.Stationary(atoms)
-    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.02 / units.fs,
-                   fixcm=False, rng=rng)
-    dyn.run(2 * every)
-    frames = []
-    for _ in range(n):
-        dyn.run(every)
-        a = atoms.copy()
-        a.arrays["xtb_forces"] = atoms.get_forces().copy()
-        frames.append(a)
-    return frames
+    return langevin_frames(start_structure(name), reference(), n, every, temperature,
+                           timestep=0.5, friction=0.02, equilibrate=2 * every, seed=seed,
+                           forces_key="xtb_forces")
 
 
 def run(name: str = "CH3CH2OH", steps: int = 1000, temperature: float = 400.0,

@@ -64,3 +64,58 @@ def emt_frames(n_frames: int, symbols: tuple[str, ...] = ("Cu",), repeat=(2, 2, 
         atoms.positions += rng.normal(0.0, rattle, atoms.positions.shape)
         frames.append(label(atoms, EMT()))
     return frames
+
+
+def langevin_frames(atoms: Atoms, calc, n_frames: int, every: int, temperature: float,
+                    timestep: float = 1.0, friction: float = 0.01, equilibrate: int = 100,
+                    seed: int = 1234, forces_key: str = "forces") -> list[Atoms]:
+    """Snapshots of a Langevin MD run driven by ``calc``, with its forces: held-out frames
+    of "an independent run" for examples and benchmarks.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Start structure (not modified).
+    calc : ase.calculators.calculator.Calculator
+        Drives the dynamics and labels the frames.
+    n_frames, every : int
+        Frames taken, and MD steps between them.
+    temperature : float
+        Initial velocities and thermostat, K.
+    timestep : float
+        fs.
+    friction : float
+        Langevin friction, 1/fs.
+    equilibrate : int
+        Steps before the first of the ``every`` steps that lead to a frame.
+    seed : int
+        Seed of the velocities and the thermostat.
+    forces_key : str
+        ``atoms.arrays`` key of each frame's forces (eV/Å).
+
+    Returns
+    -------
+    list of ase.Atoms
+        Copies without a calculator, forces in ``arrays[forces_key]``.
+    """
+    from ase import units
+    from ase.md import velocitydistribution as vd
+    from ase.md.langevin import Langevin
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    # thermalize_momenta is ASE >= 3.29's name of MaxwellBoltzmannDistribution
+    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
+    thermalize(atoms, temperature_K=temperature, rng=rng)
+    vd.Stationary(atoms)
+    dyn = Langevin(atoms, timestep * units.fs, temperature_K=temperature,
+                   friction=friction / units.fs, fixcm=False, rng=rng)
+    dyn.run(equilibrate)
+    frames = []
+    for _ in range(n_frames):
+        dyn.run(every)
+        a = atoms.copy()
+        a.arrays[forces_key] = atoms.get_forces().copy()
+        frames.append(a)
+    return frames
