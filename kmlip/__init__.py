@@ -3,7 +3,7 @@
 SOAP descriptors with exact analytic gradients (Cython/OpenMP), sparse Gaussian-process regression
 with force and virial matching, predictive variances, an Ewald baseline and an ASE calculator.
 """
-from importlib import import_module
+from kmlip._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -20,16 +20,4 @@ _LAZY = {
     "Ewald": "kmlip.ewald",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'kmlip' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_attributes(__name__, _LAZY, extra=("__version__",))

