@@ -110,6 +110,18 @@ def _is_term_list(v) -> bool:
     return isinstance(v, (list, tuple))
 
 
+def _passes(client):
+    """The selection and data passes of a fit: serial, or on the workers of a Dask client."""
+    if client is None:
+        return sparse_points.choose, training.accumulate
+    import functools
+
+    from kmlip.gp import distributed
+
+    return (functools.partial(distributed.choose, client),
+            functools.partial(distributed.accumulate, client))
+
+
 class KernelPotential(BaseEstimator):
     """Sparse GP potential: a descriptor + normalised dot-product kernel, as GAP.
 
@@ -422,19 +434,10 @@ class KernelPotential(BaseEstimator):
     def _train(self, frames, labels, present, specs, cfg: _Config, optimize: bool,
                optimize_delta: bool, t_start: float, client=None) -> FittedState:
         timings = {}
-        if client is not None:
-            import functools
-
-            from kmlip.gp import distributed
-
-            choose = functools.partial(distributed.choose, client)
-            accumulate = functools.partial(distributed.accumulate, client)
-        else:
-            choose, accumulate = sparse_points.choose, training.accumulate
+        choose, accumulate = _passes(client)
         t0 = time.perf_counter()
         baseline = copy_component(self.baseline)
-        base = [training.in_frame(lambda a=a: training.baseline_values(baseline, a), k, True)
-                for k, a in enumerate(frames)]
+        base = training.baselines_of(baseline, frames)
         e0 = cfg.e0 if cfg.e0 is not None else self._fit_e0(frames, labels, base, present, cfg)
         timings["baseline_e0"] = time.perf_counter() - t0
 
@@ -549,19 +552,11 @@ class KernelPotential(BaseEstimator):
                              h.sigma_energy is not None, h.sigma_force is not None,
                              h.sigma_stress is not None)
         labels = [lab.read_labels(a, k, keys) for k, a in enumerate(frames)]
-        if client is not None:
-            import functools
-
-            from kmlip.gp import distributed
-
-            accumulate = functools.partial(distributed.accumulate, client)
-        else:
-            accumulate = training.accumulate
+        _, accumulate = _passes(client)
         # kmlip's own OpenMP loops call BLAS per block; BLAS threads beside them would spin
         # (and a threaded SVD in the sparse selection is slower than a serial one here)
         with serial_blas():
-            base = [training.in_frame(lambda a=a: training.baseline_values(state.baseline, a),
-                                     k, True) for k, a in enumerate(frames)]
+            base = training.baselines_of(state.baseline, frames)
             factors, _ = accumulate(
                 state.kernel, frames, labels,
                 [float(np.sum(state.e0_table[a.numbers])) for a in frames], base,

@@ -235,4 +235,11 @@ def baseline_values(baseline, atoms) -> BaselineValues:
     return float(E), F, S
 
 
-__all__ = ["BaselineValues", "accumulate", "baseline_values", "block_rows_for", "frame_rows"]
+def baselines_of(baseline, frames: Sequence) -> list[BaselineValues]:
+    """:func:`baseline_values` of every structure; an error names its frame."""
+    return [in_frame(lambda a=a: baseline_values(baseline, a), k, True)
+            for k, a in enumerate(frames)]
+
+
+__all__ = ["BaselineValues", "accumulate", "baseline_values", "baselines_of", "block_rows_for",
+           "frame_rows", "in_frame", "located"]
