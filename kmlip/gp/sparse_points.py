@@ -169,18 +169,19 @@ def collect_environments(keys: Sequence[int], descriptor, frames: Sequence, n_th
     """
     feats: dict[int, list] = {z: [] for z in keys}
     ids: dict[int, list] = {z: [] for z in keys}
+    def env_of(k, nt):
+        return training.in_frame(
+            lambda: descriptor.environments(frames[k], gradients=False, n_threads=nt),
+            k + frame_offset, name_frames)
+
     if n_threads > 1 and len(frames) > 1:
         # whole structures side by side, one thread each (as the training pass)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(n_threads) as pool:
-            envs = list(pool.map(lambda k: training.in_frame(
-                lambda: descriptor.environments(frames[k], gradients=False, n_threads=1),
-                k + frame_offset, name_frames), range(len(frames))))
+            envs = list(pool.map(lambda k: env_of(k, 1), range(len(frames))))
     else:
-        envs = [training.in_frame(lambda a=a: descriptor.environments(
-            a, gradients=False, n_threads=n_threads), k + frame_offset, name_frames)
-                for k, a in enumerate(frames)]
+        envs = [env_of(k, n_threads) for k in range(len(frames))]
     for k, e in enumerate(envs):
         for z in keys:
             rows = np.flatnonzero(e.keys == z)
