@@ -454,6 +454,16 @@ class SparseBasis:
         """Unit prior variance of the sum of the local energies."""
         return energy_prior_variance(X, Z, self.zeta)
 
+    def gradient_weights(self, X: np.ndarray, centers: np.ndarray, D: np.ndarray) -> np.ndarray:
+        """Isotropic factor of the local-energy gradient's prior covariance, spread by pair
+        gradient blocks: ``zeta |P_i D_k|^2 / |p_i|^2`` (``P_i = I - p_hat p_hat^T``) for block
+        ``D_k = d p_i / d r_j`` (k, 3, F) of centre ``i = centers[k]``; see
+        :func:`kmlip.uncertainty.force_variance_diag`. Returns (k,)."""
+        Xh, inv = normalize(X)
+        along = np.einsum("kaf,kf->ka", D, Xh[centers])
+        w = np.einsum("kaf,kaf->k", D, D) - np.einsum("ka,ka->k", along, along)
+        return self.zeta * np.maximum(w, 0.0) * inv[centers] ** 2
+
     def force_prior_variance(self, X: np.ndarray, Z: np.ndarray, G,
                              n_atoms: int) -> np.ndarray:
         """Unit prior variance of every force component, (n_atoms, 3)."""

@@ -183,6 +183,15 @@ class PairSEBasis:
         """Unit prior variance of the sum of all local energies."""
         return float(self.cross(X, keys, X, keys).sum())
 
+    def gradient_weights(self, X: np.ndarray, centers: np.ndarray, D: np.ndarray) -> np.ndarray:
+        """Isotropic factor of a pair's local-energy gradient at the prior, spread by its
+        gradient blocks: ``|D_k|^2 (1/theta^2 + (fc'/fc)^2)``, the ratio of
+        ``d^2 k / dr dr'`` at ``r = r'`` to ``k(r, r)``; see
+        :func:`kmlip.uncertainty.force_variance_diag`. Returns (k,)."""
+        fc, dfc = self.cutoff(X[:, 0])
+        ratio = np.divide(dfc, fc, out=np.zeros_like(fc), where=fc > 0)
+        return np.einsum("kaf,kaf->k", D, D) * (1.0 / self.theta ** 2 + ratio[centers] ** 2)
+
     def force_prior_variance(self, X: np.ndarray, keys: np.ndarray, G,
                              n_atoms: int) -> np.ndarray:
         """Unit prior variance of every force component, (n_atoms, 3): ``sum_{e,e'}

@@ -219,8 +219,6 @@ def force_variance_diag(state, atoms, X: np.ndarray | None = None, G=None,
     ndarray, shape (n_atoms,)
         Per-atom force variance summed over x, y, z, eV²/Å² (the sum over terms).
     """
-    from kmlip import kernels
-
     if envs is not None:
         return _force_variance_diag_terms(state, atoms, envs, local_var, per_term)
     _single_kernel(state, "force_variance_diag with features X",
@@ -237,21 +235,14 @@ def force_variance_diag(state, atoms, X: np.ndarray | None = None, G=None,
         return out
     if G.values.shape[2] != X.shape[1]:
         raise ValueError(f"pair gradients have {G.values.shape[2]} features, X has {X.shape[1]}")
-    Xh, inv = kernels.normalize(X)
     i, j, D = _pair_blocks(G, n)
-    # |P_i g|^2 = |g|^2 - (p_hat_i . g)^2 per component
-    along = np.einsum("kaf,kf->ka", D, Xh[i])
-    w = np.einsum("kaf,kaf->k", D, D) - np.einsum("ka,ka->k", along, along)
-    w = np.maximum(w, 0.0) * inv[i] ** 2
-    np.add.at(out, j, state.basis.zeta * w * np.maximum(v[i], 0.0))
+    np.add.at(out, j, state.basis.gradient_weights(X, i, D) * np.maximum(v[i], 0.0))
     return out
 
 
 def _force_variance_diag_terms(state, atoms, envs, local_var, per_term: bool) -> np.ndarray:
     """:func:`force_variance_diag` of every kernel term from its environments."""
     import scipy.linalg as sla
-
-    from kmlip import kernels
 
     kernel = state.kernel
     n = len(atoms)
@@ -290,19 +281,11 @@ def _force_variance_diag_terms(state, atoms, envs, local_var, per_term: bool) ->
                 raise ValueError(f"local_var[{t}] must have shape ({env.n_env},), got "
                                  f"{v.shape}")
         i, j, D = _pair_blocks(G, n, env.n_env)
-        if isinstance(basis, kernels.SparseBasis):
-            Xh, inv = kernels.normalize(Xe)
-            along = np.einsum("kaf,kf->ka", D, Xh[i])
-            w = np.einsum("kaf,kaf->k", D, D) - np.einsum("ka,ka->k", along, along)
-            w = basis.zeta * np.maximum(w, 0.0) * inv[i] ** 2
-        elif hasattr(basis, "cutoff") and hasattr(basis, "theta"):
-            fc, dfc = basis.cutoff(Xe[:, 0])
-            ratio = np.divide(dfc, fc, out=np.zeros_like(fc), where=fc > 0)
-            w = np.einsum("kaf,kaf->k", D, D) * (1.0 / basis.theta ** 2 + ratio[i] ** 2)
-        else:
+        weights = getattr(basis, "gradient_weights", None)
+        if weights is None:
             raise ValueError(f"force_variance_diag: no gradient factor for the kernel of "
-                             f"term {t} ({type(basis).__name__})")
-        np.add.at(out[t], j, w * np.maximum(v[i], 0.0))
+                             f"term {t} ({type(basis).__name__}: no gradient_weights)")
+        np.add.at(out[t], j, weights(Xe, i, D) * np.maximum(v[i], 0.0))
     return out if per_term else out.sum(axis=0)
 
 

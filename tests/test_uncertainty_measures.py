@@ -15,7 +15,8 @@ from kmlip.model import KernelPotential
 
 
 def _state(zeta):
-    return SimpleNamespace(basis=SimpleNamespace(zeta=zeta))
+    # force_variance_diag reads only the basis's kernel (its gradient factor), not its points
+    return SimpleNamespace(basis=kernels.SparseBasis({}, zeta))
 
 
 @pytest.mark.parametrize("periodic", [False, True])
